@@ -1,0 +1,137 @@
+"""The process group, the device mesh, and the one collective the loader's control flow rests on:
+:func:`agree`, which makes any rank's error every rank's error."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from .env import LaunchEnv, Settings
+from .errors import DistributedError, TPLoaderError, as_loader_error, from_wire
+
+logger = logging.getLogger("tp_loader")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the load.
+
+    Attributes:
+        rank: this process's coordinate on the tensor-parallel mesh (0 when not distributed).
+        world_size: the tensor-parallel degree.
+        mesh: the 1-D device mesh, or ``None`` for a plain single process (plain tensors result).
+        device: where shards are placed.
+        group: the process group of the mesh (used for the loader's own collectives), or ``None``.
+    """
+
+    rank: int
+    world_size: int
+    mesh: DeviceMesh | None
+    device: torch.device
+    group: Any = None
+
+
+def default_device(env: LaunchEnv) -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env: LaunchEnv, settings: Settings) -> Context:
+    """Builds the context, initializing the process group when launched under torchrun without one.
+
+    Args:
+        mesh: the caller's 1-D device mesh, or ``None``.
+        device: where to place shards; default: the mesh's device type, else :func:`default_device`.
+        env: the launcher's variables.
+        settings: tunables (the collective timeout).
+
+    Raises:
+        DistributedError: a mesh that is not 1-D, or a process group that cannot be set up.
+    """
+    if mesh is not None:
+        if mesh.ndim != 1:
+            raise DistributedError(f"tp_loader needs a 1-D device mesh, got {mesh.ndim}-D {tuple(mesh.shape)}", hint="Pass mesh['tp'] (the tensor-parallel dimension)")
+        target = torch.device(device) if device is not None else _mesh_device(mesh)
+        return Context(mesh.get_local_rank(), mesh.size(), mesh, target, mesh.get_group())
+    target = torch.device(device) if device is not None else default_device(env)
+    if not dist.is_initialized() and not env.launched:
+        return Context(0, 1, None, target)
+    if not dist.is_initialized():
+        backend = "nccl" if target.type == "cuda" else "gloo"
+        if target.type == "cuda":
+            torch.cuda.set_device(target)
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
+        except Exception as exc:  # noqa: BLE001 - the launcher's variables are what is wrong
+            raise DistributedError(
+                f"cannot initialize the {backend} process group: {exc}",
+                rank=env.rank,
+                hint="Check MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE (torchrun sets them)",
+            ) from None
+    world_size = dist.get_world_size()
+    mesh = init_device_mesh(target.type, (world_size,), mesh_dim_names=("tp",))
+    return Context(dist.get_rank(), world_size, mesh, target, mesh.get_group())
+
+
+def _mesh_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None) -> list[Any]:
+    """Gathers ``(error, payload)`` from every rank. If any rank failed, every rank raises the error of
+    the lowest failing rank; otherwise every rank gets every rank's payload, in rank order.
+
+    Raises:
+        TPLoaderError: the agreed error.
+    """
+    if ctx.world_size == 1 or ctx.group is None:
+        if error is not None:
+            raise error
+        return [payload]
+    sent = (error.to_wire() if error is not None else None, payload)
+    gathered: list[Any] = [None] * ctx.world_size
+    try:
+        dist.all_gather_object(gathered, sent, group=ctx.group)
+    except Exception as exc:  # noqa: BLE001 - a lost peer or a timeout surfaces here
+        raise DistributedError(f"a collective with the other ranks failed: {exc}", rank=ctx.rank, hint="Another rank died or timed out; see its log") from None
+    for wire, _ in gathered:
+        if wire is not None:
+            raise from_wire(wire)
+    return [item for _, item in gathered]
+
+
+def run_agreed(ctx: Context, stage: str, fn: Callable[[], T], payload: Callable[[T], Any] = lambda _: None) -> tuple[T, list[Any]]:
+    """Runs ``fn`` on every rank, then :func:`agree` on its outcome.
+
+    Returns:
+        ``fn``'s result on this rank and every rank's ``payload(result)``.
+    """
+    result: Any = None
+    error: TPLoaderError | None = None
+    try:
+        result = fn()
+        sent = payload(result)
+    except Exception as exc:  # noqa: BLE001 - every failure must reach every rank
+        logger.debug("stage %s failed on rank %d", stage, ctx.rank, exc_info=True)
+        error = as_loader_error(exc, ctx.rank)
+        sent = None
+    return result, agree(ctx, error, sent)
+
+
+def host_name() -> str:
+    """This node's name, to tell which ranks share a filesystem cache."""
+    return socket.gethostname()

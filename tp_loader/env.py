@@ -1,0 +1,98 @@
+"""Configuration read from the environment, in one place, at call time (never at import)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import TPLoaderError
+
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """What the launcher (torchrun, Slurm, a host program) told this process.
+
+    Attributes:
+        rank: global rank (``RANK``), 0 when not launched distributed.
+        world_size: ``WORLD_SIZE``, 1 when not launched distributed.
+        local_rank: ``LOCAL_RANK``.
+        local_world_size: ``LOCAL_WORLD_SIZE``, the number of ranks on this node.
+        launched: whether ``WORLD_SIZE`` and ``RANK`` are set (torchrun or an equivalent).
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    launched: bool
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Tunables, each from a ``TP_LOADER_*`` variable.
+
+    Attributes:
+        num_threads: reader threads per rank (``TP_LOADER_NUM_THREADS``); default: this node's CPUs
+            divided among its ranks, at most 8.
+        max_inflight_bytes: bytes read but not yet placed on the target device
+            (``TP_LOADER_MAX_INFLIGHT_BYTES``).
+        timeout_s: timeout of tp_loader's own collectives (``TP_LOADER_TIMEOUT_S``).
+        progress: whether rank 0 may show a progress bar (``TP_LOADER_PROGRESS``, default on).
+        demo_dir: where the demo checkpoint is generated (``TP_LOADER_DEMO_DIR``).
+    """
+
+    num_threads: int
+    max_inflight_bytes: int
+    timeout_s: float
+    progress: bool
+    demo_dir: str
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise TPLoaderError(f"environment variable {name}={raw!r} is not an integer", hint=f"Set {name} to a whole number or unset it") from None
+
+
+def launch_env() -> LaunchEnv:
+    """Reads the launcher's variables now."""
+    launched = "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    world_size = _int("WORLD_SIZE", 1)
+    local_world_size = _int("LOCAL_WORLD_SIZE", world_size if launched else 1)
+    return LaunchEnv(
+        rank=_int("RANK", 0),
+        world_size=world_size,
+        local_rank=_int("LOCAL_RANK", 0),
+        local_world_size=max(1, local_world_size),
+        launched=launched,
+    )
+
+
+def settings(local_world_size: int) -> Settings:
+    """Reads the ``TP_LOADER_*`` tunables now.
+
+    Args:
+        local_world_size: ranks sharing this node, among which the CPUs are divided.
+    """
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    default_threads = max(1, min(8, cpus // max(1, local_world_size)))
+    timeout_raw = os.environ.get("TP_LOADER_TIMEOUT_S", "")
+    try:
+        timeout_s = float(timeout_raw) if timeout_raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise TPLoaderError(f"environment variable TP_LOADER_TIMEOUT_S={timeout_raw!r} is not a number", hint="Set it to seconds, e.g. 300") from None
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Settings(
+        num_threads=max(1, _int("TP_LOADER_NUM_THREADS", default_threads)),
+        max_inflight_bytes=max(1, _int("TP_LOADER_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES)),
+        timeout_s=timeout_s,
+        progress=os.environ.get("TP_LOADER_PROGRESS", "1") not in ("0", "false", "no", "off"),
+        demo_dir=os.environ.get("TP_LOADER_DEMO_DIR") or os.path.join(cache_home, "tp_loader", "demo"),
+    )

@@ -1,0 +1,175 @@
+"""Stage 3, plan: keys + config + plan file + world size → what this rank reads and how it is placed.
+
+Pure: no I/O and no process group, so any world size can be planned (and printed) anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ShardingError
+from .index import Checkpoint, TensorInfo
+from .spec import PlanSpec, config_values, evaluate
+from .styles import STYLES, Heads, Slice, head_world_sizes
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one stored tensor is loaded on this rank.
+
+    Attributes:
+        info: where the tensor is stored.
+        slice: what this rank reads of it and how that is placed.
+        style: the plan style applied (``replicate`` for unexpected keys).
+        rule: the matching rule's pattern, or ``None`` when no rule matched.
+    """
+
+    info: TensorInfo
+    slice: Slice
+    style: str
+    rule: str | None
+
+    @property
+    def key(self) -> str:
+        return self.info.key
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        return self.slice.local_shape(self.info.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensor that this rank's slice covers."""
+        return math.prod(self.local_shape) * self.info.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A stored tensor whose shape differs from what the config implies. It is not loaded."""
+
+    key: str
+    expected: tuple[int, ...]
+    found: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TieDecision:
+    """A tied pair and which of its sides the checkpoint stores (``both``, ``source``, ``target``, ``neither``)."""
+
+    source: str
+    target: str
+    stored: str
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """Everything one rank will do, decided before any tensor data is read."""
+
+    model: str
+    plan_name: str
+    world_size: int
+    rank: int
+    tensors: tuple[TensorPlan, ...]
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    unmatched: tuple[str, ...] = ()
+    mismatched: tuple[Mismatch, ...] = ()
+    ties: tuple[TieDecision, ...] = ()
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes this rank will read: the sum of its slices."""
+        return sum(t.nbytes for t in self.tensors)
+
+
+def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str) -> LoadPlan:
+    """Plans the load of ``checkpoint`` for ``rank`` of ``world_size``.
+
+    Args:
+        checkpoint: the indexed checkpoint (headers only).
+        spec: the architecture's plan.
+        world_size: number of tensor-parallel ranks.
+        rank: this rank, ``0 <= rank < world_size``.
+        model: the model's name for messages.
+
+    Returns:
+        The :class:`LoadPlan`, tensors in file and byte-offset order.
+
+    Raises:
+        ShardingError: a head group cannot be split over ``world_size``.
+        CheckpointError: the config lacks a value the plan needs.
+        PlanError: a plan expression is malformed.
+    """
+    values = config_values(spec, checkpoint.config)
+    expected = _expected_shapes(spec, values)
+    heads = {name: Heads(name, int(evaluate(g.num_heads, values, where=f"heads.{name}")), int(evaluate(g.head_dim, values, where=f"heads.{name}")), g.replicate_when_fewer) for name, g in spec.heads.items()}
+    _check_heads(spec, heads, world_size, model, expected)
+
+    tensors: list[TensorPlan] = []
+    unexpected: list[str] = []
+    unmatched: list[str] = []
+    mismatched: list[Mismatch] = []
+    for key, info in checkpoint.tensors.items():
+        rule = spec.match(key)
+        want = expected.get(key)
+        if want is None:
+            unexpected.append(key)
+            if rule is None:
+                unmatched.append(key)
+            tensors.append(TensorPlan(info, STYLES["replicate"](info.shape, None, world_size, rank), "replicate", rule.pattern if rule else None))
+        elif want != info.shape:
+            mismatched.append(Mismatch(key, want, info.shape))
+        else:
+            assert rule is not None, f"plan coverage was checked at load, yet {key} matches no rule"
+            group = heads[rule.heads] if rule.heads else None
+            try:
+                piece = STYLES[rule.style](info.shape, group, world_size, rank)
+            except ShardingError as exc:
+                raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
+            tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
+
+    ties = _decide_ties(spec, values, tensors)
+    covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
+    missing = tuple(k for k in expected if k not in checkpoint.tensors and k not in covered)
+    notes = {t.key: t.slice.note for t in tensors if t.slice.note}
+    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(unexpected), tuple(unmatched), tuple(mismatched), ties, notes)
+
+
+def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:
+    num_layers = int(evaluate(spec.layers, values, where="layers"))
+    expected: dict[str, tuple[int, ...]] = {}
+    for tensor in spec.tensors:
+        if tensor.when is not None and not evaluate(tensor.when, values, where=f"when of {tensor.key}"):
+            continue
+        shape = tuple(int(evaluate(d, values, where=f"shape of {tensor.key}")) for d in tensor.shape)
+        layers = range(num_layers) if "{layer}" in tensor.key else [None]
+        for layer in layers:
+            expected[tensor.key.replace("{layer}", str(layer))] = shape
+    return expected
+
+
+def _check_heads(spec: PlanSpec, heads: dict[str, Heads], world_size: int, model: str, expected: dict[str, tuple[int, ...]]) -> None:
+    used = sorted({r.heads for r in spec.rules if r.heads and any(spec.match(k) == r for k in expected)})
+    groups = [heads[name] for name in used]
+    if not groups or world_size in head_world_sizes(groups, limit=world_size):
+        return
+    counts = ", ".join(f"{g.num_heads} {g.name} heads" for g in groups)
+    working = head_world_sizes(groups, limit=max(64, world_size))
+    raise ShardingError(
+        f"model {model} ({counts}) cannot be sharded over {world_size} ranks",
+        hint=f"World sizes that work: {', '.join(map(str, working))}",
+    )
+
+
+def _decide_ties(spec: PlanSpec, values: dict, tensors: list[TensorPlan]) -> tuple[TieDecision, ...]:
+    by_key = {t.key: t for t in tensors}
+    decisions = []
+    for tie in spec.ties:
+        if not evaluate(tie.when, values, where=f"tie {tie.source} -> {tie.target}"):
+            continue
+        has_source, has_target = tie.source in by_key, tie.target in by_key
+        stored = {(True, True): "both", (True, False): "source", (False, True): "target", (False, False): "neither"}[(has_source, has_target)]
+        decisions.append(TieDecision(tie.source, tie.target, stored))
+    return tuple(decisions)

@@ -1,0 +1,279 @@
+"""Plan files: per-architecture tensor-parallel plans kept as data (TOML) under ``plans/``.
+
+A plan file says only *what*: which style each checkpoint key gets (glob rules), which tensors the
+config implies and with which shapes, which attention head groups the styles must respect, and which
+keys are tied. How a style becomes slices and placements lives in :mod:`tp_loader.styles`.
+See ``docs/plan-format.md`` for the format.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.resources
+import operator
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, PlanError
+from .styles import STYLES
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One plan rule: keys matching ``pattern`` are loaded with ``style``."""
+
+    pattern: str
+    style: str
+    heads: str | None = None
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Attention heads that a sharded dimension is made of.
+
+    Attributes:
+        name: the group's name in the plan (``q``, ``kv``).
+        num_heads: expression for the number of heads.
+        head_dim: expression for the size of one head.
+        replicate_when_fewer: whether ranks may share heads when there are fewer heads than ranks.
+    """
+
+    name: str
+    num_heads: str
+    head_dim: str
+    replicate_when_fewer: bool = False
+
+
+@dataclass(frozen=True)
+class ExpectedTensor:
+    """A tensor the config implies: ``key`` may contain ``{layer}``; ``shape`` holds expressions."""
+
+    key: str
+    shape: tuple[str, ...]
+    when: str | None = None
+
+
+@dataclass(frozen=True)
+class TieSpec:
+    """``target`` is the same tensor as ``source`` when ``when`` holds."""
+
+    source: str
+    target: str
+    when: str
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """A parsed plan file."""
+
+    name: str
+    path: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    layers: str
+    defaults: dict[str, str]
+    heads: dict[str, HeadGroup]
+    rules: tuple[Rule, ...]
+    tensors: tuple[ExpectedTensor, ...]
+    ties: tuple[TieSpec, ...]
+    matcher: re.Pattern[str]
+
+    def match(self, key: str) -> Rule | None:
+        """The first rule whose pattern matches ``key``, or ``None``."""
+        found = self.matcher.fullmatch(key)
+        return self.rules[int(found.lastgroup[1:])] if found and found.lastgroup else None
+
+
+def glob_to_regex(pattern: str) -> str:
+    """Translates a key glob: ``*`` is one dotted segment (or part of one), ``**`` any run of segments."""
+    out = []
+    for token in re.split(r"(\*\*|\*)", pattern):
+        out.append(".+" if token == "**" else "[^.]+" if token == "*" else re.escape(token))
+    return "".join(out)
+
+
+def compile_rules(rules: tuple[Rule, ...]) -> re.Pattern[str]:
+    """Compiles every rule into one alternation; the first listed rule that matches wins."""
+    if not rules:
+        return re.compile(r"(?!)")
+    return re.compile("|".join(f"(?P<r{i}>{glob_to_regex(rule.pattern)})" for i, rule in enumerate(rules)))
+
+
+def builtin_plan_paths() -> dict[str, Path]:
+    """Plan name → file of every plan shipped with the package."""
+    root = importlib.resources.files("tp_loader.plans")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".toml")}
+
+
+def load_spec(path: str | os.PathLike[str]) -> PlanSpec:
+    """Parses and validates one plan file.
+
+    Raises:
+        PlanError: the file is missing, is not valid TOML, or has a malformed or unknown entry.
+    """
+    path = Path(path)
+    try:
+        return _build_spec(path, _read_toml(path, seen=()))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PlanError(f"malformed plan file: {type(exc).__name__}: {exc}", file=str(path), hint="See docs/plan-format.md for the format") from None
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Reads a plan file, merged over the plan it ``extends`` (a built-in name or a path beside it)."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise PlanError("plan file does not exist", file=str(path), hint="Pass a built-in plan name or a path to a .toml plan") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
+    parent_name = data.pop("extends", None)
+    if parent_name is None:
+        return data
+    parent_path = builtin_plan_paths().get(parent_name) or path.parent / str(parent_name)
+    if parent_path in seen or parent_path == path:
+        raise PlanError(f"plan extends itself through {parent_name!r}", file=str(path), hint="Break the cycle of 'extends'")
+    return merge_plan_data(_read_toml(parent_path, seen + (path,)), data)
+
+
+def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads`` merge, the child's
+    rules come first (so they win), and a child's tensor entry replaces the parent's with the same key."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors")}}
+    merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
+    merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
+    merged["rules"] = list(child.get("rules", [])) + list(parent.get("rules", []))
+    tensors = {t["key"]: t for t in parent.get("tensors", [])}
+    tensors.update({t["key"]: t for t in child.get("tensors", [])})
+    merged["tensors"] = list(tensors.values())
+    return merged
+
+
+def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
+    heads = {
+        name: HeadGroup(name, str(group["num_heads"]), str(group["head_dim"]), bool(group.get("replicate_when_fewer", False)))
+        for name, group in data.get("heads", {}).items()
+    }
+    rules = tuple(Rule(str(r["pattern"]), str(r["style"]), r.get("heads")) for r in data.get("rules", []))
+    for rule in rules:
+        if rule.style not in STYLES:
+            raise PlanError(
+                f"rule {rule.pattern!r} names unknown style {rule.style!r}; known styles: {', '.join(sorted(STYLES))}",
+                file=str(path),
+                hint="Use a known style or add one to tp_loader.styles",
+            )
+        if rule.heads is not None and rule.heads not in heads:
+            raise PlanError(f"rule {rule.pattern!r} names head group {rule.heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
+    tensors = tuple(ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when")) for t in data.get("tensors", []))
+    ties = tuple(TieSpec(str(t["source"]), str(t["target"]), str(t.get("when", "True"))) for t in data.get("ties", []))
+    spec = PlanSpec(
+        name=str(data.get("name", path.stem)),
+        path=str(path),
+        model_types=tuple(data.get("model_types", [])),
+        architectures=tuple(data.get("architectures", [])),
+        layers=str(data.get("layers", "num_hidden_layers")),
+        defaults={str(k): str(v) for k, v in data.get("defaults", {}).items()},
+        heads=heads,
+        rules=rules,
+        tensors=tensors,
+        ties=ties,
+        matcher=compile_rules(rules),
+    )
+    for tensor in spec.tensors:
+        probe = tensor.key.replace("{layer}", "0")
+        if spec.match(probe) is None:
+            raise PlanError(f"expected tensor {tensor.key!r} is matched by no rule", file=str(path), hint="Add a rule that covers it")
+    for tie in spec.ties:
+        source, target = spec.match(tie.source), spec.match(tie.target)
+        if source is None or target is None or (source.style, source.heads) != (target.style, target.heads):
+            raise PlanError(
+                f"tied keys {tie.source} and {tie.target} would be placed differently (or not at all)",
+                file=str(path),
+                key=tie.target,
+                hint="Give both sides of a tie rules with the same style, so one tensor can serve both",
+            )
+    return spec
+
+
+def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str) -> PlanSpec:
+    """Picks the plan: ``"auto"`` (by ``model_type``, then ``architectures``), a built-in name, or a path.
+
+    Raises:
+        PlanError: no plan fits, or the named plan does not exist.
+    """
+    text = os.fspath(plan)
+    builtin = builtin_plan_paths()
+    if text != "auto":
+        if text in builtin:
+            return load_spec(builtin[text])
+        if text.endswith(".toml") or os.sep in text:
+            return load_spec(text)
+        raise PlanError(f"unknown plan {text!r}; built-in plans: {', '.join(sorted(builtin))}", file=model, hint="Pass a built-in plan name or a path to a .toml plan")
+    specs = [load_spec(p) for _, p in sorted(builtin.items())]
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    for spec in specs:
+        if model_type in spec.model_types:
+            return spec
+    for spec in specs:
+        if any(a in spec.architectures for a in architectures):
+            return spec
+    raise PlanError(
+        f"no built-in plan for model_type={model_type!r}, architectures={architectures}",
+        file=model,
+        hint=f"Pass plan= one of {', '.join(sorted(builtin))} or a path to your own .toml plan",
+    )
+
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+
+
+def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
+    """Evaluates a plan expression over config values: names, numbers, ``+ - * // %``, comparisons,
+    ``not``/``and``/``or``. Nothing else (no calls, no attributes).
+
+    Raises:
+        CheckpointError: the config lacks a name the expression uses.
+        PlanError: the expression is not of the allowed form.
+    """
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError:
+        raise PlanError(f"bad expression {expression!r} in {where}", hint="Use config names, integers and + - * // %") from None
+    return _eval(tree.body, values, expression, where)
+
+
+def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) -> Any:
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)) or isinstance(node, ast.Constant) and node.value is None:
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in ("True", "False", "None"):
+            return {"True": True, "False": False, "None": None}[node.id]
+        if node.id not in values:
+            raise CheckpointError(f"config.json has no {node.id!r}, which the plan needs for {where}", key=node.id, hint=f"Add {node.id} to config.json")
+        return values[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        return _BINARY[type(node.op)](_eval(node.left, values, expression, where), _eval(node.right, values, expression, where))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return not _eval(node.operand, values, expression, where)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return -_eval(node.operand, values, expression, where)
+    if isinstance(node, ast.BoolOp):
+        results = (_eval(v, values, expression, where) for v in node.values)
+        return all(results) if isinstance(node.op, ast.And) else any(results)
+    if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
+        return _COMPARE[type(node.ops[0])](_eval(node.left, values, expression, where), _eval(node.comparators[0], values, expression, where))
+    raise PlanError(f"expression {expression!r} in {where} uses an unsupported construct", hint="Use config names, integers, + - * // %, comparisons, not/and/or")
+
+
+def config_values(spec: PlanSpec, config: dict) -> dict[str, Any]:
+    """The config's values with the plan's defaults filled in for names the config lacks (or sets to null)."""
+    values = {k: v for k, v in config.items() if v is not None}
+    for name, expression in spec.defaults.items():
+        if name not in values:
+            values[name] = evaluate(expression, values, where=f"default {name}")
+    return values
