@@ -52,7 +52,7 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
     def norm(size: int) -> torch.Tensor:
         return (1.0 + 0.1 * torch.randn(size, generator=generator)).to(dtype)
 
-    tensors = {"model.embed_tokens.weight": rand(config["vocab_size"], hidden, scale=1.0)}
+    tensors = {"model.embed_tokens.weight": rand(config["vocab_size"], hidden, scale=0.1)}
     for layer in range(config["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors[p + "input_layernorm.weight"] = norm(hidden)

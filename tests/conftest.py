@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tp_loader.demo import llama_tensors, write_checkpoint  # noqa: E402
+
+BASE_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 48,
+    "intermediate_size": 100,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "vocab_size": 101,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+}
+
+
+def llama_config(**overrides: object) -> dict:
+    """The small test model's config with ``overrides``."""
+    return {**BASE_CONFIG, **overrides}
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path: Path):
+    """Writes a Llama-family checkpoint; returns its directory."""
+    counter = iter(range(1000))
+
+    def make(config: dict | None = None, *, num_shards: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0, extra: dict | None = None) -> Path:
+        config = config or llama_config()
+        tensors = llama_tensors(config, seed=seed, dtype=dtype)
+        tensors.update(extra or {})
+        return write_checkpoint(tmp_path / f"ckpt{next(counter)}", config, tensors, num_shards=num_shards)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TP_LOADER_PROGRESS", "0")
+    logging.getLogger("tp_loader").setLevel(logging.INFO)

@@ -1,0 +1,130 @@
+"""Reference computations the tests compare against, written independently of tp_loader.
+
+- :func:`expected_shard`: the slice tensor parallelism needs of each Llama-family key, from
+  ``torch.chunk`` and the head layout (vLLM's KV-head replication when KV heads < ranks).
+- :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 model.
+- :func:`tp_llama_forward`: the same forward from one rank's local shards, with explicit collectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def chunk_piece(tensor: torch.Tensor, world_size: int, rank: int, dim: int) -> torch.Tensor:
+    """``torch.chunk(tensor, world_size, dim)[rank]``, empty when chunk returns fewer pieces."""
+    chunks = torch.chunk(tensor, world_size, dim=dim)
+    return chunks[rank] if rank < len(chunks) else tensor.narrow(dim, tensor.shape[dim], 0)
+
+
+def _heads(config: dict) -> tuple[int, int, int]:
+    heads = config["num_attention_heads"]
+    kv = config.get("num_key_value_heads") or heads
+    return heads, kv, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def expected_shard(key: str, tensor: torch.Tensor, config: dict, world_size: int, rank: int) -> torch.Tensor:
+    """The local shard rank ``rank`` must hold for ``key``."""
+    _, kv, head_dim = _heads(config)
+    if key.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")) and kv < world_size:
+        head = rank * kv // world_size
+        return tensor[head * head_dim : (head + 1) * head_dim]
+    if any(p in key for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")):
+        return chunk_piece(tensor, world_size, rank, 0)
+    if any(p in key for p in ("o_proj.weight", "down_proj.weight")):
+        return chunk_piece(tensor, world_size, rank, 1)
+    return tensor
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope(x: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding, half-split layout (as transformers' Llama); ``x`` is [heads, seq, head_dim]."""
+    seq, dim = x.shape[-2], x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float64), inv_freq)
+    cos = torch.cat([angles.cos(), angles.cos()], -1).to(x.dtype)
+    sin = torch.cat([angles.sin(), angles.sin()], -1).to(x.dtype)
+    half = dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+def _linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
+    out = x @ w[name + ".weight"].T
+    bias = w.get(name + ".bias")
+    return out if bias is None else out + bias
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention; q [hq, s, d], k/v [hkv, s, d] with hq a multiple of hkv."""
+    group = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(group, 0)
+    v = v.repeat_interleave(group, 0)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+
+
+def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce) -> torch.Tensor:
+    eps = config.get("rms_norm_eps", 1e-6)
+    _, _, head_dim = _heads(config)
+    h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+    q = _linear(h, w, p + "self_attn.q_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+    k = _linear(h, w, p + "self_attn.k_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+    v = _linear(h, w, p + "self_attn.v_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+    if p + "self_attn.q_norm.weight" in w:
+        q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
+        k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
+    theta = config.get("rope_theta", 10000.0)
+    attn = _attention(rope(q, theta), rope(k, theta), v).transpose(0, 1).reshape(x.shape[0], -1)
+    out = reduce(attn @ w[p + "self_attn.o_proj.weight"].T)
+    if p + "self_attn.o_proj.bias" in w:
+        out = out + w[p + "self_attn.o_proj.bias"]
+    x = x + out
+    h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+    mlp = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+    return x + reduce(mlp @ w[p + "mlp.down_proj.weight"].T)
+
+
+def llama_forward(weights: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor) -> torch.Tensor:
+    """Unsharded logits [seq, vocab] for one sequence."""
+    lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+    x = weights["model.embed_tokens.weight"][input_ids]
+    for layer in range(config["num_hidden_layers"]):
+        x = _layer(x, weights, f"model.layers.{layer}.", config, lambda t: t)
+    return rms_norm(x, weights["model.norm.weight"], config.get("rms_norm_eps", 1e-6)) @ lm_head.T
+
+
+def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """Logits [seq, vocab] from this rank's local shards: vocab-parallel embedding and LM head,
+    column/row-parallel attention and MLP, all-reduce after each row-parallel product."""
+    vocab = config["vocab_size"]
+    step = math.ceil(vocab / world_size)
+    start = min(rank * step, vocab)
+    embed = local["model.embed_tokens.weight"]
+    assert embed.shape[0] == min(start + step, vocab) - start, "vocab shard does not follow torch.chunk"
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        dist.all_reduce(t)
+        return t
+
+    in_shard = (input_ids >= start) & (input_ids < start + embed.shape[0])
+    x = embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))] if embed.shape[0] else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
+    x = reduce(x * in_shard.unsqueeze(-1))
+    for layer in range(config["num_hidden_layers"]):
+        x = _layer(x, local, f"model.layers.{layer}.", config, reduce)
+    h = rms_norm(x, local["model.norm.weight"], config.get("rms_norm_eps", 1e-6))
+    logits = h @ local.get("lm_head.weight", embed).T
+    padded = torch.zeros(len(input_ids), step, dtype=logits.dtype)
+    padded[:, : logits.shape[1]] = logits
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    sizes = [min((r + 1) * step, vocab) - min(r * step, vocab) for r in range(world_size)]
+    return torch.cat([g[:, :n] for g, n in zip(gathered, sizes)], dim=1)
