@@ -92,13 +92,21 @@ def load(
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
         checkpoint = index_checkpoint(find_weights(root))
         spec = select_spec(plan, checkpoint.config, model=str(root))
-        return checkpoint, make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root))
+        load_plan = make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root))
+        if strict:
+            _refuse_key_problems(load_plan)
+        return checkpoint, load_plan
 
     (checkpoint, load_plan), seen = run_agreed(ctx, "plan", index_and_plan, lambda result: result[0].fingerprint())
     if len(set(seen)) > 1:
         differing = [r for r, fp in enumerate(seen) if fp != seen[0]]
-        raise DistributedError(f"ranks {differing} see a different checkpoint than rank 0 at {root}", rank=ctx.rank, hint="Make every rank see the same files (a shared filesystem or identical copies)")
-    _check_keys(load_plan, strict=strict, rank=ctx.rank)
+        raise DistributedError(
+            f"ranks {differing} see a different checkpoint (config or headers) than rank 0",
+            rank=differing[0],
+            hint="Make every rank see the same files (a shared filesystem or identical copies)",
+        )
+    if ctx.rank == 0:
+        _warn_key_problems(load_plan)
 
     options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and settings.progress and ctx.rank == 0)
     with _intra_op_threads(settings.num_threads):
@@ -134,25 +142,29 @@ def _resolve(ctx: Context, model: str | os.PathLike[str] | None, *, revision: st
     return root
 
 
-def _check_keys(load_plan: LoadPlan, *, strict: bool, rank: int) -> None:
-    """Warns about (or, when strict, refuses) key problems; the plan is identical on every rank, so
-    every rank decides the same without communicating."""
+def _refuse_key_problems(load_plan: LoadPlan) -> None:
+    """``strict=True``: any missing, unexpected or mismatched key is an error, raised before reading."""
     problems = {
         "missing": list(load_plan.missing),
         "unexpected": list(load_plan.unexpected),
-        "mismatched": [f"{m.key} (config {list(m.expected)}, stored {list(m.found)})" for m in load_plan.mismatched],
+        "mismatched": [m.describe() for m in load_plan.mismatched],
     }
-    if strict and any(problems.values()):
+    if any(problems.values()):
         summary = "; ".join(f"{len(v)} {k}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}" for k, v in problems.items() if v)
-        raise StrictLoadError(f"strict load of {load_plan.model} refused: {summary}", rank=rank, hint="Fix the checkpoint or the plan, or load with strict=False to see the full report")
-    if rank == 0 and load_plan.unexpected:
+        raise StrictLoadError(f"strict load of {load_plan.model} refused: {summary}", hint="Fix the checkpoint or the plan, or load with strict=False to see the full report")
+
+
+def _warn_key_problems(load_plan: LoadPlan) -> None:
+    """Names every missing, unexpected (with its size) and mismatched key in one warning each."""
+    if load_plan.unexpected:
         sizes = {t.key: t.info.nbytes for t in load_plan.tensors}
         listed = ", ".join(f"{k} ({sizes[k]} B{', no plan rule' if k in load_plan.unmatched else ''})" for k in load_plan.unexpected)
         logger.warning("%d unexpected keys in %s are loaded replicated: %s", len(load_plan.unexpected), load_plan.model, listed)
-    if rank == 0 and load_plan.missing:
+    if load_plan.missing:
         logger.warning("%d keys missing from %s: %s", len(load_plan.missing), load_plan.model, ", ".join(load_plan.missing))
-    if rank == 0 and load_plan.mismatched:
-        logger.warning("%d keys of %s contradict the config and are not loaded: %s", len(load_plan.mismatched), load_plan.model, ", ".join(problems["mismatched"]))
+    if load_plan.mismatched:
+        listed = ", ".join(m.describe() for m in load_plan.mismatched)
+        logger.warning("%d keys of %s contradict the config and are not loaded: %s", len(load_plan.mismatched), load_plan.model, listed)
 
 
 class _intra_op_threads:

@@ -52,6 +52,9 @@ class Mismatch:
     expected: tuple[int, ...]
     found: tuple[int, ...]
 
+    def describe(self) -> str:
+        return f"{self.key} (config implies {list(self.expected)}, stored {list(self.found)})"
+
 
 @dataclass(frozen=True)
 class TieDecision:

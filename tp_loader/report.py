@@ -105,7 +105,7 @@ class LoadReport:
         sections = [
             ("missing keys", list(self.missing_keys)),
             ("unexpected keys (loaded replicated)", [k + (" (no plan rule)" if k in self.unmatched_keys else "") for k in self.unexpected_keys]),
-            ("mismatched keys (not loaded)", [f"{m.key}: config implies {list(m.expected)}, stored {list(m.found)}" for m in self.mismatched_keys]),
+            ("mismatched keys (not loaded)", [m.describe() for m in self.mismatched_keys]),
             ("ties", [f"{t.target} -> {t.source} (stored: {t.stored}" + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER") + ")" for t in self.ties]),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
         ]

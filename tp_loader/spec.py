@@ -118,6 +118,8 @@ def load_spec(path: str | os.PathLike[str]) -> PlanSpec:
     path = Path(path)
     try:
         return _build_spec(path, _read_toml(path, seen=()))
+    except PlanError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PlanError(f"malformed plan file: {type(exc).__name__}: {exc}", file=str(path), hint="See docs/plan-format.md for the format") from None
 
