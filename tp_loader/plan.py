@@ -137,7 +137,7 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in checkpoint.tensors and k not in covered)
     notes = {t.key: t.slice.note for t in tensors if t.slice.note}
-    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(unexpected), tuple(unmatched), tuple(mismatched), ties, notes)
+    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes)
 
 
 def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:

@@ -1,0 +1,155 @@
+"""The plan stage is pure: plan files, the style table and per-rank slices, with no process group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config
+
+from tp_loader.errors import CheckpointError, PlanError, ShardingError
+from tp_loader.index import Checkpoint, TensorInfo
+from tp_loader.plan import make_plan
+from tp_loader.spec import builtin_plan_paths, evaluate, glob_to_regex, load_spec, select_spec
+from tp_loader.styles import Heads, chunk_range, colwise, head_world_sizes, rowwise, vocab
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 10, 32001, 101])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 7])
+def test_chunk_range_matches_torch_chunk_including_empty_trailing_pieces(size: int, world_size: int) -> None:
+    pieces = torch.chunk(torch.arange(size), world_size) if size else ()
+    for rank in range(world_size):
+        start, stop = chunk_range(size, world_size, rank)
+        want = pieces[rank].tolist() if rank < len(pieces) else []
+        assert list(range(start, stop)) == want
+
+
+def test_vocab_32001_over_3_ranks_splits_as_dtensor_shard_does() -> None:
+    assert [vocab((32001, 8), None, 3, r).local_shape((32001, 8)) for r in range(3)] == [(10667, 8), (10667, 8), (10667, 8)]
+    assert [vocab((10, 8), None, 4, r).local_shape((10, 8)) for r in range(4)] == [(3, 8), (3, 8), (3, 8), (1, 8)]
+
+
+def test_kv_heads_fewer_than_ranks_give_rank_r_head_r_times_kv_over_world() -> None:
+    kv = Heads("kv", num_heads=2, head_dim=4, replicate_when_fewer=True)
+    slices = [colwise((8, 16), kv, 4, r) for r in range(4)]
+    assert [(s.start, s.stop) for s in slices] == [(0, 4), (0, 4), (4, 8), (4, 8)]
+    assert {s.global_shape for s in slices} == {(16, 16)}
+    assert slices[0].note == "2 kv heads replicated 2x over 4 ranks"
+
+
+def test_rowwise_shards_dim_1_and_replicates_a_bias() -> None:
+    q = Heads("q", num_heads=4, head_dim=2)
+    assert (rowwise((6, 8), q, 2, 1).dim, rowwise((6, 8), q, 2, 1).start, rowwise((6, 8), q, 2, 1).stop) == (1, 4, 8)
+    assert rowwise((6,), None, 2, 1).dim is None
+
+
+def test_query_heads_fewer_than_ranks_are_never_replicated() -> None:
+    with pytest.raises(ShardingError, match="2 q heads cannot be split over 4 ranks"):
+        colwise((8, 16), Heads("q", 2, 4), 4, 0)
+
+
+def test_world_sizes_that_work_respect_every_head_group() -> None:
+    groups = [Heads("q", 32, 128), Heads("kv", 8, 128, replicate_when_fewer=True)]
+    assert head_world_sizes(groups) == [1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "matches"),
+    [
+        ("model.layers.*.mlp.up_proj.*", "model.layers.11.mlp.up_proj.weight", True),
+        ("model.layers.*.mlp.up_proj.*", "model.layers.11.mlp.up_proj", False),
+        ("model.layers.*.mlp.*", "model.layers.1.mlp.experts.0.w1.weight", False),
+        ("**norm.weight", "model.layers.0.self_attn.q_norm.weight", True),
+        ("lm_head.weight", "lm_headXweight", False),
+    ],
+)
+def test_glob_star_is_within_one_segment_and_double_star_spans_segments(pattern: str, key: str, matches: bool) -> None:
+    import re
+
+    assert bool(re.fullmatch(glob_to_regex(pattern), key)) is matches
+
+
+def test_first_matching_rule_wins_in_the_compiled_alternation(tmp_path: Path) -> None:
+    plan = tmp_path / "p.toml"
+    plan.write_text('[[rules]]\npattern = "a.*"\nstyle = "colwise"\n[[rules]]\npattern = "*.b"\nstyle = "rowwise"\n')
+    spec = load_spec(plan)
+    assert spec.match("a.b").style == "colwise"
+    assert spec.match("c.b").style == "rowwise"
+    assert spec.match("c.d") is None
+
+
+def test_every_builtin_plan_loads_and_auto_selects_by_model_type_then_architecture() -> None:
+    assert set(builtin_plan_paths()) >= {"llama", "qwen2", "qwen3"}
+    assert select_spec("auto", {"model_type": "mistral"}, model="m").name == "llama"
+    assert select_spec("auto", {"model_type": "qwen3"}, model="m").name == "qwen3"
+    assert select_spec("auto", {"model_type": "custom", "architectures": ["Qwen2ForCausalLM"]}, model="m").name == "qwen2"
+    with pytest.raises(PlanError, match="no built-in plan for model_type='gpt_neox'"):
+        select_spec("auto", {"model_type": "gpt_neox"}, model="m")
+
+
+def test_extending_plan_overrides_tensor_entries_and_puts_its_rules_first(tmp_path: Path) -> None:
+    plan = tmp_path / "mine.toml"
+    plan.write_text('extends = "llama"\nname = "mine"\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n[[tensors]]\nkey = "model.norm.weight"\nshape = ["hidden_size * 2"]\n')
+    spec = load_spec(plan)
+    assert spec.name == "mine"
+    assert spec.match("model.norm.weight").style == "colwise"
+    assert [t.shape for t in spec.tensors if t.key == "model.norm.weight"] == [("hidden_size * 2",)]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("[[rules]]\npattern = 3\n", "malformed plan file: KeyError: 'style'"),
+        ("[[rules\n", "cannot parse plan file"),
+        ('[[rules]]\npattern = "x"\nstyle = "colwise"\nheads = "q"\n', r"rule 'x' names head group 'q', which \[heads\] does not define"),
+        ('[[tensors]]\nkey = "x"\nshape = [1]\n', "expected tensor 'x' is matched by no rule"),
+    ],
+)
+def test_malformed_plan_files_raise_plan_error_naming_the_file(tmp_path: Path, text: str, error: str) -> None:
+    plan = tmp_path / "bad.toml"
+    plan.write_text(text)
+    with pytest.raises(PlanError, match=error) as info:
+        load_spec(plan)
+    assert info.value.file == str(plan)
+
+
+def test_plan_expressions_allow_arithmetic_and_logic_but_not_calls() -> None:
+    assert evaluate("a * b // 2 + 1", {"a": 6, "b": 4}, where="t") == 13
+    assert evaluate("not x and y == 3", {"x": False, "y": 3}, where="t") is True
+    with pytest.raises(PlanError, match="unsupported construct"):
+        evaluate("__import__('os')", {}, where="t")
+    with pytest.raises(CheckpointError, match="config.json has no 'vocab_size'"):
+        evaluate("vocab_size", {}, where="t")
+
+
+def _checkpoint(config: dict, drop: tuple[str, ...] = (), extra: dict | None = None) -> Checkpoint:
+    from tp_loader.demo import llama_tensors
+
+    tensors = {k: v for k, v in llama_tensors(config).items() if k not in drop}
+    tensors.update(extra or {})
+    infos = {k: TensorInfo(k, "model.safetensors", v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    return Checkpoint(Path("/nowhere"), "safetensors", config, infos)
+
+
+def test_plan_reports_missing_unexpected_and_mismatched_keys_without_any_io() -> None:
+    config = llama_config()
+    ckpt = _checkpoint(config, drop=("model.norm.weight",), extra={"model.rotary.inv_freq": torch.zeros(2), "model.layers.0.mlp.up_proj.bias": torch.zeros(3)})
+    ckpt.tensors["model.layers.1.mlp.up_proj.weight"] = TensorInfo("model.layers.1.mlp.up_proj.weight", "model.safetensors", torch.float32, (99, 48))
+    plan = make_plan(ckpt, load_spec(builtin_plan_paths()["llama"]), 2, 0, model="m")
+    assert plan.missing == ("model.norm.weight",)
+    assert plan.unexpected == ("model.layers.0.mlp.up_proj.bias", "model.rotary.inv_freq")
+    assert plan.unmatched == ("model.rotary.inv_freq",)
+    assert [m.describe() for m in plan.mismatched] == ["model.layers.1.mlp.up_proj.weight (config implies [100, 48], stored [99, 48])"]
+    assert "model.layers.1.mlp.up_proj.weight" not in {t.key for t in plan.tensors}
+    assert {t.key: t.style for t in plan.tensors}["model.rotary.inv_freq"] == "replicate"
+
+
+def test_any_world_size_can_be_planned_without_a_process_group() -> None:
+    config = llama_config(num_attention_heads=32, num_key_value_heads=8, hidden_size=256)
+    spec = load_spec(builtin_plan_paths()["llama"])
+    ckpt = _checkpoint(config)
+    for world_size in (8, 16, 32):
+        plans = [make_plan(ckpt, spec, world_size, r, model="m") for r in range(world_size)]
+        total_q_rows = sum(t.local_shape[0] for p in plans for t in p.tensors if t.key == "model.layers.0.self_attn.q_proj.weight")
+        assert total_q_rows == 256

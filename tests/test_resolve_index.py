@@ -1,0 +1,184 @@
+"""Resolving sources (local, Hub cache offline, .bin fallback) and indexing headers, in one process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config
+from safetensors.torch import load_file
+
+import tp_loader
+from tp_loader.errors import CheckpointError, ModelNotFoundError
+from tp_loader.index import index_checkpoint, read_safetensors_header
+from tp_loader.resolve import find_weights, resolve_source
+
+
+def _stored(root: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def test_plain_process_loads_every_tensor_as_a_plain_tensor_equal_to_the_checkpoint(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    result = tp_loader.load(root)
+    stored = _stored(root)
+    assert result.mesh is None
+    assert set(result.state_dict) == set(stored)
+    for key, tensor in stored.items():
+        assert type(result.state_dict[key]) is torch.Tensor
+        assert torch.equal(result.state_dict[key], tensor), key
+    assert result.report.ranks[0].bytes_read == sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def test_header_index_gives_exact_byte_ranges_without_reading_data(make_checkpoint) -> None:
+    root = make_checkpoint()
+    infos = read_safetensors_header(root, "model.safetensors")
+    raw = (root / "model.safetensors").read_bytes()
+    stored = _stored(root)
+    for info in infos:
+        assert raw[info.begin : info.end] == stored[info.key].numpy().tobytes(), info.key
+
+
+def _hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "main") -> Path:
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    folder = cache / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / revision).write_text(sha)
+    shutil.copytree(source, folder / "snapshots" / sha)
+    return folder / "snapshots" / sha
+
+
+def test_hub_repo_id_resolves_from_the_local_cache_when_offline(make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint())
+    result = tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub")
+    assert result.report.model == str(snapshot)
+    assert torch.equal(result.state_dict["model.norm.weight"], _stored(snapshot)["model.norm.weight"])
+
+
+def test_hub_revision_that_is_not_cached_is_a_clear_not_found_error_offline(make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint())
+    with pytest.raises(ModelNotFoundError, match=r"model 'org/tiny-llama' \(revision v2\) has no safetensors or .bin weights in the local Hub cache") as info:
+        tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub", revision="v2")
+    assert info.value.hint == "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE"
+
+
+def test_path_that_does_not_exist_is_not_mistaken_for_a_repo_id(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_source(tmp_path / "nope")
+
+
+def test_empty_directory_has_no_weights(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no weights in"):
+        find_weights(tmp_path)
+
+
+def test_bin_fallback_loads_exact_shards_and_warns_that_slice_reads_are_impossible(make_checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    source = make_checkpoint()
+    stored = _stored(source)
+    root = tmp_path / "bin"
+    root.mkdir()
+    shutil.copy(source / "config.json", root / "config.json")
+    torch.save(stored, root / "pytorch_model.bin")
+    with caplog.at_level(logging.WARNING, logger="tp_loader"):
+        result = tp_loader.load(root)
+    assert all(torch.equal(result.state_dict[k], v) for k, v in stored.items())
+    assert "slice-only reads are impossible" in caplog.text
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_bin_file_whose_pickle_would_run_code_is_refused(make_checkpoint, tmp_path: Path) -> None:
+    root = tmp_path / "evil"
+    root.mkdir()
+    shutil.copy(make_checkpoint() / "config.json", root / "config.json")
+    torch.save({"model.norm.weight": torch.zeros(2), "x": _Exploit()}, root / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refused or could not read the .bin file with weights_only=True") as info:
+        tp_loader.load(root)
+    assert info.value.file == str(root / "pytorch_model.bin")
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (length - len(text)) if len(text) <= length else b""
+    assert len(text) == length, "test edit must not grow the header"
+    path.write_bytes(raw[:8] + text + raw[8 + length :])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("truncate", "data_offsets .* fall outside the .* data bytes"),
+        ("bad_json", "header is not valid JSON"),
+        ("unknown_dtype", "unknown dtype 'F7'"),
+        ("shape_vs_bytes", r"shape \[1, 48\] of F32 needs 192 bytes but data_offsets span"),
+        ("overlap", "overlaps the previous tensor"),
+    ],
+)
+def test_damaged_headers_are_refused_before_any_tensor_is_read(make_checkpoint, damage: str, message: str) -> None:
+    root = make_checkpoint()
+    path = root / "model.safetensors"
+    key = "model.embed_tokens.weight"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-100])
+    elif damage == "bad_json":
+        raw = bytearray(path.read_bytes())
+        raw[9] = ord("#")
+        path.write_bytes(bytes(raw))
+    elif damage == "unknown_dtype":
+        _rewrite_header(path, lambda h: h[key].update(dtype="F7"))
+    elif damage == "shape_vs_bytes":
+        _rewrite_header(path, lambda h: h[key].update(shape=[1, 48]))
+    elif damage == "overlap":
+        _rewrite_header(path, lambda h: h["model.norm.weight"].update(data_offsets=[0, 192]))
+    with pytest.raises(CheckpointError, match=message) as info:
+        index_checkpoint(find_weights(root))
+    assert info.value.file == str(path)
+
+
+def test_index_path_outside_the_model_directory_is_refused(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    index_path = root / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model directory") as info:
+        find_weights(root)
+    assert info.value.key == "model.norm.weight"
+
+
+def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_size(make_checkpoint, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_checkpoint(extra={"model.rotary_emb.inv_freq": torch.arange(4, dtype=torch.float32)})
+    with caplog.at_level(logging.WARNING, logger="tp_loader"):
+        result = tp_loader.load(root)
+    assert result.report.unexpected_keys == ("model.rotary_emb.inv_freq",)
+    assert result.report.unmatched_keys == ("model.rotary_emb.inv_freq",)
+    assert torch.equal(result.state_dict["model.rotary_emb.inv_freq"], torch.arange(4, dtype=torch.float32))
+    assert "model.rotary_emb.inv_freq (16 B, no plan rule)" in caplog.text
+    assert not result.report.clean
+
+
+def test_report_json_round_trips_every_field(make_checkpoint, tmp_path: Path) -> None:
+    result = tp_loader.load(make_checkpoint(llama_config(tie_word_embeddings=True)))
+    data = json.loads(result.report.to_json())
+    assert data["plan"] == "llama"
+    assert data["ties"] == [{"source": "model.embed_tokens.weight", "target": "lm_head.weight", "stored": "source", "identical": None}]
+    assert data["ranks"][0]["bytes_read"] == result.report.bytes_read
+    assert data["clean"] is True
