@@ -1,0 +1,69 @@
+"""End to end: ``torchrun -m tp_loader`` and a caller-provided device mesh."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from conftest import llama_config
+from distributed import run_ranks, values
+from torch.distributed.device_mesh import init_device_mesh
+
+import tp_loader
+
+
+def _torchrun(args: list[str], nproc: int, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "tp_loader", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
+
+
+def test_torchrun_loads_a_checkpoint_and_writes_one_agreed_report(make_checkpoint, tmp_path: Path) -> None:
+    root = make_checkpoint(llama_config(num_key_value_heads=2), num_shards=2)
+    report_path = tmp_path / "report.json"
+    done = _torchrun([str(root), "--dtype", "bfloat16", "--report", str(report_path)], nproc=4, env={"TP_LOADER_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert (report["world_size"], report["dtype"], report["plan"], report["clean"]) == (4, "bfloat16", "llama", True)
+    assert len(report["ranks"]) == 4
+    assert report["notes"]["model.layers.0.self_attn.k_proj.weight"] == "2 kv heads replicated 2x over 4 ranks"
+    assert done.stdout.count("tp_loader: ") == 1, "the table must be printed once, by rank 0"
+
+
+def test_torchrun_without_a_model_loads_the_generated_demo_checkpoint(tmp_path: Path) -> None:
+    done = _torchrun(["-q", "--report", str(tmp_path / "r.json")], nproc=2, env={"TP_LOADER_DEMO_DIR": str(tmp_path / "demo")})
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["num_tensors"] == 21
+    assert done.stdout == ""
+
+
+def test_cli_exits_nonzero_with_the_error_message(make_checkpoint) -> None:
+    root = make_checkpoint(llama_config(num_attention_heads=12, num_key_value_heads=4))
+    done = _torchrun([str(root)], nproc=3, env={})
+    assert done.returncode != 0
+    assert f"tp_loader: error: model {root} (4 kv heads, 12 q heads) cannot be sharded over 3 ranks" in done.stderr
+
+
+def _load_on_callers_mesh(rank: int, world_size: int, root: Path) -> tuple:
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("tp",))
+    result = tp_loader.load(root, mesh=mesh)
+    weight = result.state_dict["model.layers.0.mlp.down_proj.weight"]
+    return result.mesh is mesh, weight.device_mesh is mesh, tuple(weight.to_local().shape)
+
+
+def test_load_uses_the_callers_mesh(make_checkpoint) -> None:
+    root = make_checkpoint()
+    outcomes = values(run_ranks(2, _load_on_callers_mesh, root))
+    assert outcomes == [(True, True, (48, 50)), (True, True, (48, 50))]
+
+
+def test_python_dash_m_in_one_process_prints_the_table(make_checkpoint) -> None:
+    root = make_checkpoint()
+    done = subprocess.run([sys.executable, "-m", "tp_loader", str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"tp_loader: {root}" in done.stdout
+    assert "plan llama, world size 1" in done.stdout
+    assert torch.__version__
