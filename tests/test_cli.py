@@ -33,8 +33,10 @@ def test_torchrun_loads_a_checkpoint_and_writes_one_agreed_report(make_checkpoin
     assert done.stdout.count("tp_loader: ") == 1, "the table must be printed once, by rank 0"
 
 
-def test_torchrun_without_a_model_loads_the_generated_demo_checkpoint(tmp_path: Path) -> None:
-    done = _torchrun(["-q", "--report", str(tmp_path / "r.json")], nproc=2, env={"TP_LOADER_DEMO_DIR": str(tmp_path / "demo")})
+def test_local_launch_script_without_a_model_loads_the_generated_demo_checkpoint(tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "launch" / "local.sh"
+    env = {**os.environ, "TP_LOADER_DEMO_DIR": str(tmp_path / "demo")}
+    done = subprocess.run(["bash", str(script), "2", "-q", "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["num_tensors"] == 21
     assert done.stdout == ""
