@@ -111,3 +111,30 @@ def test_ranks_that_see_different_checkpoints_refuse_to_load(make_checkpoint, wo
     kind, wire = _same_error_everywhere(run_ranks(world_size, load_own, timeout=TIMEOUT_S))
     assert kind == "DistributedError"
     assert wire["message"] == f"ranks {list(range(1, world_size))} see a different checkpoint (config or headers) than rank 0"
+
+
+def _load_with_recording_fetch(rank: int, world_size: int, source: Path, target: Path) -> tuple:
+    import shutil
+    import time
+
+    import tp_loader.loader
+
+    calls = []
+
+    def fake_resolve(model, *, revision, cache_dir, fetch):
+        if fetch:
+            time.sleep(0.5)  # a slow download: the node's other ranks must wait for it
+            shutil.copytree(source, target)
+        calls.append((fetch, target.is_dir()))
+        return target
+
+    tp_loader.loader.resolve_source = fake_resolve
+    tp_loader.load("org/model")
+    return calls
+
+
+def test_only_the_first_rank_of_a_node_fetches_and_the_others_wait_for_it(make_checkpoint, tmp_path: Path) -> None:
+    from distributed import values
+
+    calls = values(run_ranks(3, _load_with_recording_fetch, make_checkpoint(llama_config(num_key_value_heads=3)), tmp_path / "snapshot", timeout=TIMEOUT_S))
+    assert calls == [[(True, True)], [(False, True)], [(False, True)]]

@@ -49,17 +49,22 @@ def test_header_index_gives_exact_byte_ranges_without_reading_data(make_checkpoi
 
 
 def _hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "main") -> Path:
+    """huggingface_hub's cache layout: files in blobs/, snapshots/<sha>/ holds relative symlinks to them."""
     sha = "0123456789abcdef0123456789abcdef01234567"
     folder = cache / f"models--{repo_id.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True)
+    snapshot = folder / "snapshots" / sha
+    for directory in (folder / "refs", folder / "blobs", snapshot):
+        directory.mkdir(parents=True)
     (folder / "refs" / revision).write_text(sha)
-    shutil.copytree(source, folder / "snapshots" / sha)
-    return folder / "snapshots" / sha
+    for i, path in enumerate(sorted(source.iterdir())):
+        shutil.copy(path, folder / "blobs" / f"blob{i}")
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", f"blob{i}"))
+    return snapshot
 
 
 def test_hub_repo_id_resolves_from_the_local_cache_when_offline(make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint())
+    snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint(num_shards=2))
     result = tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub")
     assert result.report.model == str(snapshot)
     assert torch.equal(result.state_dict["model.norm.weight"], _stored(snapshot)["model.norm.weight"])
@@ -153,15 +158,26 @@ def test_damaged_headers_are_refused_before_any_tensor_is_read(make_checkpoint, 
     assert info.value.file == str(path)
 
 
-def test_index_path_outside_the_model_directory_is_refused(make_checkpoint) -> None:
+@pytest.mark.parametrize("entry", ["../elsewhere.safetensors", "/etc/passwd", "link.safetensors"])
+def test_index_entry_outside_the_model_directory_is_refused(make_checkpoint, tmp_path: Path, entry: str) -> None:
     root = make_checkpoint(num_shards=2)
+    (tmp_path / "outside.safetensors").write_bytes(b"")
+    (root / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
     index_path = root / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
-    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    index["weight_map"]["model.norm.weight"] = entry
     index_path.write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="outside the model directory") as info:
+    with pytest.raises(CheckpointError, match=f"weight file '{entry}' lies outside the model directory") as info:
         find_weights(root)
     assert info.value.key == "model.norm.weight"
+
+
+def test_single_weight_file_symlinked_out_of_the_model_directory_is_refused(make_checkpoint, tmp_path: Path) -> None:
+    root = make_checkpoint()
+    (root / "model.safetensors").rename(tmp_path / "moved.safetensors")
+    (root / "model.safetensors").symlink_to(tmp_path / "moved.safetensors")
+    with pytest.raises(CheckpointError, match="'model.safetensors' lies outside the model directory"):
+        find_weights(root)
 
 
 def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_size(make_checkpoint, caplog: pytest.LogCaptureFixture) -> None:

@@ -125,9 +125,12 @@ def find_weights(root: Path) -> WeightFiles:
             weight_map = read_weight_map(root, index_name)
             return WeightFiles(root, fmt, tuple(dict.fromkeys(weight_map.values())), index_name, weight_map)
         if (root / single).is_file():
+            check_inside(root, single, file=str(root / single))
             return WeightFiles(root, fmt, (single,))
         others = sorted(p.name for p in root.glob("*.safetensors")) if fmt == "safetensors" else []
         if others:
+            for name in others:
+                check_inside(root, name, file=str(root / name))
             return WeightFiles(root, fmt, tuple(others))
     raise CheckpointError(
         f"no weights in {root}",
@@ -150,12 +153,34 @@ def read_weight_map(root: Path, index_name: str) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError("index file has no 'weight_map' of key → file name", file=str(path), hint="Re-download or regenerate the index")
-    resolved_root = root.resolve()
     for key, name in weight_map.items():
-        target = (root / name).resolve()
-        if os.path.isabs(name) or resolved_root not in target.parents:
-            raise CheckpointError(f"index maps a key to {name!r}, outside the model directory", file=str(path), key=key, hint="Weight files must lie inside the model directory")
+        check_inside(root, name, file=str(path), key=key)
     return weight_map
+
+
+def trusted_base(root: Path) -> Path:
+    """Where files of ``root`` may really live: ``root`` itself, or for a Hub cache snapshot
+    (``models--org--name/snapshots/<sha>``, whose files link to ``../../blobs``) the repository's cache folder."""
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith(("models--", "datasets--", "spaces--")):
+        return root.parent.parent.resolve()
+    return root.resolve()
+
+
+def check_inside(root: Path, name: str, *, file: str, key: str | None = None) -> None:
+    """Refuses a weight file name that is absolute, climbs out with ``..``, or is a symlink resolving
+    outside :func:`trusted_base`.
+
+    Raises:
+        CheckpointError: naming the offending entry.
+    """
+    parts = Path(name).parts
+    outside = os.path.isabs(name) or ".." in parts or not parts
+    if not outside:
+        base = trusted_base(root)
+        target = (root / name).resolve()
+        outside = base != target and base not in target.parents
+    if outside:
+        raise CheckpointError(f"weight file {name!r} lies outside the model directory", file=file, key=key, hint="Weight files must lie inside the model directory (no absolute paths, '..' or symlinks pointing out)")
 
 
 def read_config(root: Path) -> dict:
