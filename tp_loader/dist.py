@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import socket
@@ -31,7 +32,9 @@ class Context:
         world_size: the tensor-parallel degree.
         mesh: the 1-D device mesh, or ``None`` for a plain single process (plain tensors result).
         device: where shards are placed.
-        group: the process group of the mesh (used for the loader's own collectives), or ``None``.
+        group: the loader's own gloo group over the mesh's ranks, with the loader's timeout (``None``
+            in a single process); opened by :func:`open_control_group`.
+        timeout_s: that timeout.
     """
 
     rank: int
@@ -39,6 +42,7 @@ class Context:
     mesh: DeviceMesh | None
     device: torch.device
     group: Any = None
+    timeout_s: float = 0.0
 
 
 def default_device(env: LaunchEnv) -> torch.device:
@@ -64,7 +68,7 @@ def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env
         if mesh.ndim != 1:
             raise DistributedError(f"tp_loader needs a 1-D device mesh, got {mesh.ndim}-D {tuple(mesh.shape)}", hint="Pass mesh['tp'] (the tensor-parallel dimension)")
         target = torch.device(device) if device is not None else _mesh_device(mesh)
-        return Context(mesh.get_local_rank(), mesh.size(), mesh, target, mesh.get_group())
+        return Context(mesh.get_local_rank(), mesh.size(), mesh, target, timeout_s=settings.timeout_s)
     target = torch.device(device) if device is not None else default_device(env)
     if not dist.is_initialized() and not env.launched:
         return Context(0, 1, None, target)
@@ -82,7 +86,31 @@ def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env
             ) from None
     world_size = dist.get_world_size()
     mesh = init_device_mesh(target.type, (world_size,), mesh_dim_names=("tp",))
-    return Context(dist.get_rank(), world_size, mesh, target, mesh.get_group())
+    return Context(dist.get_rank(), world_size, mesh, target, timeout_s=settings.timeout_s)
+
+
+def open_control_group(ctx: Context) -> Context:
+    """Opens the loader's own gloo group over the mesh's ranks, with the loader's timeout, so that a
+    lost or stuck peer ends every waiting rank within ``timeout_s`` whatever the caller's process
+    group timeout is. Only the mesh's ranks take part in creating it.
+
+    Raises:
+        DistributedError: the group cannot be formed within the timeout.
+    """
+    if ctx.mesh is None or ctx.world_size == 1:
+        return ctx
+    ranks = sorted(int(r) for r in ctx.mesh.mesh.flatten().tolist())
+    try:
+        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=ctx.timeout_s), backend="gloo", use_local_synchronization=True)
+    except Exception as exc:  # noqa: BLE001 - a missing peer surfaces here
+        raise DistributedError(f"cannot form the loader's group with ranks {ranks}: {exc}", rank=ctx.rank, hint="Check that every rank of the mesh calls tp_loader.load") from None
+    return dataclasses.replace(ctx, group=group)
+
+
+def close_control_group(ctx: Context) -> None:
+    """Destroys the group :func:`open_control_group` opened (repeated loads leak no sockets)."""
+    if ctx.group is not None:
+        dist.destroy_process_group(ctx.group)
 
 
 def _mesh_device(mesh: DeviceMesh) -> torch.device:
@@ -91,7 +119,7 @@ def _mesh_device(mesh: DeviceMesh) -> torch.device:
     return torch.device(mesh.device_type)
 
 
-def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None) -> list[Any]:
+def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None, *, stage: str = "") -> list[Any]:
     """Gathers ``(error, payload)`` from every rank. If any rank failed, every rank raises the error of
     the lowest failing rank; otherwise every rank gets every rank's payload, in rank order.
 
@@ -107,7 +135,11 @@ def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None) -> lis
     try:
         dist.all_gather_object(gathered, sent, group=ctx.group)
     except Exception as exc:  # noqa: BLE001 - a lost peer or a timeout surfaces here
-        raise DistributedError(f"a collective with the other ranks failed: {exc}", rank=ctx.rank, hint="Another rank died or timed out; see its log") from None
+        raise DistributedError(
+            f"lost contact with the other ranks after stage '{stage}' (waited at most {ctx.timeout_s:g} s): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            rank=ctx.rank,
+            hint="Another rank died, hung or failed outside tp_loader; see its log. TP_LOADER_TIMEOUT_S sets the wait",
+        ) from None
     for wire, _ in gathered:
         if wire is not None:
             raise from_wire(wire)
@@ -129,7 +161,7 @@ def run_agreed(ctx: Context, stage: str, fn: Callable[[], T], payload: Callable[
         logger.debug("stage %s failed on rank %d", stage, ctx.rank, exc_info=True)
         error = as_loader_error(exc, ctx.rank)
         sent = None
-    return result, agree(ctx, error, sent)
+    return result, agree(ctx, error, sent, stage=stage)
 
 
 def host_name() -> str:

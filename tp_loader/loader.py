@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
 from .demo import ensure_demo
-from .dist import Context, agree, host_name, make_context, run_agreed
+from .dist import Context, agree, close_control_group, host_name, make_context, open_control_group, run_agreed
 from .errors import DistributedError, StrictLoadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
@@ -84,8 +84,15 @@ def load(
     start = time.perf_counter()
     launch = envmod.launch_env()
     settings = envmod.settings(launch.local_world_size)
-    ctx = make_context(mesh, device, launch, settings)
     wanted = _normalise_dtype(dtype)
+    ctx = open_control_group(make_context(mesh, device, launch, settings))
+    try:
+        return _load(ctx, model, wanted, plan=plan, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
+    finally:
+        close_control_group(ctx)
+
+
+def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtype | None, *, plan: str | os.PathLike[str], strict: bool, revision: str | None, cache_dir: str | os.PathLike[str] | None, progress: bool, settings: envmod.Settings, start: float) -> LoadResult:
 
     root = _resolve(ctx, model, revision=revision, cache_dir=cache_dir, demo_dir=settings.demo_dir)
 
@@ -108,14 +115,14 @@ def load(
     if ctx.rank == 0:
         _warn_key_problems(load_plan)
 
-    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and settings.progress and ctx.rank == 0)
+    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0)
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options))
     state_dict = place(local, load_plan.tensors, ctx.mesh)
     apply_ties(state_dict, load_plan.ties)
 
     payload = (stats, local_tie_equality(local, load_plan.ties), time.perf_counter() - start)
-    gathered = agree(ctx, None, payload)
+    gathered = agree(ctx, None, payload, stage="report")
     ranks = [RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds) for r, (s, _, seconds) in enumerate(gathered)]
     report = build_report(load_plan, dtype=_dtype_name(wanted), device=ctx.device.type, ranks=ranks, tie_equal=[eq for _, eq, _ in gathered])
     if ctx.rank == 0:
@@ -129,7 +136,7 @@ def load(
 def _resolve(ctx: Context, model: str | os.PathLike[str] | None, *, revision: str | None, cache_dir: str | os.PathLike[str] | None, demo_dir: str) -> Path:
     """Resolves the source; the first rank of each node fetches (download or demo generation) while
     the node's other ranks wait, then look only at what is local."""
-    hosts = agree(ctx, None, host_name())
+    hosts = agree(ctx, None, host_name(), stage="start")
     fetcher = hosts.index(hosts[ctx.rank]) == ctx.rank
 
     def fetch(allowed: bool) -> Path:
