@@ -50,11 +50,14 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
         os._exit(code)
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0, env: dict[str, str] | None = None) -> list[tuple[str, Any]]:
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0, env: dict[str, str] | None = None, allow_lost: bool = False) -> list[tuple[str, Any]]:
     """Runs ``fn`` on ``world_size`` forked gloo ranks; returns each rank's outcome in rank order.
 
+    With ``allow_lost``, a rank that exits or hangs without reporting yields ``("lost", None)``.
+
     Raises:
-        TimeoutError: some rank did not report within ``timeout`` seconds (all ranks are then killed).
+        TimeoutError: some rank did not report within ``timeout`` seconds (all ranks are then killed),
+            unless ``allow_lost``.
     """
     ctx = mp.get_context("fork")
     init_file = os.path.join(tempfile.mkdtemp(prefix="tp_loader_pg_"), "rendezvous")
@@ -70,12 +73,17 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0,
     results: list[tuple[str, Any]] = []
     try:
         for rank, conn in enumerate(conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise TimeoutError(f"rank {rank} of {world_size} did not finish within {timeout} s")
-            results.append(conn.recv())
+            try:
+                ready = conn.poll(max(0.0, deadline - time.monotonic()))
+                outcome = conn.recv() if ready else None
+            except EOFError:  # the rank exited without reporting
+                outcome = None
+            if outcome is None and not allow_lost:
+                raise TimeoutError(f"rank {rank} of {world_size} did not report within {timeout} s")
+            results.append(outcome or ("lost", None))
     finally:
         for proc in procs:
-            proc.join(timeout=max(0.1, deadline - time.monotonic()))
+            proc.join(timeout=max(0.1, deadline - time.monotonic()) if not allow_lost else 0.1)
             if proc.is_alive():
                 proc.kill()
                 proc.join()

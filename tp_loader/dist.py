@@ -32,9 +32,10 @@ class Context:
         world_size: the tensor-parallel degree.
         mesh: the 1-D device mesh, or ``None`` for a plain single process (plain tensors result).
         device: where shards are placed.
-        group: the loader's own gloo group over the mesh's ranks, with the loader's timeout (``None``
-            in a single process); opened by :func:`open_control_group`.
-        timeout_s: that timeout.
+        group: the group of the loader's own collectives (``None`` in a single process), set by
+            :func:`open_control_group`.
+        timeout_s: the loader's collective timeout.
+        owns_group: whether ``group`` was created for this load (and is destroyed after it).
     """
 
     rank: int
@@ -43,6 +44,7 @@ class Context:
     device: torch.device
     group: Any = None
     timeout_s: float = 0.0
+    owns_group: bool = False
 
 
 def default_device(env: LaunchEnv) -> torch.device:
@@ -90,26 +92,32 @@ def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env
 
 
 def open_control_group(ctx: Context) -> Context:
-    """Opens the loader's own gloo group over the mesh's ranks, with the loader's timeout, so that a
-    lost or stuck peer ends every waiting rank within ``timeout_s`` whatever the caller's process
-    group timeout is. Only the mesh's ranks take part in creating it.
+    """Gives the load its own gloo group for the loader's collectives, with the loader's timeout, so a
+    lost or stuck peer ends every waiting rank within ``timeout_s`` whatever the caller's process group
+    timeout is.
+
+    When the mesh spans the whole job every rank creates the group (unique, counter-named) and
+    :func:`close_control_group` destroys it. A mesh over part of a larger job cannot create one without
+    the other ranks, so its own group is used and the caller's timeout applies.
 
     Raises:
         DistributedError: the group cannot be formed within the timeout.
     """
     if ctx.mesh is None or ctx.world_size == 1:
         return ctx
-    ranks = sorted(int(r) for r in ctx.mesh.mesh.flatten().tolist())
+    if ctx.world_size != dist.get_world_size():
+        logger.debug("mesh of %d ranks in a job of %d: the loader's collectives use the mesh's group and its timeout", ctx.world_size, dist.get_world_size())
+        return dataclasses.replace(ctx, group=ctx.mesh.get_group())
     try:
-        group = dist.new_group(ranks, timeout=datetime.timedelta(seconds=ctx.timeout_s), backend="gloo", use_local_synchronization=True)
+        group = dist.new_group(timeout=datetime.timedelta(seconds=ctx.timeout_s), backend="gloo")
     except Exception as exc:  # noqa: BLE001 - a missing peer surfaces here
-        raise DistributedError(f"cannot form the loader's group with ranks {ranks}: {exc}", rank=ctx.rank, hint="Check that every rank of the mesh calls tp_loader.load") from None
-    return dataclasses.replace(ctx, group=group)
+        raise DistributedError(f"cannot form the loader's process group: {exc}", rank=ctx.rank, hint="Check that every rank calls tp_loader.load") from None
+    return dataclasses.replace(ctx, group=group, owns_group=True)
 
 
 def close_control_group(ctx: Context) -> None:
-    """Destroys the group :func:`open_control_group` opened (repeated loads leak no sockets)."""
-    if ctx.group is not None:
+    """Destroys the group :func:`open_control_group` created, if it created one (no sockets leak)."""
+    if ctx.owns_group:
         dist.destroy_process_group(ctx.group)
 
 
