@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import json
 import logging
+import struct
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,3 +52,14 @@ def make_checkpoint(tmp_path: Path):
 def _quiet_progress(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TP_LOADER_PROGRESS", "0")
     logging.getLogger("tp_loader").setLevel(logging.INFO)
+
+
+def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
+    """Applies ``edit`` to a safetensors file's JSON header in place, keeping the header's length."""
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    edit(header)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= length, "test edit must not grow the header"
+    path.write_bytes(raw[:8] + text.ljust(length) + raw[8 + length :])

@@ -104,3 +104,11 @@ def errors(results: list[tuple[str, Any]]) -> list[RankError]:
         if status != "error":
             raise AssertionError(f"rank {rank} succeeded with {value!r}, expected an error")
     return [value for _, value in results]
+
+
+def same_error(results: list[tuple[str, Any]]) -> RankError:
+    """The error every rank raised; fails unless all ranks raised the same type and message."""
+    found = errors(results)
+    kinds = {(e.type, e.message) for e in found}
+    assert len(kinds) == 1, f"ranks raised different errors: {kinds}"
+    return found[0]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import llama_config
-from distributed import errors, run_ranks
+from distributed import run_ranks, same_error
 from safetensors.torch import load_file, save_file
 
 import tp_loader
@@ -21,10 +21,8 @@ def _load(rank: int, world_size: int, root: Path, plan: str = "auto") -> object:
 
 
 def _same_error_everywhere(results: list) -> tuple[str, dict]:
-    found = errors(results)
-    kinds = {(e.type, e.message) for e in found}
-    assert len(kinds) == 1, f"ranks raised different errors: {kinds}"
-    return found[0].type, found[0].wire
+    error = same_error(results)
+    return error.type, error.wire
 
 
 def test_indivisible_heads_fail_on_every_rank_naming_the_world_sizes_that_work(make_checkpoint) -> None:

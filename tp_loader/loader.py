@@ -162,13 +162,16 @@ def _refuse_key_problems(load_plan: LoadPlan) -> None:
 
 
 def _warn_key_problems(load_plan: LoadPlan) -> None:
-    """Names every missing, unexpected (with its size) and mismatched key in one warning each."""
+    """Names every missing, unexpected (with its size) and mismatched key, and every plan rule that
+    matched nothing, in one warning each."""
     if load_plan.unexpected:
         sizes = {t.key: t.info.nbytes for t in load_plan.tensors}
         listed = ", ".join(f"{k} ({sizes[k]} B{', no plan rule' if k in load_plan.unmatched else ''})" for k in load_plan.unexpected)
         logger.warning("%d unexpected keys in %s are loaded replicated: %s", len(load_plan.unexpected), load_plan.model, listed)
     if load_plan.missing:
         logger.warning("%d keys missing from %s: %s", len(load_plan.missing), load_plan.model, ", ".join(load_plan.missing))
+    if load_plan.unused_rules:
+        logger.warning("plan %s has rules that match no key of %s: %s", load_plan.plan_name, load_plan.model, ", ".join(load_plan.unused_rules))
     if load_plan.mismatched:
         listed = ", ".join(m.describe() for m in load_plan.mismatched)
         logger.warning("%d keys of %s contradict the config and are not loaded: %s", len(load_plan.mismatched), load_plan.model, listed)

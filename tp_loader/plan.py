@@ -8,10 +8,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import ShardingError
+from .errors import CheckpointError, ShardingError
 from .index import Checkpoint, TensorInfo
-from .spec import PlanSpec, config_values, evaluate
+from .spec import PlanSpec, config_values, evaluate, evaluate_size
 from .styles import STYLES, Heads, Slice, head_world_sizes
+
+
+MAX_LAYERS = 100_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class LoadPlan:
     mismatched: tuple[Mismatch, ...] = ()
     ties: tuple[TieDecision, ...] = ()
     notes: dict[str, str] = field(default_factory=dict)
+    unused_rules: tuple[str, ...] = ()
 
     @property
     def read_bytes(self) -> int:
@@ -105,9 +109,15 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
         CheckpointError: the config lacks a value the plan needs.
         PlanError: a plan expression is malformed.
     """
-    values = config_values(spec, checkpoint.config)
-    expected = _expected_shapes(spec, values)
-    heads = {name: Heads(name, int(evaluate(g.num_heads, values, where=f"heads.{name}")), int(evaluate(g.head_dim, values, where=f"heads.{name}")), g.replicate_when_fewer) for name, g in spec.heads.items()}
+    try:
+        values = config_values(spec, checkpoint.config)
+        expected = _expected_shapes(spec, values)
+        heads = {
+            name: Heads(name, evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1), evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1), g.replicate_when_fewer)
+            for name, g in spec.heads.items()
+        }
+    except CheckpointError as exc:
+        raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
     _check_heads(spec, heads, world_size, model, expected)
 
     tensors: list[TensorPlan] = []
@@ -133,20 +143,22 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
                 raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
             tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
 
+    used = {spec.match(key) for key in (*checkpoint.tensors, *expected)}
+    unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in checkpoint.tensors and k not in covered)
     notes = {t.key: t.slice.note for t in tensors if t.slice.note}
-    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes)
+    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules)
 
 
 def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:
-    num_layers = int(evaluate(spec.layers, values, where="layers"))
+    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS)
     expected: dict[str, tuple[int, ...]] = {}
     for tensor in spec.tensors:
         if tensor.when is not None and not evaluate(tensor.when, values, where=f"when of {tensor.key}"):
             continue
-        shape = tuple(int(evaluate(d, values, where=f"shape of {tensor.key}")) for d in tensor.shape)
+        shape = tuple(evaluate_size(d, values, where=f"shape of {tensor.key}") for d in tensor.shape)
         layers = range(num_layers) if "{layer}" in tensor.key else [None]
         for layer in layers:
             expected[tensor.key.replace("{layer}", str(layer))] = shape

@@ -50,6 +50,7 @@ class LoadReport:
         ties: tied pairs.
         notes: key → remark on how it was placed (for example KV heads replicated).
         ranks: per-rank accounting, in rank order.
+        unused_rules: plan rule patterns that matched no stored or expected key (likely typos).
     """
 
     model: str
@@ -65,6 +66,7 @@ class LoadReport:
     ties: tuple[TieReport, ...]
     notes: tuple[tuple[str, str], ...]
     ranks: tuple[RankReport, ...]
+    unused_rules: tuple[str, ...] = ()
 
     @property
     def clean(self) -> bool:
@@ -108,6 +110,7 @@ class LoadReport:
             ("mismatched keys (not loaded)", [m.describe() for m in self.mismatched_keys]),
             ("ties", [f"{t.target} -> {t.source} (stored: {t.stored}" + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER") + ")" for t in self.ties]),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
+            ("plan rules that matched nothing", list(self.unused_rules)),
         ]
         for title, rows in sections:
             if rows:
@@ -138,6 +141,7 @@ def build_report(plan: LoadPlan, *, dtype: str | None, device: str, ranks: list[
         ties=ties,
         notes=tuple(sorted(plan.notes.items())),
         ranks=tuple(ranks),
+        unused_rules=plan.unused_rules,
     )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, PlanError
+from .errors import CheckpointError, PlanError, TPLoaderError
 from .styles import STYLES
 
 
@@ -246,7 +246,26 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
         tree = ast.parse(expression, mode="eval")
     except SyntaxError:
         raise PlanError(f"bad expression {expression!r} in {where}", hint="Use config names, integers and + - * // %") from None
-    return _eval(tree.body, values, expression, where)
+    try:
+        return _eval(tree.body, values, expression, where)
+    except TPLoaderError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
+        used = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values})
+        shown = ", ".join(f"{name}={values[name]!r}" for name in used)
+        raise CheckpointError(f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json") from None
+
+
+def evaluate_size(expression: str, values: dict[str, Any], *, where: str, minimum: int = 0, maximum: int = 2**48) -> int:
+    """Evaluates an expression that must be a whole number in ``[minimum, maximum]`` (a size or a count).
+
+    Raises:
+        CheckpointError: the config gives anything else.
+    """
+    value = evaluate(expression, values, where=where)
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise CheckpointError(f"config gives {where} = {value!r} ({expression}), not a whole number in [{minimum}, {maximum}]", hint="Fix config.json")
+    return value
 
 
 def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) -> Any:

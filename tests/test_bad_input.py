@@ -1,0 +1,203 @@
+"""Every kind of bad input, at world size 2: every rank raises the same tp_loader error, naming the
+file (and key) concerned, before any tensor data is read."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config, rewrite_header
+from distributed import run_ranks, same_error, values
+from safetensors.torch import save_file
+
+import tp_loader
+
+SHARD1 = "model-00001-of-00002.safetensors"
+SHARD2 = "model-00002-of-00002.safetensors"
+KEY = "model.embed_tokens.weight"  # the first tensor of shard 1
+LAST = "model.layers.1.input_layernorm.weight"  # the last tensor of shard 1
+
+
+def _edit_index(root: Path, key: str, value: str) -> None:
+    path = root / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"][key] = value
+    path.write_text(json.dumps(index))
+
+
+def _truncate(root: Path, tmp: Path) -> None:
+    path = root / SHARD2
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _corrupt_json(root: Path, tmp: Path) -> None:
+    raw = bytearray((root / SHARD1).read_bytes())
+    raw[8] = ord("[")
+    (root / SHARD1).write_bytes(bytes(raw))
+
+
+def _offsets_out_of_range(root: Path, tmp: Path) -> None:
+    def edit(header: dict) -> None:
+        begin, end = header[LAST]["data_offsets"]
+        header[LAST]["data_offsets"] = [begin, end + 800000]  # same number of digits: the header keeps its length
+
+    rewrite_header(root / SHARD1, edit)
+
+
+def _overlap(root: Path, tmp: Path) -> None:
+    def edit(header: dict) -> None:
+        second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])[1]
+        size = header[second]["data_offsets"][1] - header[second]["data_offsets"][0]
+        header[second]["data_offsets"] = [0, size]
+
+    rewrite_header(root / SHARD1, edit)
+
+
+def _trailing_bytes(root: Path, tmp: Path) -> None:
+    with open(root / SHARD1, "ab") as handle:
+        handle.write(b"\0" * 64)
+
+
+def _unknown_dtype(root: Path, tmp: Path) -> None:
+    rewrite_header(root / SHARD1, lambda h: h[KEY].update(dtype="Q4"))
+
+
+def _shape_vs_bytes(root: Path, tmp: Path) -> None:
+    rewrite_header(root / SHARD1, lambda h: h[KEY].update(shape=[100, 48]))
+
+
+def _index_names_missing_file(root: Path, tmp: Path) -> None:
+    (root / SHARD2).unlink()
+
+
+def _index_names_absent_key(root: Path, tmp: Path) -> None:
+    _edit_index(root, "model.layers.0.mlp.extra.weight", SHARD1)
+
+
+def _index_climbs_out(root: Path, tmp: Path) -> None:
+    _edit_index(root, "model.norm.weight", "../outside.safetensors")
+
+
+def _index_absolute(root: Path, tmp: Path) -> None:
+    _edit_index(root, "model.norm.weight", str(tmp / "outside.safetensors"))
+
+
+def _symlink_out(root: Path, tmp: Path) -> None:
+    (root / SHARD2).rename(tmp / "moved.safetensors")
+    (root / SHARD2).symlink_to(tmp / "moved.safetensors")
+
+
+def _duplicate_key(root: Path, tmp: Path) -> None:
+    (root / "model.safetensors.index.json").unlink()
+    save_file({"model.norm.weight": torch.ones(48)}, str(root / "model-extra.safetensors"))
+
+
+def _config_missing(root: Path, tmp: Path) -> None:
+    (root / "config.json").unlink()
+
+
+def _config_malformed(root: Path, tmp: Path) -> None:
+    (root / "config.json").write_text('{"model_type": "llama",')
+
+
+def _config_zero_heads(root: Path, tmp: Path) -> None:
+    (root / "config.json").write_text(json.dumps(llama_config(num_attention_heads=0)))
+
+
+def _config_contradicts_shapes(root: Path, tmp: Path) -> None:
+    (root / "config.json").write_text(json.dumps(llama_config(intermediate_size=64)))
+
+
+def _plan_malformed(root: Path, tmp: Path) -> None:
+    (tmp / "plan.toml").write_text("[[rules]\n")
+
+
+def _plan_unknown_style(root: Path, tmp: Path) -> None:
+    (tmp / "plan.toml").write_text('extends = "llama"\n[[rules]]\npattern = "lm_head.weight"\nstyle = "sideways"\n')
+
+
+def _empty_directory(root: Path, tmp: Path) -> None:
+    for path in root.iterdir():
+        path.unlink()
+
+
+def _pickle_exploit(root: Path, tmp: Path) -> None:
+    for path in root.glob("model*"):
+        path.unlink()
+    torch.save({"model.norm.weight": torch.zeros(2), "x": _Exploit()}, root / "pytorch_model.bin")
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+# (damage, load kwargs, error type, message pattern, file concerned relative to the checkpoint or tmp, key)
+CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str | None]] = [
+    (_truncate, {}, "CheckpointError", r"data_offsets .* fall outside the \d+ data bytes", SHARD2, None),
+    (_corrupt_json, {}, "CheckpointError", "header is not valid JSON", SHARD1, None),
+    (_offsets_out_of_range, {}, "CheckpointError", r"data_offsets \[101952, 902144\) fall outside the 102144 data bytes", SHARD1, LAST),
+    (_overlap, {}, "CheckpointError", "overlaps the previous tensor", SHARD1, None),
+    (_trailing_bytes, {}, "CheckpointError", "64 bytes after the last tensor are not described by the header", SHARD1, None),
+    (_unknown_dtype, {}, "CheckpointError", "unknown dtype 'Q4'", SHARD1, KEY),
+    (_shape_vs_bytes, {}, "CheckpointError", r"shape \[100, 48\] of F32 needs 19200 bytes but data_offsets span 19392", SHARD1, KEY),
+    (_index_names_missing_file, {}, "CheckpointError", "weight file does not exist", SHARD2, None),
+    (_index_names_absent_key, {}, "CheckpointError", "index maps the key to .* but that file's header has no such tensor", "model.safetensors.index.json", "model.layers.0.mlp.extra.weight"),
+    (_index_climbs_out, {}, "CheckpointError", "weight file '../outside.safetensors' lies outside the model directory", "model.safetensors.index.json", "model.norm.weight"),
+    (_index_absolute, {}, "CheckpointError", "lies outside the model directory", "model.safetensors.index.json", "model.norm.weight"),
+    (_symlink_out, {}, "CheckpointError", f"weight file '{SHARD2}' lies outside the model directory", "model.safetensors.index.json", None),
+    (_duplicate_key, {}, "CheckpointError", "key is stored twice", "model-extra.safetensors", "model.norm.weight"),
+    (_config_missing, {}, "CheckpointError", "config.json is missing", "config.json", None),
+    (_config_malformed, {}, "CheckpointError", "cannot parse config.json", "config.json", None),
+    (_config_zero_heads, {}, "CheckpointError", r"config values hidden_size=48, num_attention_heads=0 give no valid default head_dim", "config.json", None),
+    (_config_contradicts_shapes, {"strict": True}, "StrictLoadError", r"6 mismatched: model.layers.0.mlp.down_proj.weight \(config implies \[48, 64\], stored \[48, 100\]\)", None, None),
+    (_plan_malformed, {"plan": "TMP/plan.toml"}, "PlanError", "cannot parse plan file", "TMP/plan.toml", None),
+    (_plan_unknown_style, {"plan": "TMP/plan.toml"}, "PlanError", "names unknown style 'sideways'", "TMP/plan.toml", None),
+    (_empty_directory, {}, "CheckpointError", "no weights in", ".", None),
+    (_pickle_exploit, {}, "CheckpointError", "refused or could not read the .bin file with weights_only=True", "pytorch_model.bin", None),
+]
+
+
+def _load(rank: int, world_size: int, root: Path, kwargs: dict) -> object:
+    return tp_loader.load(root, **kwargs).report
+
+
+@pytest.mark.parametrize(("damage", "kwargs", "kind", "message", "file", "key"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])
+def test_bad_input_raises_the_same_error_on_every_rank(make_checkpoint, tmp_path: Path, damage, kwargs, kind, message, file, key) -> None:
+    root = make_checkpoint(num_shards=2)
+    damage(root, tmp_path)
+    kwargs = {k: v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    error = same_error(run_ranks(2, _load, root, kwargs, timeout=60))
+    assert error.type == kind
+    assert re.search(message, error.message), error.message
+    if file is not None:
+        where = Path(file.replace("TMP", str(tmp_path))) if file.startswith("TMP") else root / file
+        assert error.wire["file"] in (str(where), str(where.resolve()), str(root)), error.wire
+    if key is not None:
+        assert error.wire["key"] == key
+
+
+def test_uncached_hub_id_offline_raises_model_not_found_on_every_rank(tmp_path: Path) -> None:
+    error = same_error(run_ranks(2, lambda rank, world: tp_loader.load("org/absent", cache_dir=tmp_path), timeout=60, env={"HF_HUB_OFFLINE": "1"}))
+    assert error.type == "ModelNotFoundError"
+    assert error.message.startswith("model 'org/absent' (revision main) has no safetensors or .bin weights in the local Hub cache")
+
+
+def test_config_contradicting_shapes_without_strict_loads_the_rest_and_reports_the_same_mismatches_everywhere(make_checkpoint) -> None:
+    root = make_checkpoint()
+    _config_contradicts_shapes(root, root)
+    reports = values(run_ranks(2, _load, root, {}))
+    assert reports[0] == reports[1]
+    assert {m.key for m in reports[0].mismatched_keys} == {f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+
+
+def test_plan_rule_that_matches_nothing_is_a_warning_not_an_error(make_checkpoint, tmp_path: Path) -> None:
+    plan = tmp_path / "typo.toml"
+    plan.write_text('extends = "llama"\n[[rules]]\npattern = "model.layers.*.mlp.gate_projj.*"\nstyle = "colwise"\n')
+    reports = values(run_ranks(2, _load, make_checkpoint(), {"plan": str(plan)}))
+    assert reports[0].unused_rules == reports[1].unused_rules == ("model.layers.*.mlp.gate_projj.*",)
