@@ -63,3 +63,7 @@ def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
     text = json.dumps(header, separators=(",", ":")).encode()
     assert len(text) <= length, "test edit must not grow the header"
     path.write_bytes(raw[:8] + text.ljust(length) + raw[8 + length :])
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-examples", type=int, default=25, help="examples per fuzz test (raise it for a long run, e.g. 2000)")

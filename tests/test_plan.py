@@ -153,3 +153,8 @@ def test_any_world_size_can_be_planned_without_a_process_group() -> None:
         plans = [make_plan(ckpt, spec, world_size, r, model="m") for r in range(world_size)]
         total_q_rows = sum(t.local_shape[0] for p in plans for t in p.tensors if t.key == "model.layers.0.self_attn.q_proj.weight")
         assert total_q_rows == 256
+
+
+def test_head_rule_on_a_tensor_not_made_of_those_heads_is_an_error_not_a_wrong_slice() -> None:
+    with pytest.raises(ShardingError, match="dim 0 has size 101, not 4 kv heads x 4"):
+        colwise((101, 48), Heads("kv", 4, 4, replicate_when_fewer=True), 1, 0)

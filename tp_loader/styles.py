@@ -64,6 +64,8 @@ def _shard(dim: int, shape: tuple[int, ...], heads: Heads | None, world_size: in
         start, stop = chunk_range(shape[dim], world_size, rank)
         return Slice(dim, start, stop, shape)
     n, hd = heads.num_heads, heads.head_dim
+    if shape[dim] != n * hd:
+        raise ShardingError(f"dim {dim} has size {shape[dim]}, not {n} {heads.name} heads x {hd}", hint="The plan applies a head group to a tensor that is not made of those heads: fix its rule")
     if n % world_size == 0:
         per_rank = n // world_size * hd
         return Slice(dim, rank * per_rank, (rank + 1) * per_rank, shape)
