@@ -11,6 +11,6 @@ if os.environ.get("RANK") == "1":
     def killed_view(self, item):
         os.kill(os.getpid(), signal.SIGKILL)
 
-    tp_loader.read._Sources.view = killed_view
+    tp_loader.read.MappedSource.slice = killed_view
 
 run()

@@ -66,14 +66,14 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
 
 def _load_with_rank1_read_failure(rank: int, world_size: int, root: Path) -> object:
     if rank == 1:
-        real_view = tp_loader.read._Sources.view
+        real_slice = tp_loader.read.MappedSource.slice
 
         def failing_view(self, item):
             if item.key == "model.layers.1.mlp.up_proj.weight":
                 raise OSError(5, "Input/output error")
-            return real_view(self, item)
+            return real_slice(self, item)
 
-        tp_loader.read._Sources.view = failing_view
+        tp_loader.read.MappedSource.slice = failing_view
     return tp_loader.load(root).report
 
 

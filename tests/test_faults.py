@@ -24,7 +24,7 @@ def _load_with_rank1_stuck(rank: int, world_size: int, root: Path, how: str) -> 
                 time.sleep(12)  # four times the loader's timeout below, then gone without a word
             os._exit(3)
 
-        tp_loader.read._Sources.view = stuck_view
+        tp_loader.read.MappedSource.slice = stuck_view
     start = time.monotonic()
     try:
         tp_loader.load(root)

@@ -42,6 +42,8 @@ class Settings:
         timeout_s: timeout of tp_loader's own collectives (``TP_LOADER_TIMEOUT_S``).
         progress: whether rank 0 may show a progress bar (``TP_LOADER_PROGRESS``, default on).
         demo_dir: where the demo checkpoint is generated (``TP_LOADER_DEMO_DIR``).
+        reader: how safetensors files are read (``TP_LOADER_READER``: ``mmap``, ``safetensors``, ``pread``).
+        fadvise: whether to send ``POSIX_FADV_WILLNEED`` hints first (``TP_LOADER_FADVISE``, default on).
     """
 
     num_threads: int
@@ -49,6 +51,8 @@ class Settings:
     timeout_s: float
     progress: bool
     demo_dir: str
+    reader: str = "mmap"
+    fadvise: bool = True
 
 
 def _int(name: str, default: int) -> int:
@@ -93,6 +97,20 @@ def settings(local_world_size: int) -> Settings:
         num_threads=max(1, _int("TP_LOADER_NUM_THREADS", default_threads)),
         max_inflight_bytes=max(1, _int("TP_LOADER_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES)),
         timeout_s=timeout_s,
-        progress=os.environ.get("TP_LOADER_PROGRESS", "1") not in ("0", "false", "no", "off"),
+        progress=_flag("TP_LOADER_PROGRESS", True),
         demo_dir=os.environ.get("TP_LOADER_DEMO_DIR") or os.path.join(cache_home, "tp_loader", "demo"),
+        reader=_choice("TP_LOADER_READER", ("mmap", "safetensors", "pread")),
+        fadvise=_flag("TP_LOADER_FADVISE", True),
     )
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if raw == "" else raw not in ("0", "false", "no", "off")
+
+
+def _choice(name: str, allowed: tuple[str, ...]) -> str:
+    raw = os.environ.get(name, "").strip() or allowed[0]
+    if raw not in allowed:
+        raise TPLoaderError(f"environment variable {name}={raw!r} is not one of {', '.join(allowed)}", hint=f"Set {name} to one of them or unset it")
+    return raw

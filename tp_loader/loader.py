@@ -115,7 +115,7 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
     if ctx.rank == 0:
         _warn_key_problems(load_plan)
 
-    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0)
+    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0, reader=settings.reader, fadvise=settings.fadvise)
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options))
     state_dict = place(local, load_plan.tensors, ctx.mesh)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
+import mmap
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -18,11 +21,14 @@ from tqdm.auto import tqdm
 
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
+from .byteranges import plan_ranges, slice_ranges
 from .plan import TensorPlan
+from .staging import StagingRing, cuda_copy
 
 logger = logging.getLogger("tp_loader")
 
 THREAD_NAME_PREFIX = "spawn_tp_materialize"
+STAGING_BUFFER_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class ReadOptions:
         num_threads: reader threads.
         max_inflight_bytes: bytes being read at once; one tensor larger than this is read alone.
         progress: show a progress bar (rank 0 only; shown once a load takes over a second).
+        reader: how safetensors files are read: ``mmap`` (default), ``safetensors`` or ``pread``.
+        fadvise: hint the kernel (``POSIX_FADV_WILLNEED``) about every range before reading.
     """
 
     dtype: torch.dtype | None
@@ -42,6 +50,8 @@ class ReadOptions:
     num_threads: int
     max_inflight_bytes: int
     progress: bool = False
+    reader: str = "mmap"
+    fadvise: bool = True
 
 
 @dataclass(frozen=True)
@@ -88,43 +98,148 @@ def _index(item: TensorPlan) -> tuple[slice, ...]:
     return tuple(slice(piece.start, piece.stop) if d == piece.dim else slice(None) for d in range(len(item.info.shape)))
 
 
-class _Sources:
-    """Open handles on the checkpoint's files, one per file, closed together."""
+class _Source:
+    """Open files of one checkpoint, each opened once on first use and closed together.
 
-    def __init__(self, root: Path, fmt: str) -> None:
+    ``slice(item)`` returns a CPU tensor with exactly ``item``'s slice, in the stored dtype: a view into
+    the file's mapping, or (when ``owned``) a fresh tensor already holding the bytes.
+    """
+
+    owned = False
+
+    def __init__(self, root: Path) -> None:
         self._root = root
-        self._fmt = fmt
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._stack = contextlib.ExitStack()
 
-    def view(self, item: TensorPlan) -> torch.Tensor:
-        """A view (into the file's mapping) of exactly ``item``'s slice."""
+    def _handle(self, name: str) -> Any:
         with self._lock:
-            handle = self._handles.get(item.info.file)
+            handle = self._handles.get(name)
             if handle is None:
-                path = self._root / item.info.file
-                if self._fmt == "safetensors":
-                    handle = self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
-                else:
-                    handle = load_pickle(path)
-                self._handles[item.info.file] = handle
-        if self._fmt == "safetensors":
-            if not item.info.shape:
-                return handle.get_tensor(item.key)
-            return handle.get_slice(item.key)[_index(item)]
-        return handle[item.key][_index(item)]
+                handle = self._handles[name] = self._open(self._root / name)
+            return handle
+
+    def _open(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def slice(self, item: TensorPlan) -> torch.Tensor:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._handles.clear()
+
+
+class MappedSource(_Source):
+    """The fast path: a private read-only-in-practice mapping of each file (``ACCESS_COPY``: writable
+    views without touching the file); a slice is a strided view, copied once into its destination."""
+
+    def _open(self, path: Path) -> mmap.mmap:
+        with open(path, "rb") as handle:
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def slice(self, item: TensorPlan) -> torch.Tensor:
+        info = item.info
+        if info.nbytes == 0:
+            return torch.empty(item.local_shape, dtype=info.dtype)
+        whole = torch.frombuffer(self._handle(info.file), dtype=torch.uint8, offset=info.begin, count=info.nbytes)
+        return whole.view(info.dtype).view(info.shape)[_index(item)]
+
+    def close(self) -> None:
+        for mapping in self._handles.values():
+            try:
+                mapping.close()
+            except BufferError:  # a view is still referenced; the mapping goes when it does
+                pass
+        super().close()
+
+
+class SafetensorsSource(_Source):
+    """The plain path: ``safe_open(...).get_slice(key)[...]``."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self._stack = contextlib.ExitStack()
+
+    def _open(self, path: Path) -> Any:
+        return self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
+
+    def slice(self, item: TensorPlan) -> torch.Tensor:
+        handle = self._handle(item.info.file)
+        if not item.info.shape:
+            return handle.get_tensor(item.key)
+        return handle.get_slice(item.key)[_index(item)]
+
+    def close(self) -> None:
+        super().close()
         self._stack.close()
+
+
+class PreadSource(_Source):
+    """``os.preadv`` of each coalesced byte range straight into a fresh tensor: for filesystems where
+    mapping files is slow (some network and FUSE filesystems)."""
+
+    owned = True
+
+    def _open(self, path: Path) -> int:
+        return os.open(path, os.O_RDONLY)
+
+    def slice(self, item: TensorPlan) -> torch.Tensor:
+        out = torch.empty(item.local_shape, dtype=item.info.dtype)
+        fd = self._handle(item.info.file)
+        buffer = memoryview((ctypes.c_char * item.nbytes).from_address(out.data_ptr())).cast("B") if item.nbytes else memoryview(b"")
+        position = 0
+        for piece in slice_ranges(item):
+            done = 0
+            while done < piece.length:
+                got = os.preadv(fd, [buffer[position + done : position + piece.length]], piece.offset + done)
+                if got == 0:
+                    raise ReadError(f"file ends {piece.offset + done} bytes in, inside the slice", file=str(self._root / item.info.file), key=item.key, hint="The file is truncated: re-download it")
+                done += got
+            position += piece.length
+        return out
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        super().close()
+
+
+class PickleSource(_Source):
+    """``.bin`` fallback: the whole file memory-mapped through ``torch.load(weights_only=True, mmap=True)``."""
+
+    def _open(self, path: Path) -> dict[str, torch.Tensor]:
+        return load_pickle(path)
+
+    def slice(self, item: TensorPlan) -> torch.Tensor:
+        return self._handle(item.info.file)[item.key][_index(item)]
+
+
+#: ``TP_LOADER_READER`` value → source for safetensors checkpoints.
+READERS: dict[str, type[_Source]] = {"mmap": MappedSource, "safetensors": SafetensorsSource, "pread": PreadSource}
+
+
+def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
+    """``POSIX_FADV_WILLNEED`` over every coalesced range this rank will read: the kernel starts
+    reading them ahead (from disk, on a cold cache) while the first ones are copied."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    ranges = plan_ranges(items)
+    for name in {r.file for r in ranges}:
+        fd = os.open(root / name, os.O_RDONLY)
+        try:
+            for piece in ranges:
+                if piece.file == name:
+                    os.posix_fadvise(fd, piece.offset, piece.length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: ReadOptions) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Reads every item's slice into a fresh contiguous tensor on ``options.device``.
 
     Items are read in file and byte-offset order by a bounded pool of threads; each slice is converted
-    to the target dtype and device as it is copied out of the file's mapping.
+    to the target dtype and device as it is copied out of the file (through a ring of pinned buffers
+    for CUDA devices).
 
     Returns:
         Checkpoint key → local tensor, and what was read.
@@ -133,27 +248,37 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
         ReadError: a file or slice could not be read (names the file and key).
     """
     start = time.perf_counter()
-    if fmt != "safetensors":
+    if fmt == "safetensors":
+        source: _Source = READERS[options.reader](root)
+        if options.fadvise:
+            _advise(root, items)
+    else:
         logger.warning("%s holds .bin weights: each rank maps whole files, slice-only reads are impossible for that format", root)
+        source = PickleSource(root)
     ordered = sorted(items, key=lambda item: (item.info.file, item.info.begin, item.key))
-    total = sum(item.nbytes for item in ordered)
-    sources = _Sources(root, fmt)
+    ring = StagingRing(2 * options.num_threads, STAGING_BUFFER_BYTES, cuda_copy(torch.cuda.Stream(options.device)), pin=True) if options.device.type == "cuda" else None
     budget = ByteBudget(options.max_inflight_bytes)
     out: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
+    bar = tqdm(total=sum(item.nbytes for item in ordered), unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
 
     def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
-        nbytes = item.nbytes
-        with budget.hold(nbytes):
+        with budget.hold(item.nbytes):
             try:
-                view = sources.view(item)
-                local = torch.empty(item.local_shape, dtype=target_dtype(item.info.dtype, options.dtype), device=options.device)
-                local.copy_(view)
+                piece = source.slice(item)
+                wanted = target_dtype(item.info.dtype, options.dtype)
+                if source.owned and wanted == piece.dtype and options.device.type == "cpu":
+                    local = piece
+                else:
+                    local = torch.empty(item.local_shape, dtype=wanted, device=options.device)
+                    if ring is not None:
+                        ring.transfer(piece, local)
+                    else:
+                        local.copy_(piece)
             except TPLoaderError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any read failure is reported with its file and key
                 raise ReadError(f"cannot read slice {item.slice.start}:{item.slice.stop} of dim {item.slice.dim}: {exc}", file=str(root / item.info.file), key=item.key, hint="The file may be truncated or corrupt: re-download it") from None
-        return item.key, local, nbytes
+        return item.key, local, item.nbytes
 
     read = 0
     try:
@@ -166,9 +291,9 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
             read += _drain(pending, out, bar, wait_for=None)
     finally:
         bar.close()
-        sources.close()
-    if options.device.type == "cuda":
-        torch.cuda.synchronize(options.device)
+        if ring is not None:
+            ring.drain()
+        source.close()
     return out, ReadStats(read, len(out), time.perf_counter() - start)
 
 

@@ -1,0 +1,143 @@
+"""The read stage: exact byte accounting and coalescing, every reader bitwise equal to the plain
+safetensors path, and the pinned staging ring's ordering, reuse and overlap (CPU standing in for CUDA)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config
+from distributed import run_ranks, values
+
+import tp_loader
+from tp_loader.byteranges import ByteRange, coalesce, plan_ranges, slice_ranges
+from tp_loader.index import index_checkpoint
+from tp_loader.plan import make_plan
+from tp_loader.read import ReadOptions, read_tensors
+from tp_loader.resolve import find_weights
+from tp_loader.spec import select_spec
+from tp_loader.staging import StagingRing
+
+
+def _plans(root: Path, world_size: int):
+    checkpoint = index_checkpoint(find_weights(root))
+    spec = select_spec("auto", checkpoint.config, model="m")
+    return checkpoint, [make_plan(checkpoint, spec, world_size, r, model="m") for r in range(world_size)]
+
+
+def test_coalesce_merges_touching_ranges_of_one_file_and_keeps_gaps() -> None:
+    ranges = [ByteRange("a", 0, 4), ByteRange("a", 4, 4), ByteRange("a", 10, 2), ByteRange("b", 12, 1), ByteRange("b", 13, 3)]
+    assert coalesce(ranges) == [ByteRange("a", 0, 8), ByteRange("a", 10, 2), ByteRange("b", 12, 4)]
+    assert coalesce(ranges, max_length=6) == [ByteRange("a", 0, 4), ByteRange("a", 4, 4), ByteRange("a", 10, 2), ByteRange("b", 12, 4)]
+
+
+def test_coalesce_refuses_to_read_a_byte_twice() -> None:
+    with pytest.raises(ValueError, match="overlap"):
+        coalesce([ByteRange("a", 0, 8), ByteRange("a", 4, 8)])
+
+
+def test_column_slice_is_one_run_per_row_and_row_slice_one_range(make_checkpoint) -> None:
+    root = make_checkpoint()
+    checkpoint, plans = _plans(root, 2)
+    items = {t.key: t for t in plans[1].tensors}
+    down = items["model.layers.0.mlp.down_proj.weight"]  # [48, 100] stored as f32, rank 1 holds columns 50:100
+    runs = slice_ranges(down)
+    assert len(runs) == 48
+    assert runs[0] == ByteRange(down.info.file, down.info.begin + 50 * 4, 50 * 4)
+    assert all(b.offset - a.offset == 100 * 4 for a, b in zip(runs, runs[1:]))
+    up = items["model.layers.0.mlp.up_proj.weight"]  # [100, 48], rank 1 holds rows 50:100
+    assert slice_ranges(up) == [ByteRange(up.info.file, up.info.begin + 50 * 48 * 4, 50 * 48 * 4)]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_ranks_read_every_sharded_byte_exactly_once_and_nothing_outside_their_slices(make_checkpoint, world_size: int) -> None:
+    config = llama_config(num_key_value_heads=6 if world_size == 3 else 4 if world_size < 4 else 2)
+    checkpoint, plans = _plans(make_checkpoint(config, num_shards=2), world_size)
+    sharded = {t.key for t in plans[0].tensors if t.slice.dim is not None and not t.slice.note}
+    per_rank = [[r for t in p.tensors if t.key in sharded for r in slice_ranges(t)] for p in plans]
+    everything = sorted((r for rs in per_rank for r in rs), key=lambda r: (r.file, r.offset))
+    covered = coalesce(everything)  # raises if any byte is read by two ranks
+    whole = coalesce(sorted((ByteRange(i.file, i.begin, i.nbytes) for k, i in checkpoint.tensors.items() if k in sharded), key=lambda r: (r.file, r.offset)))
+    assert covered == whole
+    for plan, ranges in zip(plans, per_rank):
+        assert sum(r.length for r in plan_ranges(plan.tensors)) == plan.read_bytes
+        assert sum(r.length for r in ranges) == sum(t.nbytes for t in plan.tensors if t.key in sharded)
+
+
+@pytest.mark.parametrize("reader", ["mmap", "pread"])
+@pytest.mark.parametrize(("stored", "wanted"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])
+def test_fast_readers_return_bitwise_the_same_shards_as_the_plain_safetensors_path(make_checkpoint, reader: str, stored: torch.dtype, wanted) -> None:
+    root = make_checkpoint(num_shards=2, dtype=stored)
+    _, plans = _plans(root, 2)
+    for plan in plans:
+        plain, _ = read_tensors(root, "safetensors", plan.tensors, ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader="safetensors"))
+        fast, stats = read_tensors(root, "safetensors", plan.tensors, ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader=reader))
+        assert plain.keys() == fast.keys()
+        for key in plain:
+            assert fast[key].dtype == plain[key].dtype and fast[key].is_contiguous()
+            assert torch.equal(fast[key], plain[key]), key
+        assert stats.bytes_read == plan.read_bytes
+
+
+def _load_with_reader(rank: int, world_size: int, root: Path) -> dict[str, str]:
+    """Each shard's digest (tensors do not survive the trip back from a forked rank)."""
+    return {k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in tp_loader.load(root).state_dict.items()}
+
+
+def test_every_reader_loads_identical_shards_at_world_size_2(make_checkpoint) -> None:
+    root = make_checkpoint(llama_config(), num_shards=3)
+    by_reader = {reader: values(run_ranks(2, _load_with_reader, root, env={"TP_LOADER_READER": reader})) for reader in ("mmap", "safetensors", "pread")}
+    for rank in range(2):
+        assert by_reader["mmap"][rank] == by_reader["safetensors"][rank] == by_reader["pread"][rank]
+
+
+class _FakeEvent:
+    def __init__(self, log: list, index: int) -> None:
+        self.log, self.index, self.done = log, index, False
+
+    def synchronize(self) -> None:
+        self.log.append(("wait", self.index))
+        self.done = True
+
+
+def test_staging_ring_reuses_a_buffer_only_after_its_copy_finished_and_reads_ahead_meanwhile() -> None:
+    log: list = []
+    events: dict[int, _FakeEvent] = {}
+
+    def copy(dst: torch.Tensor, src: torch.Tensor) -> _FakeEvent:
+        buffer = id(src.untyped_storage())
+        assert buffer not in events or events[buffer].done, "a buffer was overwritten before its copy finished"
+        dst.copy_(src)
+        event = _FakeEvent(log, len(log))
+        log.append(("copy", buffer, tuple(dst.shape)))
+        events[buffer] = event
+        return event
+
+    ring = StagingRing(num_buffers=2, buffer_bytes=4 * 4 * 10, copy=copy)  # two buffers of 10 rows of 4 f32
+    source = torch.arange(4 * 60, dtype=torch.float32).view(60, 4)
+    view = source.t().contiguous().t()  # the same values, column-major: a non-contiguous view
+    dest = torch.empty(60, 4)
+    ring.transfer(view, dest)
+    ring.drain()
+    assert torch.equal(dest, source)
+    copies = [e for e in log if e[0] == "copy"]
+    assert [c[2] for c in copies] == [(10, 4)] * 6
+    assert len({c[1] for c in copies}) == 2, "the ring has two buffers, used in turn"
+    # the second chunk was read and queued before the first copy was waited on: reads overlap copies
+    assert log.index(copies[1]) < log.index(("wait", log.index(copies[0])))
+
+
+def test_staging_ring_converts_dtype_and_handles_rows_larger_than_a_buffer_from_many_threads() -> None:
+    ring = StagingRing(num_buffers=3, buffer_bytes=16, copy=lambda dst, src: (dst.copy_(src), _FakeEvent([], 0))[1])
+    sources = [torch.randn(7, 9, dtype=torch.bfloat16)[:, 2:8] for _ in range(8)]
+    dests = [torch.empty(7, 6, dtype=torch.float32) for _ in sources]
+    threads = [threading.Thread(target=ring.transfer, args=(s, d)) for s, d in zip(sources, dests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ring.drain()
+    assert all(torch.equal(d, s.float()) for s, d in zip(sources, dests))

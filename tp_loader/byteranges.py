@@ -1,0 +1,75 @@
+"""Which bytes of which file a rank's slice is made of, and how they merge into large reads.
+
+Pure arithmetic on header offsets: used for byte accounting, ``posix_fadvise`` hints, the ``pread``
+reader and the benchmark's raw-read baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .plan import TensorPlan
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """``length`` bytes of ``file`` from absolute offset ``offset``."""
+
+    file: str
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+def slice_ranges(item: TensorPlan) -> list[ByteRange]:
+    """The file byte ranges of ``item``'s slice, in file order; empty for an empty slice.
+
+    A slice along ``dim`` is ``prod(shape[:dim])`` runs of ``(stop - start) * prod(shape[dim+1:])``
+    elements; runs that touch (a full range, or dim 0) come back as one range.
+    """
+    info, piece = item.info, item.slice
+    itemsize = info.dtype.itemsize
+    if piece.dim is None or item.nbytes == info.nbytes:
+        return [ByteRange(info.file, info.begin, info.nbytes)] if info.nbytes else []
+    inner = math.prod(info.shape[piece.dim + 1 :]) * itemsize
+    outer = math.prod(info.shape[: piece.dim])
+    stride = info.shape[piece.dim] * inner
+    run = (piece.stop - piece.start) * inner
+    if run == 0:
+        return []
+    first = info.begin + piece.start * inner
+    return coalesce(ByteRange(info.file, first + i * stride, run) for i in range(outer))
+
+
+def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list[ByteRange]:
+    """Merges ranges of the same file that touch into one (up to ``max_length`` bytes each).
+
+    Ranges must come in file order and must not overlap.
+
+    Raises:
+        ValueError: two ranges overlap (a byte would be read twice) or come out of order.
+    """
+    merged: list[ByteRange] = []
+    for current in ranges:
+        if current.length == 0:
+            continue
+        last = merged[-1] if merged else None
+        if last is not None and last.file == current.file:
+            if current.offset < last.end:
+                raise ValueError(f"byte ranges overlap or are out of order in {current.file}: [{last.offset}, {last.end}) then [{current.offset}, {current.end})")
+            if current.offset == last.end and (max_length is None or last.length + current.length <= max_length):
+                merged[-1] = ByteRange(last.file, last.offset, last.length + current.length)
+                continue
+        merged.append(current)
+    return merged
+
+
+def plan_ranges(items: Iterable[TensorPlan]) -> list[ByteRange]:
+    """Every byte range ``items`` read, in file order, coalesced across tensors."""
+    ordered = sorted(items, key=lambda item: (item.info.file, item.info.begin))
+    return coalesce(r for item in ordered for r in slice_ranges(item))
