@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_config, rewrite_header
-from distributed import run_ranks, same_error, values
 from safetensors.torch import save_file
 
 import tp_loader
+from tp_loader.testing import run_ranks, same_error, values
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"

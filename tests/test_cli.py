@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 from conftest import llama_config
-from distributed import run_ranks, values
 from torch.distributed.device_mesh import init_device_mesh
 
 import tp_loader
+from tp_loader.testing import run_ranks, values
 
 
 def _torchrun(args: list[str], nproc: int, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 from conftest import llama_config
-from distributed import run_ranks, same_error
 from safetensors.torch import load_file, save_file
 
 import tp_loader
 import tp_loader.read
+from tp_loader.testing import run_ranks, same_error
 
 TIMEOUT_S = 60.0  # a hang guard, not a speed claim: a hang would otherwise stall CI for the pg timeout
 
@@ -132,7 +132,7 @@ def _load_with_recording_fetch(rank: int, world_size: int, source: Path, target:
 
 
 def test_only_the_first_rank_of_a_node_fetches_and_the_others_wait_for_it(make_checkpoint, tmp_path: Path) -> None:
-    from distributed import values
+    from tp_loader.testing import values
 
     calls = values(run_ranks(3, _load_with_recording_fetch, make_checkpoint(llama_config(num_key_value_heads=3)), tmp_path / "snapshot", timeout=TIMEOUT_S))
     assert calls == [[(True, True)], [(False, True)], [(False, True)]]

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from conftest import llama_config
-from distributed import run_ranks, values
 
 import tp_loader
 import tp_loader.read
+from tp_loader.testing import run_ranks, values
 
 
 def _load_with_rank1_stuck(rank: int, world_size: int, root: Path, how: str) -> tuple[str, float]:

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_config
-from distributed import run_ranks, values
 from reference import expected_shard, llama_forward, tp_llama_forward
 from safetensors.torch import load_file
 
 import tp_loader
+from tp_loader.testing import run_ranks, values
 
 
 def _stored(root: Path) -> dict[str, torch.Tensor]:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_config
-from distributed import run_ranks, values
 
 import tp_loader
+from safetensors.torch import load_file
+
 from tp_loader.byteranges import ByteRange, coalesce, plan_ranges, slice_ranges
 from tp_loader.index import index_checkpoint
 from tp_loader.plan import make_plan
@@ -20,6 +21,7 @@ from tp_loader.read import ReadOptions, read_tensors
 from tp_loader.resolve import find_weights
 from tp_loader.spec import select_spec
 from tp_loader.staging import StagingRing
+from tp_loader.testing import run_ranks, values
 
 
 def _plans(root: Path, world_size: int):
@@ -141,3 +143,49 @@ def test_staging_ring_converts_dtype_and_handles_rows_larger_than_a_buffer_from_
         thread.join()
     ring.drain()
     assert all(torch.equal(d, s.float()) for s, d in zip(sources, dests))
+
+
+def _zero_copy_load(rank: int, world_size: int, root: Path) -> tuple[dict[str, str], dict[str, str], int, int]:
+    def digests(state: dict) -> dict[str, str]:
+        return {k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in state.items()}
+
+    mapped = tp_loader.load(root, zero_copy=True)
+    copied = tp_loader.load(root)
+    return digests(mapped.state_dict), digests(copied.state_dict), mapped.report.ranks[rank].zero_copy_tensors, copied.report.ranks[rank].zero_copy_tensors
+
+
+def test_zero_copy_load_gives_bitwise_the_same_shards_and_copies_only_column_slices(make_checkpoint) -> None:
+    config = llama_config()
+    root = make_checkpoint(config, num_shards=2)
+    for mapped, copied, num_mapped, num_copied in values(run_ranks(2, _zero_copy_load, root)):
+        assert mapped == copied
+        column_sliced = 2 * config["num_hidden_layers"]  # o_proj and down_proj weights
+        assert (num_mapped, num_copied) == (len(mapped) - column_sliced, 0)
+
+
+def test_writing_to_a_zero_copy_shard_never_reaches_the_file(make_checkpoint) -> None:
+    root = make_checkpoint()
+    before = (root / "model.safetensors").read_bytes()
+    result = tp_loader.load(root, zero_copy=True)
+    norm = result.state_dict["model.norm.weight"]
+    norm.fill_(7.0)
+    assert (root / "model.safetensors").read_bytes() == before
+    assert torch.equal(tp_loader.load(root).state_dict["model.norm.weight"], load_file(str(root / "model.safetensors"))["model.norm.weight"])
+    assert result.report.ranks[0].zero_copy_tensors == len(result.state_dict)
+
+
+@pytest.mark.parametrize("reader", ["mmap", "safetensors", "pread"])
+def test_tensor_stored_at_a_misaligned_offset_is_read_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    import json
+    import struct
+
+    tensors = {"a.odd": torch.arange(3, dtype=torch.float16), "b.weight": torch.randn(5, 7)}
+    header = {"a.odd": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}, "b.weight": {"dtype": "F32", "shape": [5, 7], "data_offsets": [6, 146]}}
+    text = json.dumps(header).encode().ljust(256)  # b.weight starts 8 + 256 + 6 bytes in: not 4-byte aligned
+    data = tensors["a.odd"].view(torch.uint8).numpy().tobytes() + tensors["b.weight"].view(torch.uint8).numpy().tobytes()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
+    (tmp_path / "config.json").write_text('{"model_type": "custom"}')
+    (tmp_path / "plan.toml").write_text('[[rules]]\npattern = "**"\nstyle = "replicate"\n')
+    monkeypatch.setenv("TP_LOADER_READER", reader)
+    result = tp_loader.load(tmp_path, plan=str(tmp_path / "plan.toml"))
+    assert all(torch.equal(result.state_dict[k], v) for k, v in tensors.items())

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="device for the shards (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
     parser.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the load report as JSON to PATH (rank 0)")
     parser.add_argument("--strict", action="store_true", help="fail on missing, unexpected or mismatched keys")
+    parser.add_argument("--zero-copy", action="store_true", default=None, help="on CPU, keep contiguous shards as views of the file mapping instead of copying them")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("--cache-dir", default=None, help="Hub cache directory")
     verbosity = parser.add_mutually_exclusive_group()
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     code = 0
     try:
-        result = load(args.model, dtype=args.dtype, device=args.device, plan=args.plan, strict=args.strict, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
+        result = load(args.model, dtype=args.dtype, device=args.device, plan=args.plan, strict=args.strict, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet, zero_copy=args.zero_copy)
         if rank == 0:
             if not args.quiet:
                 print(result.report.format_table(), flush=True)

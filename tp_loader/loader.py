@@ -5,6 +5,7 @@ resolve → index → plan → (agree) → read → (agree) → place → tie �
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -57,6 +58,7 @@ def load(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    zero_copy: bool | None = None,
 ) -> LoadResult:
     """Loads a Hugging Face checkpoint into this rank's tensor-parallel shards.
 
@@ -74,6 +76,10 @@ def load(
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory.
         progress: show a progress bar on rank 0 for long loads.
+        zero_copy: on CPU, without a dtype change, keep contiguous shards (rows, replicated tensors) as
+            views of a private copy-on-write mapping of the file instead of copying them: pages are
+            read on first use and writes never reach the file; column shards are still copied.
+            Default: ``TP_LOADER_ZERO_COPY`` (off).
 
     Returns:
         The :class:`LoadResult`.
@@ -84,6 +90,8 @@ def load(
     start = time.perf_counter()
     launch = envmod.launch_env()
     settings = envmod.settings(launch.local_world_size)
+    if zero_copy is not None:
+        settings = dataclasses.replace(settings, zero_copy=zero_copy)
     wanted = _normalise_dtype(dtype)
     ctx = open_control_group(make_context(mesh, device, launch, settings))
     try:
@@ -115,7 +123,7 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
     if ctx.rank == 0:
         _warn_key_problems(load_plan)
 
-    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0, reader=settings.reader, fadvise=settings.fadvise)
+    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0, reader=settings.reader, fadvise=settings.fadvise, zero_copy=settings.zero_copy)
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options))
     state_dict = place(local, load_plan.tensors, ctx.mesh)
@@ -123,7 +131,7 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
 
     payload = (stats, local_tie_equality(local, load_plan.ties), time.perf_counter() - start)
     gathered = agree(ctx, None, payload, stage="report")
-    ranks = [RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds) for r, (s, _, seconds) in enumerate(gathered)]
+    ranks = [RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds, s.zero_copy_tensors) for r, (s, _, seconds) in enumerate(gathered)]
     report = build_report(load_plan, dtype=_dtype_name(wanted), device=ctx.device.type, ranks=ranks, tie_equal=[eq for _, eq, _ in gathered])
     if ctx.rank == 0:
         logger.info("loaded %d tensors from %s in %.2f s", report.num_tensors, report.model, report.seconds)

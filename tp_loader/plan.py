@@ -153,7 +153,8 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
 
 
 def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:
-    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS)
+    layered = any("{layer}" in t.key for t in spec.tensors)
+    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
     expected: dict[str, tuple[int, ...]] = {}
     for tensor in spec.tensors:
         if tensor.when is not None and not evaluate(tensor.when, values, where=f"when of {tensor.key}"):

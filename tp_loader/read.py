@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
-import mmap
 import os
 import threading
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
-from .byteranges import plan_ranges, slice_ranges
+from .byteranges import slice_ranges
 from .plan import TensorPlan
 from .staging import StagingRing, cuda_copy
 
@@ -42,7 +41,9 @@ class ReadOptions:
         max_inflight_bytes: bytes being read at once; one tensor larger than this is read alone.
         progress: show a progress bar (rank 0 only; shown once a load takes over a second).
         reader: how safetensors files are read: ``mmap`` (default), ``safetensors`` or ``pread``.
-        fadvise: hint the kernel (``POSIX_FADV_WILLNEED``) about every range before reading.
+        fadvise: hint the kernel (``POSIX_FADV_WILLNEED``) about every slice before reading.
+        zero_copy: on CPU with the mmap reader and no dtype change, keep contiguous slices as views of
+            the file's private (copy-on-write) mapping instead of copying them.
     """
 
     dtype: torch.dtype | None
@@ -51,16 +52,19 @@ class ReadOptions:
     max_inflight_bytes: int
     progress: bool = False
     reader: str = "mmap"
-    fadvise: bool = True
+    fadvise: bool = False
+    zero_copy: bool = False
 
 
 @dataclass(frozen=True)
 class ReadStats:
-    """What one rank read: bytes copied out of the checkpoint files, tensors, seconds."""
+    """What one rank read: bytes of its slices, tensors, seconds, and how many of the tensors are
+    zero-copy views of a file mapping."""
 
     bytes_read: int
     num_tensors: int
     seconds: float
+    zero_copy_tensors: int = 0
 
 
 class ByteBudget:
@@ -130,27 +134,22 @@ class _Source:
 
 
 class MappedSource(_Source):
-    """The fast path: a private read-only-in-practice mapping of each file (``ACCESS_COPY``: writable
-    views without touching the file); a slice is a strided view, copied once into its destination."""
+    """The fast path: each file mapped privately (``MAP_PRIVATE``: writes never reach the file) into a
+    torch storage that owns the mapping, so views stay valid for as long as any tensor uses them. A
+    slice is a strided view, copied once into its destination (or kept, with ``zero_copy``)."""
 
-    def _open(self, path: Path) -> mmap.mmap:
-        with open(path, "rb") as handle:
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    def _open(self, path: Path) -> torch.Tensor:
+        storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
+        return torch.empty(0, dtype=torch.uint8).set_(storage)
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
         info = item.info
         if info.nbytes == 0:
             return torch.empty(item.local_shape, dtype=info.dtype)
-        whole = torch.frombuffer(self._handle(info.file), dtype=torch.uint8, offset=info.begin, count=info.nbytes)
+        whole = self._handle(info.file)[info.begin : info.end]
+        if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
+            whole = whole.clone()
         return whole.view(info.dtype).view(info.shape)[_index(item)]
-
-    def close(self) -> None:
-        for mapping in self._handles.values():
-            try:
-                mapping.close()
-            except BufferError:  # a view is still referenced; the mapping goes when it does
-                pass
-        super().close()
 
 
 class SafetensorsSource(_Source):
@@ -219,17 +218,22 @@ READERS: dict[str, type[_Source]] = {"mmap": MappedSource, "safetensors": Safete
 
 
 def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
-    """``POSIX_FADV_WILLNEED`` over every coalesced range this rank will read: the kernel starts
-    reading them ahead (from disk, on a cold cache) while the first ones are copied."""
+    """``POSIX_FADV_WILLNEED`` over each slice's span (first to last byte; a column slice's span also
+    holds other ranks' columns, which is harmless for a hint): the kernel reads ahead, from disk on a
+    cold cache, while the first slices are copied. One call per tensor: a call per row of a column
+    slice costs more than the reads on a warm cache."""
     if not hasattr(os, "posix_fadvise"):
         return
-    ranges = plan_ranges(items)
-    for name in {r.file for r in ranges}:
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for item in items:
+        ranges = slice_ranges(item)
+        if ranges:
+            spans.setdefault(item.info.file, []).append((ranges[0].offset, ranges[-1].end - ranges[0].offset))
+    for name, file_spans in spans.items():
         fd = os.open(root / name, os.O_RDONLY)
         try:
-            for piece in ranges:
-                if piece.file == name:
-                    os.posix_fadvise(fd, piece.offset, piece.length, os.POSIX_FADV_WILLNEED)
+            for offset, length in file_spans:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 
@@ -259,6 +263,7 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
     ring = StagingRing(2 * options.num_threads, STAGING_BUFFER_BYTES, cuda_copy(torch.cuda.Stream(options.device)), pin=True) if options.device.type == "cuda" else None
     budget = ByteBudget(options.max_inflight_bytes)
     out: dict[str, torch.Tensor] = {}
+    zero_copied: list[str] = []  # list.append is atomic under the GIL
     bar = tqdm(total=sum(item.nbytes for item in ordered), unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
 
     def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
@@ -266,8 +271,11 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
             try:
                 piece = source.slice(item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                if source.owned and wanted == piece.dtype and options.device.type == "cpu":
+                kept_as_is = source.owned or (options.zero_copy and isinstance(source, MappedSource) and piece.is_contiguous())
+                if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
+                    if not source.owned:
+                        zero_copied.append(item.key)
                 else:
                     local = torch.empty(item.local_shape, dtype=wanted, device=options.device)
                     if ring is not None:
@@ -294,7 +302,7 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
         if ring is not None:
             ring.drain()
         source.close()
-    return out, ReadStats(read, len(out), time.perf_counter() - start)
+    return out, ReadStats(read, len(out), time.perf_counter() - start, len(zero_copied))
 
 
 def _drain(pending: set[Future], out: dict[str, torch.Tensor], bar: tqdm, wait_for: str | None) -> int:

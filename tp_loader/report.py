@@ -30,6 +30,7 @@ class RankReport:
     num_tensors: int
     read_seconds: float
     seconds: float
+    zero_copy_tensors: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""A light launcher for unit-level distributed tests: forked gloo ranks with a file:// rendezvous.
+"""Launching gloo ranks by fork, for tests and benchmarks: much lighter than torchrun.
 
 torchrun costs seconds per launch on two cores; forking costs about one. Each rank runs
 ``fn(rank, world_size, *args)`` and sends back ``("ok", value)`` or ``("error", info)``.
