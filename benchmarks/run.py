@@ -136,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # Ranks are forked from this process: it must never start OpenMP's thread pool, or a forked rank
+    # can deadlock on a lock one of those threads held (seen here while generating checkpoints).
+    torch.set_num_threads(1)
 
     notes = []
     systems = list(args.systems)

@@ -37,7 +37,21 @@ class TPLoader:
     def load(self, root: Path) -> int | None:
         import tp_loader
 
-        return tp_loader.load(root, mesh=self.mesh, progress=False).report.ranks[dist.get_rank()].bytes_read
+        self.result = tp_loader.load(root, mesh=self.mesh, progress=False)  # kept: a complete state dict
+        return self.result.report.ranks[dist.get_rank()].bytes_read
+
+
+class TPLoaderZeroCopy(TPLoader):
+    """tp_loader with ``zero_copy=True``: contiguous shards stay views of the file mapping (as
+    transformers keeps them); column shards are copied."""
+
+    name = "tp_loader zero-copy"
+
+    def load(self, root: Path) -> int | None:
+        import tp_loader
+
+        self.result = tp_loader.load(root, mesh=self.mesh, progress=False, zero_copy=True)
+        return self.result.report.ranks[dist.get_rank()].bytes_read
 
 
 class RawRead:
@@ -92,6 +106,7 @@ class Naive:
                 tensor = full[item.key]
                 out[item.key] = (tensor if piece.dim is None else tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)).clone()
             del full
+        self.state = out
         return total
 
 
@@ -110,6 +125,7 @@ class DCPReader:
         empty = {item.key: torch.empty(item.local_shape, dtype=item.info.dtype) for item in self.plan.tensors}
         state: dict[str, Any] = place(empty, self.plan.tensors, self.mesh)
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(root)))
+        self.state = state
         return None
 
 
@@ -139,8 +155,8 @@ class Transformers:
         self.auto = AutoModelForCausalLM
 
     def load(self, root: Path) -> int | None:
-        self.auto.from_pretrained(str(root), tp_plan="auto", dtype=torch.bfloat16)
+        self.model = self.auto.from_pretrained(str(root), tp_plan="auto", dtype=torch.bfloat16)
         return None
 
 
-SYSTEMS = {cls.name: cls for cls in (TPLoader, RawRead, Naive, DCPReader, Transformers)}
+SYSTEMS = {cls.name: cls for cls in (TPLoader, TPLoaderZeroCopy, RawRead, Naive, DCPReader, Transformers)}

@@ -153,7 +153,8 @@ def read_weight_map(root: Path, index_name: str) -> dict[str, str]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError("index file has no 'weight_map' of key → file name", file=str(path), hint="Re-download or regenerate the index")
-    for key, name in weight_map.items():
+    first_key = {name: key for key, name in reversed(weight_map.items())}  # each file checked once, named by its first key
+    for name, key in first_key.items():
         check_inside(root, name, file=str(path), key=key)
     return weight_map
 

@@ -124,14 +124,18 @@ def load_spec(path: str | os.PathLike[str]) -> PlanSpec:
         raise PlanError(f"malformed plan file: {type(exc).__name__}: {exc}", file=str(path), hint="See docs/plan-format.md for the format") from None
 
 
-def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """Reads a plan file, merged over the plan it ``extends`` (a built-in name or a path beside it)."""
+def _read_toml_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise PlanError("plan file does not exist", file=str(path), hint="Pass a built-in plan name or a path to a .toml plan") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
+
+
+def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    """Reads a plan file, merged over the plan it ``extends`` (a built-in name or a path beside it)."""
+    data = _read_toml_file(path)
     parent_name = data.pop("extends", None)
     if parent_name is None:
         return data
@@ -214,20 +218,26 @@ def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str) -> Pl
         if text.endswith(".toml") or os.sep in text:
             return load_spec(text)
         raise PlanError(f"unknown plan {text!r}; built-in plans: {', '.join(sorted(builtin))}", file=model, hint="Pass a built-in plan name or a path to a .toml plan")
-    specs = [load_spec(p) for _, p in sorted(builtin.items())]
+    heads = {name: _plan_header(path) for name, path in sorted(builtin.items())}
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
-    for spec in specs:
-        if model_type in spec.model_types:
-            return spec
-    for spec in specs:
-        if any(a in spec.architectures for a in architectures):
-            return spec
+    for name, (model_types, _) in heads.items():
+        if model_type in model_types:
+            return load_spec(builtin[name])
+    for name, (_, plan_architectures) in heads.items():
+        if any(a in plan_architectures for a in architectures):
+            return load_spec(builtin[name])
     raise PlanError(
         f"no built-in plan for model_type={model_type!r}, architectures={architectures}",
         file=model,
         hint=f"Pass plan= one of {', '.join(sorted(builtin))} or a path to your own .toml plan",
     )
+
+
+def _plan_header(path: Path) -> tuple[list[str], list[str]]:
+    """A plan file's own ``model_types`` and ``architectures`` (what ``auto`` matches on), parsed alone."""
+    data = _read_toml_file(path)
+    return list(data.get("model_types", [])), list(data.get("architectures", []))
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}

@@ -1,6 +1,8 @@
 """Launching gloo ranks by fork, for tests and benchmarks: much lighter than torchrun.
 
-torchrun costs seconds per launch on two cores; forking costs about one. Each rank runs
+torchrun costs seconds per launch on two cores; forking costs about one. The parent must not have
+started threads that hold locks across the fork (OpenMP's pool: call ``torch.set_num_threads(1)``
+before any large torch op in the parent). Each rank runs
 ``fn(rank, world_size, *args)`` and sends back ``("ok", value)`` or ``("error", info)``.
 """
 
