@@ -69,3 +69,16 @@ def test_python_dash_m_in_one_process_prints_the_table(make_checkpoint) -> None:
     assert f"tp_loader: {root}" in done.stdout
     assert "plan llama, world size 1" in done.stdout
     assert torch.__version__
+
+
+def test_dry_run_plans_any_world_size_without_a_process_group_or_reading_data(make_checkpoint) -> None:
+    root = make_checkpoint(llama_config(num_key_value_heads=2))
+    done = subprocess.run([sys.executable, "-m", "tp_loader", str(root), "--dry-run", "4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "  plan llama, world size 4, no tensor data read" in lines
+    assert "  model.layers.0.self_attn.k_proj.weight  colwise [8, 48] Shard(0)  0:4 0:4 4:8 4:8  (2 kv heads replicated 2x over 4 ranks)" in lines
+    assert "  model.embed_tokens.weight  vocab [101, 48] Shard(0)  0:26 26:52 52:78 78:101" in lines
+    failed = subprocess.run([sys.executable, "-m", "tp_loader", str(root), "--dry-run", "3"], capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "(2 kv heads, 12 q heads) cannot be sharded over 3 ranks. World sizes that work: 1, 2, 4, 6, 12" in failed.stderr

@@ -158,3 +158,12 @@ def test_any_world_size_can_be_planned_without_a_process_group() -> None:
 def test_head_rule_on_a_tensor_not_made_of_those_heads_is_an_error_not_a_wrong_slice() -> None:
     with pytest.raises(ShardingError, match="dim 0 has size 101, not 4 kv heads x 4"):
         colwise((101, 48), Heads("kv", 4, 4, replicate_when_fewer=True), 1, 0)
+
+
+def test_expected_tensor_that_no_rule_covers_in_a_later_layer_is_a_plan_error(tmp_path: Path) -> None:
+    plan = tmp_path / "layer0.toml"
+    plan.write_text('[[rules]]\npattern = "model.layers.0.w"\nstyle = "colwise"\n[[tensors]]\nkey = "model.layers.{layer}.w"\nshape = ["4"]\n')
+    infos = {f"model.layers.{i}.w": TensorInfo(f"model.layers.{i}.w", "f", torch.float32, (4,)) for i in range(2)}
+    with pytest.raises(PlanError, match="the plan expects this tensor but no rule gives it a style") as info:
+        make_plan(Checkpoint(Path("/x"), "safetensors", {"num_hidden_layers": 2}, infos), load_spec(plan), 2, 0, model="m")
+    assert info.value.key == "model.layers.1.w"

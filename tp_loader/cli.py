@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="device for the shards (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
     parser.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the load report as JSON to PATH (rank 0)")
     parser.add_argument("--strict", action="store_true", help="fail on missing, unexpected or mismatched keys")
+    parser.add_argument("--dry-run", type=int, default=None, metavar="WORLD_SIZE", help="plan every rank of WORLD_SIZE and print what each would read; no process group, no tensor data read")
     parser.add_argument("--zero-copy", action="store_true", default=None, help="on CPU, keep contiguous shards as views of the file mapping instead of copying them")
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
     parser.add_argument("--cache-dir", default=None, help="Hub cache directory")
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .loader import load
 
     code = 0
+    if args.dry_run is not None:
+        return _dry_run(args)
     try:
         result = load(args.model, dtype=args.dtype, device=args.device, plan=args.plan, strict=args.strict, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet, zero_copy=args.zero_copy)
         if rank == 0:
@@ -71,3 +74,26 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Indexes the headers and plans every rank of ``--dry-run N`` in this one process."""
+    from .demo import ensure_demo
+    from .env import settings
+    from .index import index_checkpoint
+    from .plan import make_plan
+    from .report import format_plans
+    from .resolve import find_weights, resolve_source
+    from .spec import select_spec
+
+    try:
+        if args.dry_run < 1:
+            raise TPLoaderError(f"--dry-run needs a world size of at least 1, got {args.dry_run}", hint="Pass the number of tensor-parallel ranks")
+        root = ensure_demo(settings(1).demo_dir) if args.model is None else resolve_source(args.model, revision=args.revision, cache_dir=args.cache_dir)
+        checkpoint = index_checkpoint(find_weights(root))
+        spec = select_spec(args.plan, checkpoint.config, model=str(root))
+        print(format_plans([make_plan(checkpoint, spec, args.dry_run, rank, model=str(root)) for rank in range(args.dry_run)]))
+    except TPLoaderError as exc:
+        print(f"tp_loader: error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .errors import CheckpointError, ShardingError
+from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
-from .spec import PlanSpec, config_values, evaluate, evaluate_size
+from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
 from .styles import STYLES, Heads, Slice, head_world_sizes
 
 
@@ -118,14 +118,15 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
         }
     except CheckpointError as exc:
         raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
-    _check_heads(spec, heads, world_size, model, expected)
+    rules = {key: spec.match(key) for key in (*checkpoint.tensors, *expected)}
+    _check_heads(heads, {rules[k] for k in expected}, world_size, model)
 
     tensors: list[TensorPlan] = []
     unexpected: list[str] = []
     unmatched: list[str] = []
     mismatched: list[Mismatch] = []
     for key, info in checkpoint.tensors.items():
-        rule = spec.match(key)
+        rule = rules[key]
         want = expected.get(key)
         if want is None:
             unexpected.append(key)
@@ -134,8 +135,9 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
             tensors.append(TensorPlan(info, STYLES["replicate"](info.shape, None, world_size, rank), "replicate", rule.pattern if rule else None))
         elif want != info.shape:
             mismatched.append(Mismatch(key, want, info.shape))
+        elif rule is None:
+            raise PlanError("the plan expects this tensor but no rule gives it a style", file=spec.path, key=key, hint="Widen a rule's pattern to cover every layer")
         else:
-            assert rule is not None, f"plan coverage was checked at load, yet {key} matches no rule"
             group = heads[rule.heads] if rule.heads else None
             try:
                 piece = STYLES[rule.style](info.shape, group, world_size, rank)
@@ -143,7 +145,7 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
                 raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
             tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
 
-    used = {spec.match(key) for key in (*checkpoint.tensors, *expected)}
+    used = set(rules.values())
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
@@ -166,9 +168,9 @@ def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]
     return expected
 
 
-def _check_heads(spec: PlanSpec, heads: dict[str, Heads], world_size: int, model: str, expected: dict[str, tuple[int, ...]]) -> None:
-    used = sorted({r.heads for r in spec.rules if r.heads and any(spec.match(k) == r for k in expected)})
-    groups = [heads[name] for name in used]
+def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: int, model: str) -> None:
+    """Fails before any I/O when a head group that expected tensors use cannot be split over ``world_size``."""
+    groups = [heads[name] for name in sorted({r.heads for r in rules if r is not None and r.heads})]
     if not groups or world_size in head_world_sizes(groups, limit=world_size):
         return
     counts = ", ".join(f"{g.num_heads} {g.name} heads" for g in groups)

@@ -153,3 +153,24 @@ def _size(nbytes: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     return f"{nbytes} B"
+
+
+def format_plans(plans: list[LoadPlan]) -> str:
+    """What every rank of a planned load would read, one line per stored tensor: style, stored shape,
+    placement and each rank's piece (``--dry-run``)."""
+    first = plans[0]
+    lines = [f"tp_loader dry run: {first.model}", f"  plan {first.plan_name}, world size {first.world_size}, no tensor data read", ""]
+    for items in zip(*(p.tensors for p in plans)):
+        item = items[0]
+        piece = item.slice
+        placement = "Replicate()" if piece.dim is None else f"Shard({piece.dim})"
+        if piece.dim is None:
+            ranks = "whole on every rank"
+        else:
+            ranks = " ".join(f"{i.slice.start}:{i.slice.stop}" for i in items)
+        lines.append(f"  {item.key}  {item.style} {list(item.info.shape)} {placement}  {ranks}" + (f"  ({piece.note})" if piece.note else ""))
+    lines += ["", "  bytes per rank: " + ", ".join(_size(p.read_bytes) for p in plans)]
+    for title, keys in (("missing keys", first.missing), ("unexpected keys (replicated)", first.unexpected), ("mismatched keys (not loaded)", [m.describe() for m in first.mismatched])):
+        if keys:
+            lines += [f"  {title}: {', '.join(keys)}"]
+    return "\n".join(lines)
