@@ -155,3 +155,26 @@ def test_report_json_round_trips_every_field(make_checkpoint, tmp_path: Path) ->
     assert data["ties"] == [{"source": "model.embed_tokens.weight", "target": "lm_head.weight", "stored": "source", "identical": None}]
     assert data["ranks"][0]["bytes_read"] == result.report.bytes_read
     assert data["clean"] is True
+
+
+def test_sharded_bin_fallback_with_its_index_loads_exact_shards_at_world_size_2(make_checkpoint, tmp_path: Path) -> None:
+    from tp_loader.testing import run_ranks, values
+
+    source = make_checkpoint()
+    stored = _stored(source)
+    root = tmp_path / "bin-sharded"
+    root.mkdir()
+    shutil.copy(source / "config.json", root / "config.json")
+    keys = sorted(stored)
+    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    for name, part in halves.items():
+        torch.save({k: stored[k] for k in part}, root / name)
+    (root / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}}))
+
+    def load_rank(rank: int, world_size: int) -> bool:
+        from reference import expected_shard
+
+        result = tp_loader.load(root)
+        return all(torch.equal(result.state_dict[k].to_local(), expected_shard(k, v, llama_config(), world_size, rank)) for k, v in stored.items())
+
+    assert values(run_ranks(2, load_rank)) == [True, True]
