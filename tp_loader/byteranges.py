@@ -29,8 +29,8 @@ class ByteRange:
 def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     """The file byte ranges of ``item``'s slice, in file order; empty for an empty slice.
 
-    A slice along ``dim`` is ``prod(shape[:dim])`` runs of ``(stop - start) * prod(shape[dim+1:])``
-    elements; runs that touch (a full range, or dim 0) come back as one range.
+    A slice along ``dim`` is, for each of the ``prod(shape[:dim])`` outer indices, one run of
+    ``(stop - start) * prod(shape[dim+1:])`` elements per range; runs that touch come back as one.
     """
     info, piece = item.info, item.slice
     itemsize = info.dtype.itemsize
@@ -39,11 +39,7 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     inner = math.prod(info.shape[piece.dim + 1 :]) * itemsize
     outer = math.prod(info.shape[: piece.dim])
     stride = info.shape[piece.dim] * inner
-    run = (piece.stop - piece.start) * inner
-    if run == 0:
-        return []
-    first = info.begin + piece.start * inner
-    return coalesce(ByteRange(info.file, first + i * stride, run) for i in range(outer))
+    return coalesce(ByteRange(info.file, info.begin + i * stride + a * inner, (b - a) * inner) for i in range(outer) for a, b in piece.ranges)
 
 
 def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list[ByteRange]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
-from .styles import STYLES, Heads, Slice, head_world_sizes
+from .styles import STYLES, Heads, Part, Slice, head_world_sizes
 
 
 MAX_LAYERS = 100_000
@@ -139,8 +139,9 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
             raise PlanError("the plan expects this tensor but no rule gives it a style", file=spec.path, key=key, hint="Widen a rule's pattern to cover every layer")
         else:
             group = heads[rule.heads] if rule.heads else None
+            parts = tuple(Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None) for size, h in rule.parts)
             try:
-                piece = STYLES[rule.style](info.shape, group, world_size, rank)
+                piece = STYLES[rule.style](info.shape, group, world_size, rank, parts)
             except ShardingError as exc:
                 raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
             tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
@@ -170,7 +171,8 @@ def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]
 
 def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: int, model: str) -> None:
     """Fails before any I/O when a head group that expected tensors use cannot be split over ``world_size``."""
-    groups = [heads[name] for name in sorted({r.heads for r in rules if r is not None and r.heads})]
+    names = {r.heads for r in rules if r is not None and r.heads} | {h for r in rules if r is not None for _, h in r.parts if h}
+    groups = [heads[name] for name in sorted(names)]
     if not groups or world_size in head_world_sizes(groups, limit=world_size):
         return
     counts = ", ".join(f"{g.num_heads} {g.name} heads" for g in groups)

@@ -95,11 +95,15 @@ def target_dtype(stored: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted
 
 
-def _index(item: TensorPlan) -> tuple[slice, ...]:
+def _take(item: TensorPlan, tensor: Any) -> torch.Tensor:
+    """``item``'s slice of ``tensor`` (a tensor, or a safetensors slice handle): a view for one range,
+    the ranges concatenated along ``dim`` for a fused tensor's pieces."""
     piece = item.slice
     if piece.dim is None:
-        return tuple(slice(None) for _ in item.info.shape)
-    return tuple(slice(piece.start, piece.stop) if d == piece.dim else slice(None) for d in range(len(item.info.shape)))
+        return tensor[tuple(slice(None) for _ in item.info.shape)]
+    before = tuple(slice(None) for _ in range(piece.dim))
+    pieces = [tensor[before + (slice(a, b),)] for a, b in piece.ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=piece.dim)
 
 
 class _Source:
@@ -149,7 +153,7 @@ class MappedSource(_Source):
         whole = self._handle(info.file)[info.begin : info.end]
         if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
             whole = whole.clone()
-        return whole.view(info.dtype).view(info.shape)[_index(item)]
+        return _take(item, whole.view(info.dtype).view(info.shape))
 
 
 class SafetensorsSource(_Source):
@@ -166,7 +170,7 @@ class SafetensorsSource(_Source):
         handle = self._handle(item.info.file)
         if not item.info.shape:
             return handle.get_tensor(item.key)
-        return handle.get_slice(item.key)[_index(item)]
+        return _take(item, handle.get_slice(item.key))
 
     def close(self) -> None:
         super().close()
@@ -210,7 +214,7 @@ class PickleSource(_Source):
         return load_pickle(path)
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
-        return self._handle(item.info.file)[item.key][_index(item)]
+        return _take(item, self._handle(item.info.file)[item.key])
 
 
 #: ``TP_LOADER_READER`` value → source for safetensors checkpoints.
@@ -271,7 +275,8 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
             try:
                 piece = source.slice(item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                kept_as_is = source.owned or (options.zero_copy and isinstance(source, MappedSource) and piece.is_contiguous())
+                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and piece.is_contiguous()
+                kept_as_is = source.owned or (options.zero_copy and single_view)
                 if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
                     if not source.owned:
@@ -285,7 +290,7 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
             except TPLoaderError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any read failure is reported with its file and key
-                raise ReadError(f"cannot read slice {item.slice.start}:{item.slice.stop} of dim {item.slice.dim}: {exc}", file=str(root / item.info.file), key=item.key, hint="The file may be truncated or corrupt: re-download it") from None
+                raise ReadError(f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}", file=str(root / item.info.file), key=item.key, hint="The file may be truncated or corrupt: re-download it") from None
         return item.key, local, item.nbytes
 
     read = 0

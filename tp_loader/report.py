@@ -167,7 +167,7 @@ def format_plans(plans: list[LoadPlan]) -> str:
         if piece.dim is None:
             ranks = "whole on every rank"
         else:
-            ranks = " ".join(f"{i.slice.start}:{i.slice.stop}" for i in items)
+            ranks = " ".join("+".join(f"{a}:{b}" for a, b in i.slice.ranges) for i in items)
         lines.append(f"  {item.key}  {item.style} {list(item.info.shape)} {placement}  {ranks}" + (f"  ({piece.note})" if piece.note else ""))
     lines += ["", "  bytes per rank: " + ", ".join(_size(p.read_bytes) for p in plans)]
     for title, keys in (("missing keys", first.missing), ("unexpected keys (replicated)", first.unexpected), ("mismatched keys (not loaded)", [m.describe() for m in first.mismatched])):

@@ -24,11 +24,13 @@ from .styles import STYLES
 
 @dataclass(frozen=True)
 class Rule:
-    """One plan rule: keys matching ``pattern`` are loaded with ``style``."""
+    """One plan rule: keys matching ``pattern`` are loaded with ``style``. ``parts`` (for ``packed``)
+    lists each fused part as ``(size expression, head group or None)``."""
 
     pattern: str
     style: str
     heads: str | None = None
+    parts: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -163,8 +165,16 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         name: HeadGroup(name, str(group["num_heads"]), str(group["head_dim"]), bool(group.get("replicate_when_fewer", False)))
         for name, group in data.get("heads", {}).items()
     }
-    rules = tuple(Rule(str(r["pattern"]), str(r["style"]), r.get("heads")) for r in data.get("rules", []))
+    rules = tuple(
+        Rule(str(r["pattern"]), str(r["style"]), r.get("heads"), tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])))
+        for r in data.get("rules", [])
+    )
     for rule in rules:
+        if (rule.style == "packed") != bool(rule.parts):
+            raise PlanError(f"rule {rule.pattern!r}: style 'packed' needs parts, and only 'packed' takes them", file=str(path), hint="Give a packed rule parts = [{size = ..., heads = ...}, ...]")
+        for _, part_heads in rule.parts:
+            if part_heads is not None and part_heads not in heads:
+                raise PlanError(f"rule {rule.pattern!r} has a part with head group {part_heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
         if rule.style not in STYLES:
             raise PlanError(
                 f"rule {rule.pattern!r} names unknown style {rule.style!r}; known styles: {', '.join(sorted(STYLES))}",

@@ -23,29 +23,44 @@ class Heads:
 
 
 @dataclass(frozen=True)
+class Part:
+    """One projection inside a fused tensor (``q`` of ``qkv_proj``): its rows and head layout."""
+
+    size: int
+    heads: Heads | None = None
+
+
+@dataclass(frozen=True)
 class Slice:
     """What one rank reads of a stored tensor, and how the result is placed.
 
     Attributes:
         dim: the sharded tensor dimension, or ``None`` when the whole tensor is read and replicated.
-        start: first index read along ``dim``.
-        stop: one past the last index read along ``dim``.
+        ranges: ``(start, stop)`` index ranges read along ``dim``, concatenated in this order (one
+            range, except for fused tensors whose parts are sharded separately).
         global_shape: the DTensor's global shape (differs from the stored shape only when heads are
-            replicated across ranks, see ``note``).
+            replicated across ranks or parts are regrouped, see ``note``).
         note: a human-readable remark for the report, or ``None``.
     """
 
     dim: int | None
-    start: int = 0
-    stop: int = 0
+    ranges: tuple[tuple[int, int], ...] = ()
     global_shape: tuple[int, ...] = ()
     note: str | None = None
+
+    @property
+    def start(self) -> int:
+        return self.ranges[0][0] if self.ranges else 0
+
+    @property
+    def stop(self) -> int:
+        return self.ranges[-1][1] if self.ranges else 0
 
     def local_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape of this rank's piece of a stored tensor of ``shape``."""
         if self.dim is None:
             return shape
-        return shape[: self.dim] + (self.stop - self.start,) + shape[self.dim + 1 :]
+        return shape[: self.dim] + (sum(b - a for a, b in self.ranges),) + shape[self.dim + 1 :]
 
 
 def chunk_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -55,45 +70,63 @@ def chunk_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + step, size)
 
 
-def replicate(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
+def replicate(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
     return Slice(None, global_shape=shape)
 
 
 def _shard(dim: int, shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
     if heads is None:
-        start, stop = chunk_range(shape[dim], world_size, rank)
-        return Slice(dim, start, stop, shape)
+        return Slice(dim, (chunk_range(shape[dim], world_size, rank),), shape)
     n, hd = heads.num_heads, heads.head_dim
     if shape[dim] != n * hd:
         raise ShardingError(f"dim {dim} has size {shape[dim]}, not {n} {heads.name} heads x {hd}", hint="The plan applies a head group to a tensor that is not made of those heads: fix its rule")
     if n % world_size == 0:
         per_rank = n // world_size * hd
-        return Slice(dim, rank * per_rank, (rank + 1) * per_rank, shape)
+        return Slice(dim, ((rank * per_rank, (rank + 1) * per_rank),), shape)
     if heads.replicate_when_fewer and n < world_size and world_size % n == 0:
         head = rank * n // world_size
         global_shape = shape[:dim] + (world_size * hd,) + shape[dim + 1 :]
-        return Slice(dim, head * hd, (head + 1) * hd, global_shape, f"{n} {heads.name} heads replicated {world_size // n}x over {world_size} ranks")
+        return Slice(dim, ((head * hd, (head + 1) * hd),), global_shape, f"{n} {heads.name} heads replicated {world_size // n}x over {world_size} ranks")
     raise ShardingError(f"{n} {heads.name} heads cannot be split over {world_size} ranks", hint="Use a world size that divides the head count")
 
 
-def colwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
+def colwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
     """Output features (dim 0) sharded, for a Linear weight and its bias alike."""
     return _shard(0, shape, heads, world_size, rank)
 
 
-def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
+def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
     """Input features (dim 1) sharded; a 1-D bias is replicated (it is added once, after the reduction)."""
     if len(shape) < 2:
         return replicate(shape, heads, world_size, rank)
     return _shard(1, shape, heads, world_size, rank)
 
 
-def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
+def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
     """Embedding or LM head rows (the vocabulary, dim 0) sharded; uneven vocabularies allowed."""
     return _shard(0, shape, None, world_size, rank)
 
 
-StyleFn = Callable[[tuple[int, ...], "Heads | None", int, int], Slice]
+def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
+    """A fused projection (``qkv_proj``, ``gate_up_proj``): parts stacked on dim 0, each sharded on its
+    own (on head boundaries, KV heads replicated when fewer than ranks); this rank's shard is its piece
+    of every part, concatenated. The DTensor is ``Shard(0)`` of that rank-major regrouping."""
+    if sum(p.size for p in parts) != shape[0]:
+        raise ShardingError(f"dim 0 has size {shape[0]} but the plan's parts add up to {sum(p.size for p in parts)}", hint="Fix the parts' sizes in the plan")
+    ranges, notes, offset = [], [], 0
+    for part in parts:
+        if part.heads is None and part.size % world_size:
+            raise ShardingError(f"a fused part of {part.size} rows cannot be split evenly over {world_size} ranks", hint="Use a world size that divides every part")
+        piece = _shard(0, (part.size,) + shape[1:], part.heads, world_size, rank)
+        ranges.append((offset + piece.start, offset + piece.stop))
+        notes += [piece.note] if piece.note else []
+        offset += part.size
+    local_rows = sum(b - a for a, b in ranges)
+    note = "; ".join([f"fused parts {[p.size for p in parts]} regrouped rank by rank", *notes]) if world_size > 1 else None
+    return Slice(0, tuple(ranges), (world_size * local_rows,) + shape[1:], note)
+
+
+StyleFn = Callable[..., Slice]
 
 #: Style name → function. Plans name styles; adding a layout trick means adding an entry here.
 STYLES: dict[str, StyleFn] = {
@@ -101,6 +134,7 @@ STYLES: dict[str, StyleFn] = {
     "colwise": colwise,
     "rowwise": rowwise,
     "vocab": vocab,
+    "packed": packed,
 }
 
 
