@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tp_loader.demo import llama_tensors, write_checkpoint  # noqa: E402
 
+# Ranks are forked from this process (tp_loader.testing): it must never start OpenMP's thread pool,
+# or a forked rank can deadlock on a lock one of those threads held (seen as an order-dependent hang).
+torch.set_num_threads(1)
+
 BASE_CONFIG = {
     "model_type": "llama",
     "architectures": ["LlamaForCausalLM"],

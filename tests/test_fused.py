@@ -12,6 +12,7 @@ from reference import expected_shard, llama_forward, tp_llama_forward
 from safetensors.torch import load_file
 
 import tp_loader
+from tp_loader.convert import Conversion
 from tp_loader.demo import llama_tensors, write_checkpoint
 from tp_loader.errors import ShardingError
 from tp_loader.styles import Heads, Part, packed
@@ -127,3 +128,76 @@ def _fused_forward_error(rank: int, world_size: int, root: Path, config: dict) -
 def test_fused_checkpoint_tensor_parallel_forward_matches_the_unsharded_forward(tmp_path: Path, world_size: int, config: dict) -> None:
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
     assert max(values(run_ranks(world_size, _fused_forward_error, root, config))) <= 1e-5
+
+
+SPLIT_TARGET_PLAN = """
+extends = "llama"
+name = "llama-from-fused"
+model_types = ["phi3"]
+
+[[converters]]
+op = "chunk"
+source = "model.layers.{layer}.self_attn.qkv_proj.weight"
+targets = ["model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight", "model.layers.{layer}.self_attn.v_proj.weight"]
+sizes = ["num_attention_heads * head_dim", "num_key_value_heads * head_dim", "num_key_value_heads * head_dim"]
+
+[[converters]]
+op = "chunk"
+source = "model.layers.{layer}.mlp.gate_up_proj.weight"
+targets = ["model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"]
+sizes = ["intermediate_size", "intermediate_size"]
+"""
+
+
+def _load_split_from_fused(rank: int, world_size: int, root: Path, plan: Path, config: dict) -> tuple[float, int, int, tuple]:
+    result = tp_loader.load(root, plan=str(plan))
+    q_rows, kv_rows, _, _ = _sizes(config, world_size)
+    unfused = _split(load_file(str(root / "model.safetensors")), q_rows, kv_rows)
+    assert set(result.state_dict) == set(unfused)
+    expected_bytes = 0
+    for key, tensor in unfused.items():
+        want = expected_shard(key, tensor, config, world_size, rank)
+        assert torch.equal(result.state_dict[key].to_local(), want), key
+        expected_bytes += want.numel() * want.element_size()
+    input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7]) % config["vocab_size"]
+    local = {k: v.to_local() for k, v in result.state_dict.items()}
+    error = float((tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(unfused, config, input_ids)).abs().max())
+    return error, result.report.ranks[rank].bytes_read, expected_bytes, result.report.conversions
+
+
+@pytest.mark.parametrize(("world_size", "config"), [(2, phi3_config()), (4, phi3_config(num_key_value_heads=2))], ids=["world2", "world4-kv-replicated"])
+def test_fused_checkpoint_loads_into_a_split_target_layout_reading_each_targets_rows(tmp_path: Path, world_size: int, config: dict) -> None:
+    root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
+    plan = tmp_path / "split.toml"
+    plan.write_text(SPLIT_TARGET_PLAN)
+    outcomes = values(run_ranks(world_size, _load_split_from_fused, root, plan, config))
+    for error, bytes_read, expected_bytes, conversions in outcomes:
+        assert error <= 1e-5
+        assert bytes_read == expected_bytes
+        q_rows, kv_rows, _, _ = _sizes(config, world_size)
+        assert conversions[:3] == (
+            Conversion("model.layers.0.self_attn.q_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows 0:{q_rows}"),
+            Conversion("model.layers.0.self_attn.k_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows}:{q_rows + kv_rows}"),
+            Conversion("model.layers.0.self_attn.v_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows + kv_rows}:{q_rows + 2 * kv_rows}"),
+        )
+
+
+@pytest.mark.parametrize("reader", ["safetensors", "pread", "mmap"])
+def test_chunk_targets_read_identically_through_every_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+    config = phi3_config()
+    root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
+    (tmp_path / "split.toml").write_text(SPLIT_TARGET_PLAN)
+    monkeypatch.setenv("TP_LOADER_READER", reader)
+    result = tp_loader.load(root, plan=str(tmp_path / "split.toml"))
+    q_rows, kv_rows, _, _ = _sizes(config, 1)
+    unfused = _split(load_file(str(root / "model.safetensors")), q_rows, kv_rows)
+    assert all(torch.equal(result.state_dict[k], v) for k, v in unfused.items())
+
+
+def test_chunk_sizes_that_do_not_add_up_to_the_stored_rows_are_refused(tmp_path: Path) -> None:
+    config = phi3_config()
+    root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
+    (tmp_path / "split.toml").write_text(SPLIT_TARGET_PLAN.replace('sizes = ["intermediate_size", "intermediate_size"]', 'sizes = ["intermediate_size", "intermediate_size - 1"]'))
+    with pytest.raises(tp_loader.CheckpointError, match=r"chunk converter: the stored tensor has shape \[200, 48\], but its targets' sizes add up to 199 rows") as info:
+        tp_loader.load(root, plan=str(tmp_path / "split.toml"))
+    assert info.value.key == "model.layers.0.mlp.gate_up_proj.weight"

@@ -53,6 +53,8 @@ class TensorInfo:
         shape: stored shape.
         begin: absolute byte offset of the first element in ``file`` (``-1`` for ``.bin`` files).
         end: absolute byte offset one past the last element (``-1`` for ``.bin`` files).
+        stored_key: for a converter's target, the stored tensor it is carved from (else ``key``).
+        row_offset: for a converter's target, its first row (dim 0) in ``stored_key``.
     """
 
     key: str
@@ -61,6 +63,13 @@ class TensorInfo:
     shape: tuple[int, ...]
     begin: int = -1
     end: int = -1
+    stored_key: str = ""
+    row_offset: int = 0
+
+    @property
+    def source_key(self) -> str:
+        """The key under which the bytes are stored in the file."""
+        return self.stored_key or self.key
 
     @property
     def nbytes(self) -> int:

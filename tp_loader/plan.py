@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .convert import Conversion, apply_converters
 from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
@@ -84,6 +85,7 @@ class LoadPlan:
     ties: tuple[TieDecision, ...] = ()
     notes: dict[str, str] = field(default_factory=dict)
     unused_rules: tuple[str, ...] = ()
+    conversions: tuple[Conversion, ...] = ()
 
     @property
     def read_bytes(self) -> int:
@@ -112,20 +114,21 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     try:
         values = config_values(spec, checkpoint.config)
         expected = _expected_shapes(spec, values)
+        stored, conversions = _convert(checkpoint, spec, values)
         heads = {
             name: Heads(name, evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1), evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1), g.replicate_when_fewer)
             for name, g in spec.heads.items()
         }
     except CheckpointError as exc:
         raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
-    rules = {key: spec.match(key) for key in (*checkpoint.tensors, *expected)}
+    rules = {key: spec.match(key) for key in (*stored, *expected)}
     _check_heads(heads, {rules[k] for k in expected}, world_size, model)
 
     tensors: list[TensorPlan] = []
     unexpected: list[str] = []
     unmatched: list[str] = []
     mismatched: list[Mismatch] = []
-    for key, info in checkpoint.tensors.items():
+    for key, info in stored.items():
         rule = rules[key]
         want = expected.get(key)
         if want is None:
@@ -150,9 +153,19 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
-    missing = tuple(k for k in expected if k not in checkpoint.tensors and k not in covered)
+    missing = tuple(k for k in expected if k not in stored and k not in covered)
     notes = {t.key: t.slice.note for t in tensors if t.slice.note}
-    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules)
+    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules, conversions)
+
+
+def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
+    """The stored tensors in the plan's target layout (unchanged when the plan has no converters)."""
+    if not spec.converters:
+        return checkpoint.tensors, ()
+    sizes = {expr: evaluate_size(expr, values, where=f"converter size {expr}") for conv in spec.converters for expr in conv.sizes}
+    layered = any("{layer}" in conv.source for conv in spec.converters)
+    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
+    return apply_converters(checkpoint.tensors, spec.converters, sizes, num_layers)
 
 
 def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:

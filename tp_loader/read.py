@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -95,14 +97,21 @@ def target_dtype(stored: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted
 
 
-def _take(item: TensorPlan, tensor: Any) -> torch.Tensor:
-    """``item``'s slice of ``tensor`` (a tensor, or a safetensors slice handle): a view for one range,
-    the ranges concatenated along ``dim`` for a fused tensor's pieces."""
-    piece = item.slice
+def _take(item: TensorPlan, stored: Any) -> torch.Tensor:
+    """``item``'s slice of the stored tensor ``stored`` (a tensor, or a safetensors slice handle): a view
+    for one range, the ranges concatenated along ``dim`` for a fused tensor's pieces. A converter's
+    target is first narrowed to its rows of the stored tensor (one indexing per piece: safetensors
+    slice handles take a single index)."""
+    piece, info = item.slice, item.info
+    rows = slice(info.row_offset, info.row_offset + info.shape[0]) if info.shape else slice(None)
+    whole = (rows,) + tuple(slice(None) for _ in info.shape[1:]) if info.shape else ()
     if piece.dim is None:
-        return tensor[tuple(slice(None) for _ in item.info.shape)]
-    before = tuple(slice(None) for _ in range(piece.dim))
-    pieces = [tensor[before + (slice(a, b),)] for a, b in piece.ranges]
+        return stored[whole]
+    def index(a: int, b: int) -> tuple[slice, ...]:
+        if piece.dim == 0:
+            return (slice(info.row_offset + a, info.row_offset + b),) + whole[1:]
+        return whole[: piece.dim] + (slice(a, b),) + whole[piece.dim + 1 :]
+    pieces = [stored[index(a, b)] for a, b in piece.ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=piece.dim)
 
 
@@ -150,7 +159,10 @@ class MappedSource(_Source):
         info = item.info
         if info.nbytes == 0:
             return torch.empty(item.local_shape, dtype=info.dtype)
-        whole = self._handle(info.file)[info.begin : info.end]
+        if info.row_offset:  # a converter's target: map the stored tensor and let _take narrow to its rows
+            row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+            info = dataclasses.replace(info, shape=(info.row_offset + info.shape[0],) + info.shape[1:], begin=info.begin - info.row_offset * row_bytes)
+        whole = self._handle(info.file)[info.begin : info.begin + info.nbytes]
         if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
             whole = whole.clone()
         return _take(item, whole.view(info.dtype).view(info.shape))
@@ -169,8 +181,8 @@ class SafetensorsSource(_Source):
     def slice(self, item: TensorPlan) -> torch.Tensor:
         handle = self._handle(item.info.file)
         if not item.info.shape:
-            return handle.get_tensor(item.key)
-        return _take(item, handle.get_slice(item.key))
+            return handle.get_tensor(item.info.source_key)
+        return _take(item, handle.get_slice(item.info.source_key))
 
     def close(self) -> None:
         super().close()
@@ -214,7 +226,7 @@ class PickleSource(_Source):
         return load_pickle(path)
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
-        return _take(item, self._handle(item.info.file)[item.key])
+        return _take(item, self._handle(item.info.file)[item.info.source_key])
 
 
 #: ``TP_LOADER_READER`` value → source for safetensors checkpoints.

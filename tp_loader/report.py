@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .convert import Conversion
 from .plan import LoadPlan, Mismatch
 from .read import ReadStats
 
@@ -52,6 +53,7 @@ class LoadReport:
         notes: key → remark on how it was placed (for example KV heads replicated).
         ranks: per-rank accounting, in rank order.
         unused_rules: plan rule patterns that matched no stored or expected key (likely typos).
+        conversions: for every target tensor a converter made, its source keys and op.
     """
 
     model: str
@@ -68,6 +70,7 @@ class LoadReport:
     notes: tuple[tuple[str, str], ...]
     ranks: tuple[RankReport, ...]
     unused_rules: tuple[str, ...] = ()
+    conversions: tuple[Conversion, ...] = ()
 
     @property
     def clean(self) -> bool:
@@ -112,6 +115,7 @@ class LoadReport:
             ("ties", [f"{t.target} -> {t.source} (stored: {t.stored}" + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER") + ")" for t in self.ties]),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
             ("plan rules that matched nothing", list(self.unused_rules)),
+            ("conversions", [f"{c.target} <- {', '.join(c.sources)} ({c.op})" for c in self.conversions]),
         ]
         for title, rows in sections:
             if rows:
@@ -143,6 +147,7 @@ def build_report(plan: LoadPlan, *, dtype: str | None, device: str, ranks: list[
         notes=tuple(sorted(plan.notes.items())),
         ranks=tuple(ranks),
         unused_rules=plan.unused_rules,
+        conversions=plan.conversions,
     )
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .convert import ConverterSpec, parse_converters
 from .errors import CheckpointError, PlanError, TPLoaderError
 from .styles import STYLES
 
@@ -83,6 +84,7 @@ class PlanSpec:
     tensors: tuple[ExpectedTensor, ...]
     ties: tuple[TieSpec, ...]
     matcher: re.Pattern[str]
+    converters: tuple[ConverterSpec, ...] = ()
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -149,8 +151,10 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads`` merge, the child's
-    rules come first (so they win), and a child's tensor entry replaces the parent's with the same key."""
-    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors")}}
+    rules and converters come first (so its rules win), and a child's tensor entry replaces the
+    parent's with the same key."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters")}}
+    merged["converters"] = list(child.get("converters", [])) + list(parent.get("converters", []))
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
     merged["rules"] = list(child.get("rules", [])) + list(parent.get("rules", []))
@@ -197,6 +201,7 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         tensors=tensors,
         ties=ties,
         matcher=compile_rules(rules),
+        converters=parse_converters(data.get("converters", []), str(path)),
     )
     for tensor in spec.tensors:
         probe = tensor.key.replace("{layer}", "0")
