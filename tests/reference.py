@@ -2,7 +2,7 @@
 
 - :func:`expected_shard`: the slice tensor parallelism needs of each Llama-family key, from
   ``torch.chunk`` and the head layout (vLLM's KV-head replication when KV heads < ranks).
-- :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 model.
+- :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model.
 - :func:`tp_llama_forward`: the same forward from one rank's local shards, with explicit collectives.
 """
 
@@ -61,44 +61,79 @@ def _linear(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
     return out if bias is None else out + bias
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention; q [hq, s, d], k/v [hkv, s, d] with hq a multiple of hkv."""
+def _gemma(config: dict) -> bool:
+    return str(config.get("model_type", "")).startswith("gemma")
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
+    """RMSNorm; Gemma scales by (1 + weight)."""
+    return rms_norm(x, 1 + weight if _gemma(config) else weight, config.get("rms_norm_eps", 1e-6))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """Causal attention; q [hq, s, d], k/v [hkv, s, d] with hq a multiple of hkv. Gemma: scaled by
+    ``query_pre_attn_scalar`` and soft-capped by ``attn_logit_softcapping`` when set."""
+    config = config or {}
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, 0)
     v = v.repeat_interleave(group, 0)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-1, -2) / math.sqrt(config.get("query_pre_attn_scalar") or q.shape[-1])
+    if config.get("attn_logit_softcapping"):
+        cap = config["attn_logit_softcapping"]
+        scores = torch.tanh(scores / cap) * cap
     mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).triu(1)
     return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
 
 
 def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce) -> torch.Tensor:
-    eps = config.get("rms_norm_eps", 1e-6)
+    """One decoder layer; ``reduce`` all-reduces a row-parallel product (identity when unsharded).
+    Gemma: norms after attention and around the MLP, GELU-tanh gating."""
+    gemma = _gemma(config)
     _, _, head_dim = _heads(config)
-    h = rms_norm(x, w[p + "input_layernorm.weight"], eps)
+    h = _norm(x, w[p + "input_layernorm.weight"], config)
     q = _linear(h, w, p + "self_attn.q_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
     k = _linear(h, w, p + "self_attn.k_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
     v = _linear(h, w, p + "self_attn.v_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
     if p + "self_attn.q_norm.weight" in w:
-        q = rms_norm(q, w[p + "self_attn.q_norm.weight"], eps)
-        k = rms_norm(k, w[p + "self_attn.k_norm.weight"], eps)
+        q = _norm(q, w[p + "self_attn.q_norm.weight"], config)
+        k = _norm(k, w[p + "self_attn.k_norm.weight"], config)
     theta = config.get("rope_theta", 10000.0)
-    attn = _attention(rope(q, theta), rope(k, theta), v).transpose(0, 1).reshape(x.shape[0], -1)
+    attn = _attention(rope(q, theta), rope(k, theta), v, config).transpose(0, 1).reshape(x.shape[0], -1)
     out = reduce(attn @ w[p + "self_attn.o_proj.weight"].T)
     if p + "self_attn.o_proj.bias" in w:
         out = out + w[p + "self_attn.o_proj.bias"]
+    if gemma:
+        x = x + _norm(out, w[p + "post_attention_layernorm.weight"], config)
+        h = _norm(x, w[p + "pre_feedforward_layernorm.weight"], config)
+        gate = torch.nn.functional.gelu(h @ w[p + "mlp.gate_proj.weight"].T, approximate="tanh")
+        mlp = reduce((gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T)
+        return x + _norm(mlp, w[p + "post_feedforward_layernorm.weight"], config)
     x = x + out
-    h = rms_norm(x, w[p + "post_attention_layernorm.weight"], eps)
+    h = _norm(x, w[p + "post_attention_layernorm.weight"], config)
     mlp = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
     return x + reduce(mlp @ w[p + "mlp.down_proj.weight"].T)
+
+
+def _finish(x: torch.Tensor, w: dict, lm_head: torch.Tensor, config: dict) -> torch.Tensor:
+    """Final norm and (local) logits; Gemma 2 soft-caps them (elementwise, so per shard is exact)."""
+    logits = _norm(x, w["model.norm.weight"], config) @ lm_head.T
+    if config.get("final_logit_softcapping"):
+        cap = config["final_logit_softcapping"]
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _embed_scale(config: dict) -> float:
+    return math.sqrt(config["hidden_size"]) if _gemma(config) else 1.0
 
 
 def llama_forward(weights: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor) -> torch.Tensor:
     """Unsharded logits [seq, vocab] for one sequence."""
     lm_head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-    x = weights["model.embed_tokens.weight"][input_ids]
+    x = weights["model.embed_tokens.weight"][input_ids] * _embed_scale(config)
     for layer in range(config["num_hidden_layers"]):
         x = _layer(x, weights, f"model.layers.{layer}.", config, lambda t: t)
-    return rms_norm(x, weights["model.norm.weight"], config.get("rms_norm_eps", 1e-6)) @ lm_head.T
+    return _finish(x, weights, lm_head, config)
 
 
 def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
@@ -117,11 +152,10 @@ def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: to
 
     in_shard = (input_ids >= start) & (input_ids < start + embed.shape[0])
     x = embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))] if embed.shape[0] else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
-    x = reduce(x * in_shard.unsqueeze(-1))
+    x = reduce(x * in_shard.unsqueeze(-1)) * _embed_scale(config)
     for layer in range(config["num_hidden_layers"]):
         x = _layer(x, local, f"model.layers.{layer}.", config, reduce)
-    h = rms_norm(x, local["model.norm.weight"], config.get("rms_norm_eps", 1e-6))
-    logits = h @ local.get("lm_head.weight", embed).T
+    logits = _finish(x, local, local.get("lm_head.weight", embed), config)
     padded = torch.zeros(len(input_ids), step, dtype=logits.dtype)
     padded[:, : logits.shape[1]] = logits
     gathered = [torch.empty_like(padded) for _ in range(world_size)]

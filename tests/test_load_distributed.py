@@ -40,7 +40,7 @@ def _check_shards(rank: int, world_size: int, root: Path, config: dict, dtype: t
         replicated_kv = kv < world_size and ("k_proj" in key or "v_proj" in key)
         want_full = tensor
         if replicated_kv:
-            head_dim = config["hidden_size"] // config["num_attention_heads"]
+            head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
             heads = tensor.view(kv, head_dim, *tensor.shape[1:])
             want_full = heads.repeat_interleave(world_size // kv, 0).reshape(world_size * head_dim, *tensor.shape[1:])
         if dtype is not None:
@@ -58,6 +58,7 @@ SHARD_CASES = [
     pytest.param(4, llama_config(num_key_value_heads=2), 2, F32, None, id="world4-kv-heads-replicated"),
     pytest.param(2, llama_config(), 2, BF16, None, id="world2-bf16-checkpoint"),
     pytest.param(2, llama_config(), 1, BF16, F32, id="world2-bf16-loaded-as-fp32"),
+    pytest.param(4, llama_config(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=8, tie_word_embeddings=True), 2, F32, None, id="world4-gemma3"),
 ]
 
 
@@ -80,6 +81,12 @@ def _forward_error(rank: int, world_size: int, root: Path, config: dict) -> floa
     return float((tp_logits - reference).abs().max())
 
 
+GEMMA2 = llama_config(
+    model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=8, tie_word_embeddings=True,
+    query_pre_attn_scalar=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+)
+GEMMA3 = llama_config(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=8, num_key_value_heads=2, tie_word_embeddings=True, query_pre_attn_scalar=8)
+
 FORWARD_CASES = [
     pytest.param(2, llama_config(), id="gqa-12q-4kv-world2"),
     pytest.param(4, llama_config(num_key_value_heads=2), id="kv-heads-fewer-than-ranks-world4"),
@@ -88,6 +95,8 @@ FORWARD_CASES = [
     pytest.param(2, llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), id="qwen2-qkv-biases-world2"),
     pytest.param(4, llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=8, tie_word_embeddings=True), id="qwen3-qk-norm-explicit-head-dim-world4"),
     pytest.param(2, llama_config(model_type="mistral", architectures=["MistralForCausalLM"], num_key_value_heads=1), id="mistral-mqa-world2"),
+    pytest.param(2, GEMMA2, id="gemma2-explicit-head-dim-softcaps-tied-world2"),
+    pytest.param(4, GEMMA3, id="gemma3-qk-norm-kv-replicated-tied-world4"),
 ]
 
 

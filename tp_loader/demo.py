@@ -32,10 +32,12 @@ DEMO_CONFIG: dict = {
 
 
 def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Random weights with the real key names and shapes of a llama / mistral / qwen2 / qwen3 model.
+    """Random weights with the real key names and shapes of a llama / mistral / qwen2 / qwen3 /
+    gemma2 / gemma3_text model.
 
-    Biases on q/k/v follow qwen2 (always) or ``attention_bias``; q/k norms follow qwen3; ``lm_head`` is
-    left out when ``tie_word_embeddings`` is set.
+    Biases on q/k/v follow qwen2 (always) or ``attention_bias``; q/k norms follow qwen3 and gemma3;
+    gemma models get their feed-forward norms (stored as offsets from 1); ``lm_head`` is left out when
+    ``tie_word_embeddings`` is set.
     """
     generator = torch.Generator().manual_seed(seed)
     hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -49,8 +51,10 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
     def rand(*shape: int, scale: float = std) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * scale).to(dtype)
 
+    gemma = model_type.startswith("gemma")
+
     def norm(size: int) -> torch.Tensor:
-        return (1.0 + 0.1 * torch.randn(size, generator=generator)).to(dtype)
+        return ((0.0 if gemma else 1.0) + 0.1 * torch.randn(size, generator=generator)).to(dtype)
 
     tensors = {"model.embed_tokens.weight": rand(config["vocab_size"], hidden, scale=0.1)}
     for layer in range(config["num_hidden_layers"]):
@@ -63,11 +67,14 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
             tensors[p + "self_attn.q_proj.bias"] = rand(heads * head_dim, scale=0.1)
             tensors[p + "self_attn.k_proj.bias"] = rand(kv_heads * head_dim, scale=0.1)
             tensors[p + "self_attn.v_proj.bias"] = rand(kv_heads * head_dim, scale=0.1)
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "gemma3_text"):
             tensors[p + "self_attn.q_norm.weight"] = norm(head_dim)
             tensors[p + "self_attn.k_norm.weight"] = norm(head_dim)
         tensors[p + "self_attn.o_proj.weight"] = rand(hidden, heads * head_dim)
         tensors[p + "post_attention_layernorm.weight"] = norm(hidden)
+        if gemma:
+            tensors[p + "pre_feedforward_layernorm.weight"] = norm(hidden)
+            tensors[p + "post_feedforward_layernorm.weight"] = norm(hidden)
         tensors[p + "mlp.gate_proj.weight"] = rand(inter, hidden)
         tensors[p + "mlp.up_proj.weight"] = rand(inter, hidden)
         tensors[p + "mlp.down_proj.weight"] = rand(hidden, inter, scale=0.5 / inter**0.5)
