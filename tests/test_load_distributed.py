@@ -129,3 +129,28 @@ def test_tied_pair_stored_twice_with_different_values_is_reported_on_every_rank(
     for same, ties in outcomes:
         assert same
         assert [(t.stored, t.identical) for t in ties] == [("both", False)]
+
+
+def _tie_with_rank1_deciding_differently(rank: int, world_size: int, root: Path) -> tuple:
+    import dataclasses
+
+    import tp_loader.loader
+    from tp_loader.plan import TieDecision
+
+    if rank == 1:
+        real = tp_loader.loader.make_plan
+
+        def disagreeing(*args, **kwargs):
+            plan = real(*args, **kwargs)
+            return dataclasses.replace(plan, ties=tuple(TieDecision(t.source, t.target, "neither") for t in plan.ties))
+
+        tp_loader.loader.make_plan = disagreeing
+    result = tp_loader.load(root)
+    return result.report.ties, result.state_dict["lm_head.weight"] is result.state_dict["model.embed_tokens.weight"]
+
+
+def test_every_rank_applies_rank_0s_tie_decisions(make_checkpoint) -> None:
+    root = make_checkpoint(llama_config(tie_word_embeddings=True))
+    outcomes = values(run_ranks(2, _tie_with_rank1_deciding_differently, root))
+    assert outcomes[0] == outcomes[1]
+    assert [t.stored for t in outcomes[1][0]] == ["source"] and outcomes[1][1]

@@ -112,9 +112,12 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
             _refuse_key_problems(load_plan)
         return checkpoint, load_plan
 
-    (checkpoint, load_plan), seen = run_agreed(ctx, "plan", index_and_plan, lambda result: result[0].fingerprint())
-    if len(set(seen)) > 1:
-        differing = [r for r, fp in enumerate(seen) if fp != seen[0]]
+    # every rank's fingerprint, and rank 0's tie decisions, which every rank then uses
+    (checkpoint, load_plan), seen = run_agreed(ctx, "plan", index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties))
+    fingerprints = [fingerprint for fingerprint, _ in seen]
+    load_plan = dataclasses.replace(load_plan, ties=seen[0][1])
+    if len(set(fingerprints)) > 1:
+        differing = [r for r, fp in enumerate(fingerprints) if fp != fingerprints[0]]
         raise DistributedError(
             f"ranks {differing} see a different checkpoint (config or headers) than rank 0",
             rank=differing[0],
