@@ -1,7 +1,7 @@
 """Which bytes of which file a rank's slice is made of, and how they merge into large reads.
 
-Pure arithmetic on header offsets: used for byte accounting, ``posix_fadvise`` hints, the ``pread``
-reader and the benchmark's raw-read baseline.
+Pure arithmetic on header offsets: used for ``posix_fadvise`` hints, the ``pread`` reader, the
+benchmark's raw-read baseline and the tests' byte accounting.
 """
 
 from __future__ import annotations
@@ -64,8 +64,3 @@ def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list
         merged.append(current)
     return merged
 
-
-def plan_ranges(items: Iterable[TensorPlan]) -> list[ByteRange]:
-    """Every byte range ``items`` read, in file order, coalesced across tensors."""
-    ordered = sorted(items, key=lambda item: (item.info.file, item.info.begin))
-    return coalesce(r for item in ordered for r in slice_ranges(item))

@@ -113,8 +113,9 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     """
     try:
         values = config_values(spec, checkpoint.config)
-        expected = _expected_shapes(spec, values)
-        stored, conversions = _convert(checkpoint, spec, values)
+        num_layers = _num_layers(spec, values)
+        expected = _expected_shapes(spec, values, num_layers)
+        stored, conversions = _convert(checkpoint, spec, values, num_layers)
         heads = {
             name: Heads(name, evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1), evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1), g.replicate_when_fewer)
             for name, g in spec.heads.items()
@@ -158,19 +159,21 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules, conversions)
 
 
-def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
+def _num_layers(spec: PlanSpec, values: dict) -> int:
+    """What ``{layer}`` ranges over; the config is asked only when some key of the plan has ``{layer}``."""
+    layered = any("{layer}" in key for key in (*(t.key for t in spec.tensors), *(c.source for c in spec.converters)))
+    return evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
+
+
+def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict, num_layers: int) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
     """The stored tensors in the plan's target layout (unchanged when the plan has no converters)."""
     if not spec.converters:
         return checkpoint.tensors, ()
     sizes = {expr: evaluate_size(expr, values, where=f"converter size {expr}") for conv in spec.converters for expr in conv.sizes}
-    layered = any("{layer}" in conv.source for conv in spec.converters)
-    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
     return apply_converters(checkpoint.tensors, spec.converters, sizes, num_layers)
 
 
-def _expected_shapes(spec: PlanSpec, values: dict) -> dict[str, tuple[int, ...]]:
-    layered = any("{layer}" in t.key for t in spec.tensors)
-    num_layers = evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
+def _expected_shapes(spec: PlanSpec, values: dict, num_layers: int) -> dict[str, tuple[int, ...]]:
     expected: dict[str, tuple[int, ...]] = {}
     for tensor in spec.tensors:
         if tensor.when is not None and not evaluate(tensor.when, values, where=f"when of {tensor.key}"):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import logging
-import math
 import os
 import threading
 import time
@@ -97,19 +95,20 @@ def target_dtype(stored: torch.dtype, wanted: torch.dtype | None) -> torch.dtype
     return wanted
 
 
-def _take(item: TensorPlan, stored: Any) -> torch.Tensor:
-    """``item``'s slice of the stored tensor ``stored`` (a tensor, or a safetensors slice handle): a view
-    for one range, the ranges concatenated along ``dim`` for a fused tensor's pieces. A converter's
-    target is first narrowed to its rows of the stored tensor (one indexing per piece: safetensors
-    slice handles take a single index)."""
+def _take(item: TensorPlan, stored: Any, row_offset: int | None = None) -> torch.Tensor:
+    """``item``'s slice of ``stored`` (a tensor, or a safetensors slice handle): a view for one range,
+    the ranges concatenated along ``dim`` for a fused tensor's pieces. ``stored`` holds ``item``'s rows
+    from ``row_offset`` on (default: the converter target's offset into its stored tensor); one
+    indexing per piece, as safetensors slice handles take a single index."""
     piece, info = item.slice, item.info
-    rows = slice(info.row_offset, info.row_offset + info.shape[0]) if info.shape else slice(None)
+    offset = info.row_offset if row_offset is None else row_offset
+    rows = slice(offset, offset + info.shape[0]) if info.shape else slice(None)
     whole = (rows,) + tuple(slice(None) for _ in info.shape[1:]) if info.shape else ()
     if piece.dim is None:
         return stored[whole]
     def index(a: int, b: int) -> tuple[slice, ...]:
         if piece.dim == 0:
-            return (slice(info.row_offset + a, info.row_offset + b),) + whole[1:]
+            return (slice(offset + a, offset + b),) + whole[1:]
         return whole[: piece.dim] + (slice(a, b),) + whole[piece.dim + 1 :]
     pieces = [stored[index(a, b)] for a, b in piece.ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=piece.dim)
@@ -159,13 +158,10 @@ class MappedSource(_Source):
         info = item.info
         if info.nbytes == 0:
             return torch.empty(item.local_shape, dtype=info.dtype)
-        if info.row_offset:  # a converter's target: map the stored tensor and let _take narrow to its rows
-            row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
-            info = dataclasses.replace(info, shape=(info.row_offset + info.shape[0],) + info.shape[1:], begin=info.begin - info.row_offset * row_bytes)
-        whole = self._handle(info.file)[info.begin : info.begin + info.nbytes]
+        whole = self._handle(info.file)[info.begin : info.end]  # a converter's target: just its own rows
         if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
             whole = whole.clone()
-        return _take(item, whole.view(info.dtype).view(info.shape))
+        return _take(item, whole.view(info.dtype).view(info.shape), row_offset=0)
 
 
 class SafetensorsSource(_Source):
