@@ -175,11 +175,12 @@ def test_fused_checkpoint_loads_into_a_split_target_layout_reading_each_targets_
         assert error <= 1e-5
         assert bytes_read == expected_bytes
         q_rows, kv_rows, _, _ = _sizes(config, world_size)
-        assert conversions[:3] == (
-            Conversion("model.layers.0.self_attn.q_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows 0:{q_rows}"),
-            Conversion("model.layers.0.self_attn.k_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows}:{q_rows + kv_rows}"),
-            Conversion("model.layers.0.self_attn.v_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows + kv_rows}:{q_rows + 2 * kv_rows}"),
-        )
+        by_target = {c.target: c for c in conversions}
+        assert [by_target[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"] == [
+            Conversion("model.layers.0.self_attn.q_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows 0:{q_rows}", "colwise Shard(0)"),
+            Conversion("model.layers.0.self_attn.k_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows}:{q_rows + kv_rows}", "colwise Shard(0)"),
+            Conversion("model.layers.0.self_attn.v_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows + kv_rows}:{q_rows + 2 * kv_rows}", "colwise Shard(0)"),
+        ]
 
 
 @pytest.mark.parametrize("reader", ["safetensors", "pread", "mmap"])

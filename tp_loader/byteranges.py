@@ -10,6 +10,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .convert import segment_reads
 from .plan import TensorPlan
 
 
@@ -31,8 +32,12 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
 
     A slice along ``dim`` is, for each of the ``prod(shape[:dim])`` outer indices, one run of
     ``(stop - start) * prod(shape[dim+1:])`` elements per range; runs that touch come back as one.
+    A converter target made of several stored tensors gives the ranges of every piece it reads.
     """
     info, piece = item.info, item.slice
+    if info.segments:  # a converter target: the ranges of each stored piece it reads
+        reads = [TensorPlan(r.segment.info, r.slice, item.style, item.rule) for r in segment_reads(info, piece)]
+        return coalesce(sorted((r for sub in reads for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset)))
     itemsize = info.dtype.itemsize
     if piece.dim is None or item.nbytes == info.nbytes:
         return [ByteRange(info.file, info.begin, info.nbytes)] if info.nbytes else []

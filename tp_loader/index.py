@@ -55,6 +55,9 @@ class TensorInfo:
         end: absolute byte offset one past the last element (``-1`` for ``.bin`` files).
         stored_key: for a converter's target, the stored tensor it is carved from (else ``key``).
         row_offset: for a converter's target, its first row (dim 0) in ``stored_key``.
+        segments: for a converter's target built from several stored tensors (or reshaped or
+            permuted), the pieces it is made of, concatenated along dim 0; empty for a tensor whose
+            bytes are one run of its file.
     """
 
     key: str
@@ -65,6 +68,7 @@ class TensorInfo:
     end: int = -1
     stored_key: str = ""
     row_offset: int = 0
+    segments: tuple[Segment, ...] = ()
 
     @property
     def source_key(self) -> str:
@@ -74,6 +78,32 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One piece of a converter target: a stored tensor (or a run of its rows), concatenated with the
+    target's other pieces along dim 0.
+
+    Attributes:
+        info: where the piece's bytes are.
+        lead: ``1`` when the piece gains a leading dimension of 1 in the target (experts stacked),
+            ``-1`` when it loses one (a stacked tensor split per expert), ``0`` otherwise.
+        rope_head_dim: when non-zero, the piece's rows are permuted within each head of this size
+            between the interleaved and the half-split rotary layouts.
+        rope_to_half: the permutation's direction: interleaved → half-split (else the reverse).
+    """
+
+    info: TensorInfo
+    lead: int = 0
+    rope_head_dim: int = 0
+    rope_to_half: bool = True
+
+    @property
+    def rows(self) -> int:
+        """The rows (target dim 0) this piece covers."""
+        shape = self.info.shape
+        return 1 if self.lead == 1 else shape[1] if self.lead == -1 else shape[0]
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ Pure: no I/O and no process group, so any world size can be planned (and printed
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .convert import Conversion, apply_converters
+from .convert import Conversion, apply_converters, expand, segment_reads
 from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
@@ -46,6 +47,13 @@ class TensorPlan:
     def nbytes(self) -> int:
         """Bytes of the stored tensor that this rank's slice covers."""
         return math.prod(self.local_shape) * self.info.dtype.itemsize
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes read for this slice: ``nbytes``, more only where a converter must widen a read."""
+        if not self.info.segments:
+            return self.nbytes
+        return sum(math.prod(r.slice.local_shape(r.segment.info.shape)) * self.info.dtype.itemsize for r in segment_reads(self.info, self.slice))
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class LoadPlan:
     @property
     def read_bytes(self) -> int:
         """Bytes this rank will read: the sum of its slices."""
-        return sum(t.nbytes for t in self.tensors)
+        return sum(t.read_bytes for t in self.tensors)
 
 
 def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str) -> LoadPlan:
@@ -113,13 +121,14 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     """
     try:
         values = config_values(spec, checkpoint.config)
-        num_layers = _num_layers(spec, values)
-        expected = _expected_shapes(spec, values, num_layers)
-        stored, conversions = _convert(checkpoint, spec, values, num_layers)
+        num_layers = _count(spec, spec.layers, "{layer}", values, "number of layers")
+        num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
+        expected = _expected_shapes(spec, values, num_layers, num_experts)
         heads = {
             name: Heads(name, evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1), evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1), g.replicate_when_fewer)
             for name, g in spec.heads.items()
         }
+        stored, conversions = _convert(checkpoint, spec, values, {name: h.head_dim for name, h in heads.items()}, num_layers, num_experts)
     except CheckpointError as exc:
         raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
     rules = {key: spec.match(key) for key in (*stored, *expected)}
@@ -156,32 +165,37 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in stored and k not in covered)
     notes = {t.key: t.slice.note for t in tensors if t.slice.note}
+    notes.update({t.key: widened for t in tensors if (widened := _widened_note(t))})
+    placed = {t.key: f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}" for t in tensors}
+    conversions = tuple(dataclasses.replace(c, placement=placed.get(c.target, "not loaded")) for c in conversions)
     return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules, conversions)
 
 
-def _num_layers(spec: PlanSpec, values: dict) -> int:
-    """What ``{layer}`` ranges over; the config is asked only when some key of the plan has ``{layer}``."""
-    layered = any("{layer}" in key for key in (*(t.key for t in spec.tensors), *(c.source for c in spec.converters)))
-    return evaluate_size(spec.layers, values, where="number of layers", maximum=MAX_LAYERS) if layered else 0
+def _count(spec: PlanSpec, expression: str, placeholder: str, values: dict, where: str) -> int:
+    """What ``placeholder`` ranges over; the config is asked only when some key of the plan has it."""
+    keys = (*(t.key for t in spec.tensors), *(k for c in spec.converters for k in (*c.sources, *c.targets)))
+    return evaluate_size(expression, values, where=where, maximum=MAX_LAYERS) if any(placeholder in key for key in keys) else 0
 
 
-def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict, num_layers: int) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
+def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict, head_dims: dict[str, int], num_layers: int, num_experts: int) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
     """The stored tensors in the plan's target layout (unchanged when the plan has no converters)."""
     if not spec.converters:
         return checkpoint.tensors, ()
     sizes = {expr: evaluate_size(expr, values, where=f"converter size {expr}") for conv in spec.converters for expr in conv.sizes}
-    return apply_converters(checkpoint.tensors, spec.converters, sizes, num_layers)
+    return apply_converters(checkpoint.tensors, spec.converters, sizes, head_dims, num_layers, num_experts)
 
 
-def _expected_shapes(spec: PlanSpec, values: dict, num_layers: int) -> dict[str, tuple[int, ...]]:
+def _expected_shapes(spec: PlanSpec, values: dict, num_layers: int, num_experts: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies; a ``when`` is evaluated per layer, with ``layer`` set."""
     expected: dict[str, tuple[int, ...]] = {}
     for tensor in spec.tensors:
-        if tensor.when is not None and not evaluate(tensor.when, values, where=f"when of {tensor.key}"):
-            continue
         shape = tuple(evaluate_size(d, values, where=f"shape of {tensor.key}") for d in tensor.shape)
-        layers = range(num_layers) if "{layer}" in tensor.key else [None]
-        for layer in layers:
-            expected[tensor.key.replace("{layer}", str(layer))] = shape
+        for layer in range(num_layers) if "{layer}" in tensor.key else [None]:
+            scope = values if layer is None else {**values, "layer": layer}
+            if tensor.when is not None and not evaluate(tensor.when, scope, where=f"when of {tensor.key}"):
+                continue
+            for key, _ in expand(tensor.key, num_layers, num_experts, {} if layer is None else {"layer": layer}):
+                expected[key] = shape
     return expected
 
 
@@ -209,3 +223,12 @@ def _decide_ties(spec: PlanSpec, values: dict, tensors: list[TensorPlan]) -> tup
         stored = {(True, True): "both", (True, False): "source", (False, True): "target", (False, False): "neither"}[(has_source, has_target)]
         decisions.append(TieDecision(tie.source, tie.target, stored))
     return tuple(decisions)
+
+
+def _widened_note(item: TensorPlan) -> str | None:
+    """A remark when a converter target's slice cannot be read exactly (a rotary permutation whose
+    shard cuts a head): the whole heads it touches are read, permuted, then trimmed."""
+    if not item.info.segments or item.slice.dim != 0:
+        return None
+    widened = [r for r in segment_reads(item.info, item.slice) if r.trim is not None]
+    return f"shard cuts rotary heads: read {len(widened)} run(s) widened to whole heads, permuted, then trimmed" if widened else None

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
 from .byteranges import slice_ranges
+from .convert import finish_read, segment_reads
 from .plan import TensorPlan
 from .staging import StagingRing, cuda_copy
 
@@ -229,6 +230,17 @@ class PickleSource(_Source):
 READERS: dict[str, type[_Source]] = {"mmap": MappedSource, "safetensors": SafetensorsSource, "pread": PreadSource}
 
 
+def _read_slice(source: _Source, item: TensorPlan) -> torch.Tensor:
+    """``item``'s slice in the stored dtype; a converter target's is assembled from reads of each
+    stored piece it needs, concatenated along dim 0."""
+    if not item.info.segments:
+        return source.slice(item)
+    pieces = [finish_read(read, source.slice(TensorPlan(read.segment.info, read.slice, item.style, item.rule))) for read in segment_reads(item.info, item.slice)]
+    if not pieces:
+        return torch.empty(item.local_shape, dtype=item.info.dtype)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
     """``POSIX_FADV_WILLNEED`` over each slice's span (first to last byte; a column slice's span also
     holds other ranks' columns, which is harmless for a hint): the kernel reads ahead, from disk on a
@@ -276,15 +288,15 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
     budget = ByteBudget(options.max_inflight_bytes)
     out: dict[str, torch.Tensor] = {}
     zero_copied: list[str] = []  # list.append is atomic under the GIL
-    bar = tqdm(total=sum(item.nbytes for item in ordered), unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
+    bar = tqdm(total=sum(item.read_bytes for item in ordered), unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
 
     def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
         with budget.hold(item.nbytes):
             try:
-                piece = source.slice(item)
+                piece = _read_slice(source, item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and piece.is_contiguous()
-                kept_as_is = source.owned or (options.zero_copy and single_view)
+                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and piece.is_contiguous() and not item.info.segments
+                kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)
                 if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
                     if not source.owned:
@@ -299,7 +311,7 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
                 raise
             except Exception as exc:  # noqa: BLE001 - any read failure is reported with its file and key
                 raise ReadError(f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}", file=str(root / item.info.file), key=item.key, hint="The file may be truncated or corrupt: re-download it") from None
-        return item.key, local, item.nbytes
+        return item.key, local, item.read_bytes
 
     read = 0
     try:

@@ -53,7 +53,7 @@ class LoadReport:
         notes: key → remark on how it was placed (for example KV heads replicated).
         ranks: per-rank accounting, in rank order.
         unused_rules: plan rule patterns that matched no stored or expected key (likely typos).
-        conversions: for every target tensor a converter made, its source keys and op.
+        conversions: for every target tensor a converter made, its stored source keys, op chain and placement.
     """
 
     model: str
@@ -115,7 +115,7 @@ class LoadReport:
             ("ties", [f"{t.target} -> {t.source} (stored: {t.stored}" + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER") + ")" for t in self.ties]),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
             ("plan rules that matched nothing", list(self.unused_rules)),
-            ("conversions", [f"{c.target} <- {', '.join(c.sources)} ({c.op})" for c in self.conversions]),
+            ("conversions", [f"{c.target} <- {', '.join(c.sources)} ({c.op}; {c.placement})" for c in self.conversions]),
         ]
         for title, rows in sections:
             if rows:

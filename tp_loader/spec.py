@@ -9,6 +9,7 @@ See ``docs/plan-format.md`` for the format.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.resources
 import operator
 import os
@@ -26,12 +27,14 @@ from .styles import STYLES
 @dataclass(frozen=True)
 class Rule:
     """One plan rule: keys matching ``pattern`` are loaded with ``style``. ``parts`` (for ``packed``)
-    lists each fused part as ``(size expression, head group or None)``."""
+    lists each fused part as ``(size expression, head group or None)``; ``transposed`` marks weights
+    stored ``[in, out]`` (GPT-2's Conv1D), so that the style's output and input dims swap."""
 
     pattern: str
     style: str
     heads: str | None = None
     parts: tuple[tuple[str, str | None], ...] = ()
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,8 @@ class HeadGroup:
 
 @dataclass(frozen=True)
 class ExpectedTensor:
-    """A tensor the config implies: ``key`` may contain ``{layer}``; ``shape`` holds expressions."""
+    """A tensor the config implies: ``key`` may contain ``{layer}`` and ``{expert}``; ``shape`` holds
+    expressions; ``when`` may use ``layer`` (dense and sparse layers of one model)."""
 
     key: str
     shape: tuple[str, ...]
@@ -85,6 +89,9 @@ class PlanSpec:
     ties: tuple[TieSpec, ...]
     matcher: re.Pattern[str]
     converters: tuple[ConverterSpec, ...] = ()
+    experts: str = "0"
+    mode: str | None = None
+    modes: tuple[str, ...] = ()
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -113,15 +120,23 @@ def builtin_plan_paths() -> dict[str, Path]:
     return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".toml")}
 
 
-def load_spec(path: str | os.PathLike[str]) -> PlanSpec:
-    """Parses and validates one plan file.
+def load_spec(path: str | os.PathLike[str], mode: str | None = None) -> PlanSpec:
+    """Parses and validates one plan file, with one of its ``[modes.*]`` merged over it.
 
     Raises:
-        PlanError: the file is missing, is not valid TOML, or has a malformed or unknown entry.
+        PlanError: the file is missing, is not valid TOML, has a malformed or unknown entry, or has no
+            such mode.
     """
     path = Path(path)
     try:
-        return _build_spec(path, _read_toml(path, seen=()))
+        data = _read_toml(path, seen=())
+        modes = data.pop("modes", {})
+        if mode is not None:
+            if mode not in modes:
+                known = ", ".join(sorted(modes)) or "none"
+                raise PlanError(f"plan {data.get('name', path.stem)!r} has no mode {mode!r}; its modes: {known}", file=str(path), hint="Pass one of the plan's modes, or no mode")
+            data = merge_plan_data(data, modes[mode])
+        return _build_spec(path, {**data, "mode": mode, "modes": sorted(modes)})
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -150,15 +165,16 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
-    """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads`` merge, the child's
-    rules and converters come first (so its rules win), and a child's tensor entry replaces the
-    parent's with the same key."""
-    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters")}}
-    merged["converters"] = list(child.get("converters", [])) + list(parent.get("converters", []))
+    """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads``/``modes`` merge,
+    the child's rules come first (so they win), its converters run after the parent's, and a child's
+    tensor entry replaces the parent's with the same key (``drop_tensors`` removes parent entries)."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors")}}
+    merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
+    merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
     merged["rules"] = list(child.get("rules", [])) + list(parent.get("rules", []))
-    tensors = {t["key"]: t for t in parent.get("tensors", [])}
+    tensors = {t["key"]: t for t in parent.get("tensors", []) if t["key"] not in child.get("drop_tensors", [])}
     tensors.update({t["key"]: t for t in child.get("tensors", [])})
     merged["tensors"] = list(tensors.values())
     return merged
@@ -170,7 +186,7 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         for name, group in data.get("heads", {}).items()
     }
     rules = tuple(
-        Rule(str(r["pattern"]), str(r["style"]), r.get("heads"), tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])))
+        Rule(str(r["pattern"]), str(r["style"]), r.get("heads"), tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])), bool(r.get("transposed", False)))
         for r in data.get("rules", [])
     )
     for rule in rules:
@@ -202,9 +218,15 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         ties=ties,
         matcher=compile_rules(rules),
         converters=parse_converters(data.get("converters", []), str(path)),
+        experts=str(data.get("experts", "0")),
+        mode=data.get("mode"),
+        modes=tuple(data.get("modes", ())),
     )
+    for conv in spec.converters:
+        if conv.heads is not None and conv.heads not in heads:
+            raise PlanError(f"converter {conv.describe} names head group {conv.heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
     for tensor in spec.tensors:
-        probe = tensor.key.replace("{layer}", "0")
+        probe = tensor.key.replace("{layer}", "0").replace("{expert}", "0")
         if spec.match(probe) is None:
             raise PlanError(f"expected tensor {tensor.key!r} is matched by no rule", file=str(path), hint="Add a rule that covers it")
     for tie in spec.ties:
@@ -219,8 +241,9 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
     return spec
 
 
-def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str) -> PlanSpec:
-    """Picks the plan: ``"auto"`` (by ``model_type``, then ``architectures``), a built-in name, or a path.
+def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str, mode: str | None = None) -> PlanSpec:
+    """Picks the plan: ``"auto"`` (by ``model_type``, then ``architectures``), a built-in name, or a
+    path; then merges its ``mode`` (for example ``"ep"``: expert parallelism) over it.
 
     Raises:
         PlanError: no plan fits, or the named plan does not exist.
@@ -229,19 +252,19 @@ def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str) -> Pl
     builtin = builtin_plan_paths()
     if text != "auto":
         if text in builtin:
-            return load_spec(builtin[text])
+            return load_spec(builtin[text], mode)
         if text.endswith(".toml") or os.sep in text:
-            return load_spec(text)
+            return load_spec(text, mode)
         raise PlanError(f"unknown plan {text!r}; built-in plans: {', '.join(sorted(builtin))}", file=model, hint="Pass a built-in plan name or a path to a .toml plan")
     heads = {name: _plan_header(path) for name, path in sorted(builtin.items())}
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
     for name, (model_types, _) in heads.items():
         if model_type in model_types:
-            return load_spec(builtin[name])
+            return load_spec(builtin[name], mode)
     for name, (_, plan_architectures) in heads.items():
         if any(a in plan_architectures for a in architectures):
-            return load_spec(builtin[name])
+            return load_spec(builtin[name], mode)
     raise PlanError(
         f"no built-in plan for model_type={model_type!r}, architectures={architectures}",
         file=model,
@@ -256,19 +279,28 @@ def _plan_header(path: Path) -> tuple[list[str], list[str]]:
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
-_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge}
+_COMPARE = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.In: lambda a, b: a in b,
+    ast.NotIn: lambda a, b: a not in b,
+}
 
 
 def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
-    """Evaluates a plan expression over config values: names, numbers, ``+ - * // %``, comparisons,
-    ``not``/``and``/``or``. Nothing else (no calls, no attributes).
+    """Evaluates a plan expression over config values: names, numbers, ``+ - * // %``, comparisons
+    (``in`` included, for config lists), ``not``/``and``/``or``. Nothing else (no calls, no attributes).
 
     Raises:
         CheckpointError: the config lacks a name the expression uses.
         PlanError: the expression is not of the allowed form.
     """
     try:
-        tree = ast.parse(expression, mode="eval")
+        tree = _parse(expression)
     except SyntaxError:
         raise PlanError(f"bad expression {expression!r} in {where}", hint="Use config names, integers and + - * // %") from None
     try:
@@ -279,6 +311,11 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
         used = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values})
         shown = ", ".join(f"{name}={values[name]!r}" for name in used)
         raise CheckpointError(f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(expression: str) -> ast.Expression:
+    return ast.parse(expression, mode="eval")
 
 
 def evaluate_size(expression: str, values: dict[str, Any], *, where: str, minimum: int = 0, maximum: int = 2**48) -> int:
