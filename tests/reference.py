@@ -2,13 +2,15 @@
 
 - :func:`expected_shard`: the slice tensor parallelism needs of each Llama-family key, from
   ``torch.chunk`` and the head layout (vLLM's KV-head replication when KV heads < ranks).
-- :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model.
+- :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model,
+  and of the Mixtral / Qwen2-MoE / Qwen3-MoE sparse variants (:func:`moe`).
 - :func:`tp_llama_forward`: the same forward from one rank's local shards, with explicit collectives.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,12 @@ def _heads(config: dict) -> tuple[int, int, int]:
 def expected_shard(key: str, tensor: torch.Tensor, config: dict, world_size: int, rank: int) -> torch.Tensor:
     """The local shard rank ``rank`` must hold for ``key``."""
     _, kv, head_dim = _heads(config)
+    if re.search(r"\.experts\.[a-z0-9_]+\.weight$", key):  # stacked experts: whole experts per rank
+        return chunk_piece(tensor, world_size, rank, 0)
+    if key.endswith((".w1.weight", ".w3.weight")):
+        return chunk_piece(tensor, world_size, rank, 0)
+    if key.endswith(".w2.weight"):
+        return chunk_piece(tensor, world_size, rank, 1)
     if key.endswith(("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias")) and kv < world_size:
         head = rank * kv // world_size
         return tensor[head * head_dim : (head + 1) * head_dim]
@@ -85,7 +93,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: dict |
     return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
 
 
-def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce) -> torch.Tensor:
+def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """One decoder layer; ``reduce`` all-reduces a row-parallel product (identity when unsharded).
     Gemma: norms after attention and around the MLP, GELU-tanh gating."""
     gemma = _gemma(config)
@@ -110,8 +118,57 @@ def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce) -> torch.Tens
         return x + _norm(mlp, w[p + "post_feedforward_layernorm.weight"], config)
     x = x + out
     h = _norm(x, w[p + "post_attention_layernorm.weight"], config)
-    mlp = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
-    return x + reduce(mlp @ w[p + "mlp.down_proj.weight"].T)
+    sparse = _sparse_block(w, p)
+    if sparse is not None:
+        return x + reduce(moe(h, w, *sparse, config, shard))
+    return x + reduce(_swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"]))
+
+
+def _swiglu(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return (torch.nn.functional.silu(h @ gate.T) * (h @ up.T)) @ down.T
+
+
+def _sparse_block(w: dict, p: str) -> tuple[str, tuple[str, str, str]] | None:
+    """A layer's MoE block: its prefix and its experts' gate/up/down names, or None for a dense MLP."""
+    if p + "block_sparse_moe.gate.weight" in w:
+        return p + "block_sparse_moe.", ("w1", "w3", "w2")
+    if p + "mlp.gate.weight" in w:
+        return p + "mlp.", ("gate_proj", "up_proj", "down_proj")
+    return None
+
+
+def moe(h: torch.Tensor, w: dict, prefix: str, names: tuple[str, str, str], config: dict, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """A sparse MoE block's output before the tensor-parallel reduction: softmax routing over the
+    (replicated) router, top-k (chosen with ``e_score_correction_bias`` when present), weights
+    renormalized when ``norm_topk_prob`` (Mixtral always), plus shared experts (a Qwen2-MoE shared
+    expert is scaled by the sigmoid of ``shared_expert_gate``). Experts are per-expert tensors
+    (all experts, each possibly a TP shard) or stacked ``experts.<name>.weight`` tensors holding the
+    rank's whole experts (expert parallelism, ``torch.chunk`` of the experts over ``shard``'s ranks)."""
+    rank, world_size = shard
+    probs = (h @ w[prefix + "gate.weight"].T).softmax(-1)
+    num_experts = probs.shape[-1]
+    bias = w.get(prefix + "gate.e_score_correction_bias")
+    choice = (probs if bias is None else probs + bias).topk(config["num_experts_per_tok"], -1).indices
+    weights = probs.gather(-1, choice)
+    if config.get("norm_topk_prob", config.get("model_type") == "mixtral"):
+        weights = weights / weights.sum(-1, keepdim=True)
+    out = torch.zeros_like(h)
+    if prefix + f"experts.{names[0]}.weight" in w:
+        step = math.ceil(num_experts / world_size)
+        stacked = [w[prefix + f"experts.{n}.weight"] for n in names]
+        experts = [(min(rank * step, num_experts) + i, [t[i] for t in stacked]) for i in range(stacked[0].shape[0])]
+    else:
+        experts = [(e, [w[prefix + f"experts.{e}.{n}.weight"] for n in names]) for e in range(num_experts)]
+    for e, (gate, up, down) in experts:
+        coefficient = (weights * (choice == e)).sum(-1, keepdim=True)
+        out = out + coefficient * _swiglu(h, gate, up, down)
+    for shared in ("shared_expert.", "shared_experts."):
+        if prefix + shared + "gate_proj.weight" in w:
+            extra = _swiglu(h, *(w[prefix + shared + f"{n}.weight"] for n in ("gate_proj", "up_proj", "down_proj")))
+            if prefix + "shared_expert_gate.weight" in w:
+                extra = torch.sigmoid(h @ w[prefix + "shared_expert_gate.weight"].T) * extra
+            out = out + extra
+    return out
 
 
 def _finish(x: torch.Tensor, w: dict, lm_head: torch.Tensor, config: dict) -> torch.Tensor:
@@ -154,7 +211,7 @@ def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: to
     x = embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))] if embed.shape[0] else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
     x = reduce(x * in_shard.unsqueeze(-1)) * _embed_scale(config)
     for layer in range(config["num_hidden_layers"]):
-        x = _layer(x, local, f"model.layers.{layer}.", config, reduce)
+        x = _layer(x, local, f"model.layers.{layer}.", config, reduce, (rank, world_size))
     logits = _finish(x, local, local.get("lm_head.weight", embed), config)
     padded = torch.zeros(len(input_ids), step, dtype=logits.dtype)
     padded[:, : logits.shape[1]] = logits

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", default=None, help="checkpoint directory or Hub repository id (default: the demo checkpoint)")
     parser.add_argument("--plan", default="auto", help="built-in plan name or path to a plan file (default: auto, from config.json)")
+    parser.add_argument("--mode", default=None, help="one of the plan's modes, e.g. ep (MoE plans: whole experts per rank)")
     parser.add_argument("--dtype", default=None, help="convert floating-point tensors to this dtype, e.g. bfloat16 (default: as stored)")
     parser.add_argument("--device", default=None, help="device for the shards (default: cuda:LOCAL_RANK when CUDA is present, else cpu)")
     parser.add_argument("--report", type=Path, default=None, metavar="PATH", help="write the load report as JSON to PATH (rank 0)")
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run is not None:
         return _dry_run(args)
     try:
-        result = load(args.model, dtype=args.dtype, device=args.device, plan=args.plan, strict=args.strict, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet, zero_copy=args.zero_copy)
+        result = load(args.model, dtype=args.dtype, device=args.device, plan=args.plan, mode=args.mode, strict=args.strict, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet, zero_copy=args.zero_copy)
         if rank == 0:
             if not args.quiet:
                 print(result.report.format_table(), flush=True)
@@ -91,7 +92,7 @@ def _dry_run(args: argparse.Namespace) -> int:
             raise TPLoaderError(f"--dry-run needs a world size of at least 1, got {args.dry_run}", hint="Pass the number of tensor-parallel ranks")
         root = ensure_demo(settings(1).demo_dir) if args.model is None else resolve_source(args.model, revision=args.revision, cache_dir=args.cache_dir)
         checkpoint = index_checkpoint(find_weights(root))
-        spec = select_spec(args.plan, checkpoint.config, model=str(root))
+        spec = select_spec(args.plan, checkpoint.config, model=str(root), mode=args.mode)
         print(format_plans([make_plan(checkpoint, spec, args.dry_run, rank, model=str(root)) for rank in range(args.dry_run)]))
     except TPLoaderError as exc:
         print(f"tp_loader: error: {exc}", file=sys.stderr)

@@ -33,7 +33,7 @@ DEMO_CONFIG: dict = {
 
 def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Random weights with the real key names and shapes of a llama / mistral / qwen2 / qwen3 /
-    gemma2 / gemma3_text model.
+    gemma2 / gemma3_text model (and the attention and dense MLPs of qwen2_moe / qwen3_moe).
 
     Biases on q/k/v follow qwen2 (always) or ``attention_bias``; q/k norms follow qwen3 and gemma3;
     gemma models get their feed-forward norms (stored as offsets from 1); ``lm_head`` is left out when
@@ -45,7 +45,7 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
     model_type = config.get("model_type", "llama")
-    qkv_bias = model_type == "qwen2" or bool(config.get("attention_bias"))
+    qkv_bias = model_type in ("qwen2", "qwen2_moe") or bool(config.get("attention_bias"))
     std = 0.5 / hidden**0.5
 
     def rand(*shape: int, scale: float = std) -> torch.Tensor:
@@ -67,7 +67,7 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
             tensors[p + "self_attn.q_proj.bias"] = rand(heads * head_dim, scale=0.1)
             tensors[p + "self_attn.k_proj.bias"] = rand(kv_heads * head_dim, scale=0.1)
             tensors[p + "self_attn.v_proj.bias"] = rand(kv_heads * head_dim, scale=0.1)
-        if model_type in ("qwen3", "gemma3_text"):
+        if model_type in ("qwen3", "qwen3_moe", "gemma3_text"):
             tensors[p + "self_attn.q_norm.weight"] = norm(head_dim)
             tensors[p + "self_attn.k_norm.weight"] = norm(head_dim)
         tensors[p + "self_attn.o_proj.weight"] = rand(hidden, heads * head_dim)

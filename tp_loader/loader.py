@@ -54,6 +54,7 @@ def load(
     device: str | torch.device | None = None,
     mesh: DeviceMesh | None = None,
     plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
     strict: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -72,6 +73,9 @@ def load(
         device: where to place shards (default: the mesh's device, else ``cuda:LOCAL_RANK`` or CPU).
         mesh: a 1-D device mesh over the tensor-parallel ranks.
         plan: ``"auto"`` (by config.json), a built-in plan name, or a path to a plan file.
+        mode: one of the plan's modes, merged over it: ``"ep"`` in the MoE plans loads stacked
+            experts divided whole among the ranks (expert parallelism) instead of sharding every
+            expert (the default, tensor-parallel experts).
         strict: raise when keys are missing, unexpected or mismatched, before reading any tensor data.
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory.
@@ -95,18 +99,18 @@ def load(
     wanted = _normalise_dtype(dtype)
     ctx = open_control_group(make_context(mesh, device, launch, settings))
     try:
-        return _load(ctx, model, wanted, plan=plan, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
+        return _load(ctx, model, wanted, plan=plan, mode=mode, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
     finally:
         close_control_group(ctx)
 
 
-def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtype | None, *, plan: str | os.PathLike[str], strict: bool, revision: str | None, cache_dir: str | os.PathLike[str] | None, progress: bool, settings: envmod.Settings, start: float) -> LoadResult:
+def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtype | None, *, plan: str | os.PathLike[str], mode: str | None, strict: bool, revision: str | None, cache_dir: str | os.PathLike[str] | None, progress: bool, settings: envmod.Settings, start: float) -> LoadResult:
 
     root = _resolve(ctx, model, revision=revision, cache_dir=cache_dir, demo_dir=settings.demo_dir)
 
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
         checkpoint = index_checkpoint(find_weights(root))
-        spec = select_spec(plan, checkpoint.config, model=str(root))
+        spec = select_spec(plan, checkpoint.config, model=str(root), mode=mode)
         load_plan = make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root))
         if strict:
             _refuse_key_problems(load_plan)

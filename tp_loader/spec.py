@@ -167,13 +167,14 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads``/``modes`` merge,
     the child's rules come first (so they win), its converters run after the parent's, and a child's
-    tensor entry replaces the parent's with the same key (``drop_tensors`` removes parent entries)."""
-    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors")}}
+    tensor entry replaces the parent's with the same key; ``drop_tensors`` and ``drop_rules`` remove
+    the parent's entries with those keys and patterns."""
+    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")}}
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
-    merged["rules"] = list(child.get("rules", [])) + list(parent.get("rules", []))
+    merged["rules"] = list(child.get("rules", [])) + [r for r in parent.get("rules", []) if r["pattern"] not in child.get("drop_rules", [])]
     tensors = {t["key"]: t for t in parent.get("tensors", []) if t["key"] not in child.get("drop_tensors", [])}
     tensors.update({t["key"]: t for t in child.get("tensors", [])})
     merged["tensors"] = list(tensors.values())
@@ -333,6 +334,8 @@ def evaluate_size(expression: str, values: dict[str, Any], *, where: str, minimu
 def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) -> Any:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)) or isinstance(node, ast.Constant) and node.value is None:
         return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_eval(e, values, expression, where) for e in node.elts]
     if isinstance(node, ast.Name):
         if node.id in ("True", "False", "None"):
             return {"True": True, "False": False, "None": None}[node.id]

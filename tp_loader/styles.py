@@ -107,6 +107,12 @@ def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: in
     return _shard(0, shape, None, world_size, rank)
 
 
+def experts(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
+    """Expert parallelism: stacked experts ``[experts, ...]`` divided whole among the ranks (dim 0,
+    ``torch.chunk`` over the experts, so uneven counts work); a rank reads only its experts."""
+    return _shard(0, shape, None, world_size, rank)
+
+
 def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
     """A fused projection (``qkv_proj``, ``gate_up_proj``): parts stacked on dim 0, each sharded on its
     own (on head boundaries, KV heads replicated when fewer than ranks); this rank's shard is its piece
@@ -135,6 +141,7 @@ STYLES: dict[str, StyleFn] = {
     "rowwise": rowwise,
     "vocab": vocab,
     "packed": packed,
+    "experts": experts,
 }
 
 
