@@ -47,3 +47,31 @@ def moe_tensors(config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:
             tensors[prefix + "shared_expert.down_proj.weight"] = rand(hidden, shared, scale=0.5 / shared**0.5)
             tensors[prefix + "shared_expert_gate.weight"] = rand(1, hidden, scale=0.5 / hidden**0.5)
     return tensors
+
+
+def gpt2_tensors(config: dict, *, seed: int = 0, prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """A GPT-2 checkpoint: Conv1D weights ``[in, out]``, fused ``c_attn``, LayerNorms with biases, no
+    stored ``lm_head`` (tied to ``wte``). ``prefix=""`` writes the original unprefixed key names."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inner = config["n_embd"], config.get("n_inner") or 4 * config["n_embd"]
+
+    def rand(*shape: int, scale: float = 0.5 / hidden**0.5) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * scale
+
+    tensors = {prefix + "wte.weight": rand(config["vocab_size"], hidden, scale=0.1), prefix + "wpe.weight": rand(config["n_positions"], hidden, scale=0.1)}
+    for layer in range(config["n_layer"]):
+        p = f"{prefix}h.{layer}."
+        for norm in ("ln_1", "ln_2"):
+            tensors[p + f"{norm}.weight"] = 1 + rand(hidden, scale=0.1)
+            tensors[p + f"{norm}.bias"] = rand(hidden, scale=0.1)
+        tensors[p + "attn.c_attn.weight"] = rand(hidden, 3 * hidden)
+        tensors[p + "attn.c_attn.bias"] = rand(3 * hidden, scale=0.1)
+        tensors[p + "attn.c_proj.weight"] = rand(hidden, hidden)
+        tensors[p + "attn.c_proj.bias"] = rand(hidden, scale=0.1)
+        tensors[p + "mlp.c_fc.weight"] = rand(hidden, inner)
+        tensors[p + "mlp.c_fc.bias"] = rand(inner, scale=0.1)
+        tensors[p + "mlp.c_proj.weight"] = rand(inner, hidden, scale=0.5 / inner**0.5)
+        tensors[p + "mlp.c_proj.bias"] = rand(hidden, scale=0.1)
+    tensors[prefix + "ln_f.weight"] = 1 + rand(hidden, scale=0.1)
+    tensors[prefix + "ln_f.bias"] = rand(hidden, scale=0.1)
+    return tensors

@@ -193,29 +193,40 @@ def llama_forward(weights: dict[str, torch.Tensor], config: dict, input_ids: tor
     return _finish(x, weights, lm_head, config)
 
 
-def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    """Logits [seq, vocab] from this rank's local shards: vocab-parallel embedding and LM head,
-    column/row-parallel attention and MLP, all-reduce after each row-parallel product."""
-    vocab = config["vocab_size"]
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t
+
+
+def vocab_parallel_embed(embed: torch.Tensor, input_ids: torch.Tensor, vocab: int, world_size: int, rank: int) -> torch.Tensor:
+    """Embeddings from this rank's ``torch.chunk`` piece of the vocabulary: look up the ids it holds,
+    zero the rest, all-reduce."""
     step = math.ceil(vocab / world_size)
     start = min(rank * step, vocab)
-    embed = local["model.embed_tokens.weight"]
     assert embed.shape[0] == min(start + step, vocab) - start, "vocab shard does not follow torch.chunk"
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        dist.all_reduce(t)
-        return t
-
     in_shard = (input_ids >= start) & (input_ids < start + embed.shape[0])
     x = embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))] if embed.shape[0] else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
-    x = reduce(x * in_shard.unsqueeze(-1)) * _embed_scale(config)
-    for layer in range(config["num_hidden_layers"]):
-        x = _layer(x, local, f"model.layers.{layer}.", config, reduce, (rank, world_size))
-    logits = _finish(x, local, local.get("lm_head.weight", embed), config)
-    padded = torch.zeros(len(input_ids), step, dtype=logits.dtype)
+    return all_reduce(x * in_shard.unsqueeze(-1))
+
+
+def gather_vocab(logits: torch.Tensor, vocab: int, world_size: int) -> torch.Tensor:
+    """Every rank's vocabulary piece of the logits, all-gathered (padded to equal sizes) and joined."""
+    step = math.ceil(vocab / world_size)
+    padded = torch.zeros(logits.shape[0], step, dtype=logits.dtype)
     padded[:, : logits.shape[1]] = logits
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     sizes = [min((r + 1) * step, vocab) - min(r * step, vocab) for r in range(world_size)]
     return torch.cat([g[:, :n] for g, n in zip(gathered, sizes)], dim=1)
+
+
+def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """Logits [seq, vocab] from this rank's local shards: vocab-parallel embedding and LM head,
+    column/row-parallel attention and MLP, all-reduce after each row-parallel product."""
+    embed = local["model.embed_tokens.weight"]
+    x = vocab_parallel_embed(embed, input_ids, config["vocab_size"], world_size, rank) * _embed_scale(config)
+    for layer in range(config["num_hidden_layers"]):
+        x = _layer(x, local, f"model.layers.{layer}.", config, all_reduce, (rank, world_size))
+    logits = _finish(x, local, local.get("lm_head.weight", embed), config)
+    return gather_vocab(logits, config["vocab_size"], world_size)

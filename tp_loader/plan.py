@@ -154,7 +154,7 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
             group = heads[rule.heads] if rule.heads else None
             parts = tuple(Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None) for size, h in rule.parts)
             try:
-                piece = STYLES[rule.style](info.shape, group, world_size, rank, parts)
+                piece = STYLES[rule.style](info.shape, group, world_size, rank, parts, transposed=rule.transposed)
             except ShardingError as exc:
                 raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
             tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))

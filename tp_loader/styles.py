@@ -70,8 +70,14 @@ def chunk_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + step, size)
 
 
-def replicate(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
+def replicate(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
     return Slice(None, global_shape=shape)
+
+
+def _out_dim(shape: tuple[int, ...], transposed: bool) -> int:
+    """The output-features dim: 0 for a Linear weight ``[out, in]`` and any bias, 1 for a transposed
+    (Conv1D) weight ``[in, out]``."""
+    return 1 if transposed and len(shape) == 2 else 0
 
 
 def _shard(dim: int, shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int) -> Slice:
@@ -90,46 +96,49 @@ def _shard(dim: int, shape: tuple[int, ...], heads: Heads | None, world_size: in
     raise ShardingError(f"{n} {heads.name} heads cannot be split over {world_size} ranks", hint="Use a world size that divides the head count")
 
 
-def colwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
-    """Output features (dim 0) sharded, for a Linear weight and its bias alike."""
-    return _shard(0, shape, heads, world_size, rank)
+def colwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+    """Output features sharded (dim 0; dim 1 of a transposed weight), for a weight and its bias alike."""
+    return _shard(_out_dim(shape, transposed), shape, heads, world_size, rank)
 
 
-def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
-    """Input features (dim 1) sharded; a 1-D bias is replicated (it is added once, after the reduction)."""
+def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+    """Input features sharded (dim 1; dim 0 of a transposed weight); a 1-D bias is replicated (it is
+    added once, after the reduction)."""
     if len(shape) < 2:
         return replicate(shape, heads, world_size, rank)
-    return _shard(1, shape, heads, world_size, rank)
+    return _shard(0 if transposed else 1, shape, heads, world_size, rank)
 
 
-def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
+def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
     """Embedding or LM head rows (the vocabulary, dim 0) sharded; uneven vocabularies allowed."""
     return _shard(0, shape, None, world_size, rank)
 
 
-def experts(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
+def experts(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
     """Expert parallelism: stacked experts ``[experts, ...]`` divided whole among the ranks (dim 0,
     ``torch.chunk`` over the experts, so uneven counts work); a rank reads only its experts."""
     return _shard(0, shape, None, world_size, rank)
 
 
-def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = ()) -> Slice:
-    """A fused projection (``qkv_proj``, ``gate_up_proj``): parts stacked on dim 0, each sharded on its
-    own (on head boundaries, KV heads replicated when fewer than ranks); this rank's shard is its piece
-    of every part, concatenated. The DTensor is ``Shard(0)`` of that rank-major regrouping."""
-    if sum(p.size for p in parts) != shape[0]:
-        raise ShardingError(f"dim 0 has size {shape[0]} but the plan's parts add up to {sum(p.size for p in parts)}", hint="Fix the parts' sizes in the plan")
+def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+    """A fused projection (``qkv_proj``, ``gate_up_proj``, GPT-2's ``c_attn``): parts stacked on the
+    output dim, each sharded on its own (on head boundaries, KV heads replicated when fewer than
+    ranks); this rank's shard is its piece of every part, concatenated. The DTensor is ``Shard`` of
+    that rank-major regrouping."""
+    dim = _out_dim(shape, transposed)
+    if sum(p.size for p in parts) != shape[dim]:
+        raise ShardingError(f"dim {dim} has size {shape[dim]} but the plan's parts add up to {sum(p.size for p in parts)}", hint="Fix the parts' sizes in the plan")
     ranges, notes, offset = [], [], 0
     for part in parts:
         if part.heads is None and part.size % world_size:
             raise ShardingError(f"a fused part of {part.size} rows cannot be split evenly over {world_size} ranks", hint="Use a world size that divides every part")
-        piece = _shard(0, (part.size,) + shape[1:], part.heads, world_size, rank)
+        piece = _shard(0, (part.size,), part.heads, world_size, rank)
         ranges.append((offset + piece.start, offset + piece.stop))
         notes += [piece.note] if piece.note else []
         offset += part.size
     local_rows = sum(b - a for a, b in ranges)
     note = "; ".join([f"fused parts {[p.size for p in parts]} regrouped rank by rank", *notes]) if world_size > 1 else None
-    return Slice(0, tuple(ranges), (world_size * local_rows,) + shape[1:], note)
+    return Slice(dim, tuple(ranges), shape[:dim] + (world_size * local_rows,) + shape[dim + 1 :], note)
 
 
 StyleFn = Callable[..., Slice]
