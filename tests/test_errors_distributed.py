@@ -61,7 +61,7 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
     kind, wire = _same_error_everywhere(run_ranks(2, _load, root, str(plan), timeout=TIMEOUT_S))
     assert kind == "PlanError"
     assert wire["file"] == str(plan)
-    assert wire["message"] == "rule 'model.norm.weight' names unknown style 'diagonal'; known styles: colwise, packed, replicate, rowwise, vocab"
+    assert wire["message"] == "rule 'model.norm.weight' names unknown style 'diagonal'; known styles: colwise, experts, packed, replicate, rowwise, vocab"
 
 
 def _load_with_rank1_read_failure(rank: int, world_size: int, root: Path) -> object:
