@@ -75,3 +75,85 @@ def gpt2_tensors(config: dict, *, seed: int = 0, prefix: str = "transformer.") -
     tensors[prefix + "ln_f.weight"] = 1 + rand(hidden, scale=0.1)
     tensors[prefix + "ln_f.bias"] = rand(hidden, scale=0.1)
     return tensors
+
+
+def deepseek_tensors(config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A DeepSeek-V3 checkpoint in float32: MLA attention (q LoRA when ``q_lora_rank``), dense MLPs in
+    the first ``first_k_dense_replace`` layers, then a router with its score-correction bias, routed
+    experts and shared experts."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    nope, rope, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    q_lora, kv_lora = config.get("q_lora_rank"), config["kv_lora_rank"]
+
+    def rand(*shape: int, scale: float | None = None) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * (scale if scale is not None else 0.5 / shape[-1] ** 0.5)
+
+    def norm(size: int) -> torch.Tensor:
+        return 1 + rand(size, scale=0.1)
+
+    tensors = {"model.embed_tokens.weight": rand(config["vocab_size"], hidden, scale=0.1)}
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        tensors[p + "input_layernorm.weight"] = norm(hidden)
+        if q_lora:
+            tensors[p + "self_attn.q_a_proj.weight"] = rand(q_lora, hidden)
+            tensors[p + "self_attn.q_a_layernorm.weight"] = norm(q_lora)
+            tensors[p + "self_attn.q_b_proj.weight"] = rand(heads * (nope + rope), q_lora)
+        else:
+            tensors[p + "self_attn.q_proj.weight"] = rand(heads * (nope + rope), hidden)
+        tensors[p + "self_attn.kv_a_proj_with_mqa.weight"] = rand(kv_lora + rope, hidden)
+        tensors[p + "self_attn.kv_a_layernorm.weight"] = norm(kv_lora)
+        tensors[p + "self_attn.kv_b_proj.weight"] = rand(heads * (nope + v_dim), kv_lora)
+        tensors[p + "self_attn.o_proj.weight"] = rand(hidden, heads * v_dim)
+        tensors[p + "post_attention_layernorm.weight"] = norm(hidden)
+        if layer < config.get("first_k_dense_replace", 0):
+            inter = config["intermediate_size"]
+            tensors.update({p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden), p + "mlp.down_proj.weight": rand(hidden, inter)})
+            continue
+        inter, shared = config["moe_intermediate_size"], config["moe_intermediate_size"] * config.get("n_shared_experts", 0)
+        tensors[p + "mlp.gate.weight"] = rand(config["n_routed_experts"], hidden, scale=1.0)
+        tensors[p + "mlp.gate.e_score_correction_bias"] = rand(config["n_routed_experts"], scale=0.01)
+        for e in range(config["n_routed_experts"]):
+            q = f"{p}mlp.experts.{e}."
+            tensors.update({q + "gate_proj.weight": rand(inter, hidden), q + "up_proj.weight": rand(inter, hidden), q + "down_proj.weight": rand(hidden, inter)})
+        if shared:
+            q = p + "mlp.shared_experts."
+            tensors.update({q + "gate_proj.weight": rand(shared, hidden), q + "up_proj.weight": rand(shared, hidden), q + "down_proj.weight": rand(hidden, shared)})
+    tensors["model.norm.weight"] = norm(hidden)
+    tensors["lm_head.weight"] = rand(config["vocab_size"], hidden)
+    return tensors
+
+
+def quantize_block_fp8(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's block fp8: per block, scale = amax / 448 and the weight / scale as float8_e4m3fn;
+    returns (fp8 weight, float32 ``weight_scale_inv`` [ceil(rows/b0), ceil(cols/b1)])."""
+    blocks, rows, cols = _blocks(weight.float(), block)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    quantized = (blocks / scale[:, None, :, None]).reshape(blocks.shape[0] * block[0], -1)[:rows, :cols]
+    return quantized.to(torch.float8_e4m3fn), scale
+
+
+def dequantize_block_fp8(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """fp8 weight times its per-block scale, float32 (padded into whole blocks, then cut back)."""
+    blocks, rows, cols = _blocks(weight.float(), block)
+    return (blocks * scale[:, None, :, None]).reshape(blocks.shape[0] * block[0], -1)[:rows, :cols]
+
+
+def _blocks(tensor: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    rows, cols = tensor.shape
+    padded = torch.zeros(-(-rows // block[0]) * block[0], -(-cols // block[1]) * block[1])
+    padded[:rows, :cols] = tensor
+    return padded.view(padded.shape[0] // block[0], block[0], padded.shape[1] // block[1], block[1]), rows, cols
+
+
+def quantize_checkpoint(tensors: dict[str, torch.Tensor], block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Every ``*_proj.weight`` as block fp8 with its ``weight_scale_inv`` (routers, norms, embeddings and
+    the LM head stay as they are, as in DeepSeek-V3's checkpoint)."""
+    out = {}
+    for key, tensor in tensors.items():
+        if key.endswith("_proj.weight") or key.endswith("kv_a_proj_with_mqa.weight"):
+            out[key], out[key + "_scale_inv"] = quantize_block_fp8(tensor, block)
+        else:
+            out[key] = tensor
+    return out

@@ -3,7 +3,8 @@
 - :func:`expected_shard`: the slice tensor parallelism needs of each Llama-family key, from
   ``torch.chunk`` and the head layout (vLLM's KV-head replication when KV heads < ranks).
 - :func:`llama_forward`: the unsharded forward of a Llama / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 model,
-  and of the Mixtral / Qwen2-MoE / Qwen3-MoE sparse variants (:func:`moe`).
+  of the Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 sparse variants (:func:`moe`) and of
+  DeepSeek's latent attention (:func:`mla_attention`).
 - :func:`tp_llama_forward`: the same forward from one rank's local shards, with explicit collectives.
 """
 
@@ -99,14 +100,17 @@ def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce, shard: tuple[
     gemma = _gemma(config)
     _, _, head_dim = _heads(config)
     h = _norm(x, w[p + "input_layernorm.weight"], config)
-    q = _linear(h, w, p + "self_attn.q_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
-    k = _linear(h, w, p + "self_attn.k_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
-    v = _linear(h, w, p + "self_attn.v_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
-    if p + "self_attn.q_norm.weight" in w:
-        q = _norm(q, w[p + "self_attn.q_norm.weight"], config)
-        k = _norm(k, w[p + "self_attn.k_norm.weight"], config)
     theta = config.get("rope_theta", 10000.0)
-    attn = _attention(rope(q, theta), rope(k, theta), v, config).transpose(0, 1).reshape(x.shape[0], -1)
+    if p + "self_attn.kv_a_proj_with_mqa.weight" in w:
+        attn = mla_attention(h, w, p, config)
+    else:
+        q = _linear(h, w, p + "self_attn.q_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+        k = _linear(h, w, p + "self_attn.k_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+        v = _linear(h, w, p + "self_attn.v_proj").view(x.shape[0], -1, head_dim).transpose(0, 1)
+        if p + "self_attn.q_norm.weight" in w:
+            q = _norm(q, w[p + "self_attn.q_norm.weight"], config)
+            k = _norm(k, w[p + "self_attn.k_norm.weight"], config)
+        attn = _attention(rope(q, theta), rope(k, theta), v, config).transpose(0, 1).reshape(x.shape[0], -1)
     out = reduce(attn @ w[p + "self_attn.o_proj.weight"].T)
     if p + "self_attn.o_proj.bias" in w:
         out = out + w[p + "self_attn.o_proj.bias"]
@@ -122,6 +126,25 @@ def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce, shard: tuple[
     if sparse is not None:
         return x + reduce(moe(h, w, *sparse, config, shard))
     return x + reduce(_swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"]))
+
+
+def mla_attention(h: torch.Tensor, w: dict, p: str, config: dict) -> torch.Tensor:
+    """DeepSeek multi-head latent attention up to o_proj: queries through the q LoRA (or q_proj),
+    keys and values from a normed latent through kv_b, one rotary key shared by every head; each
+    head's query and key are [nope | rope], its value v_head_dim. Local heads from local shards."""
+    nope, rope_dim, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    seq, theta = h.shape[0], config.get("rope_theta", 10000.0)
+    if p + "self_attn.q_a_proj.weight" in w:
+        q = _norm(h @ w[p + "self_attn.q_a_proj.weight"].T, w[p + "self_attn.q_a_layernorm.weight"], config) @ w[p + "self_attn.q_b_proj.weight"].T
+    else:
+        q = h @ w[p + "self_attn.q_proj.weight"].T
+    q_nope, q_pe = q.view(seq, -1, nope + rope_dim).transpose(0, 1).split([nope, rope_dim], -1)
+    latent, k_pe = (h @ w[p + "self_attn.kv_a_proj_with_mqa.weight"].T).split([config["kv_lora_rank"], rope_dim], -1)
+    kv = _norm(latent, w[p + "self_attn.kv_a_layernorm.weight"], config) @ w[p + "self_attn.kv_b_proj.weight"].T
+    k_nope, v = kv.view(seq, -1, nope + v_dim).transpose(0, 1).split([nope, v_dim], -1)
+    k_pe = rope(k_pe.unsqueeze(0), theta).expand(k_nope.shape[0], -1, -1)
+    attn = _attention(torch.cat([q_nope, rope(q_pe, theta)], -1), torch.cat([k_nope, k_pe], -1), v)
+    return attn.transpose(0, 1).reshape(seq, -1)
 
 
 def _swiglu(h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

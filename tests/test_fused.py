@@ -202,3 +202,49 @@ def test_chunk_sizes_that_do_not_add_up_to_the_stored_rows_are_refused(tmp_path:
     with pytest.raises(tp_loader.CheckpointError, match=r"chunk converter: the stored tensor has shape \[200, 48\], but its targets' sizes add up to 199 rows") as info:
         tp_loader.load(root, plan=str(tmp_path / "split.toml"))
     assert info.value.key == "model.layers.0.mlp.gate_up_proj.weight"
+
+
+FUSED_TARGET_PLAN = """
+extends = "phi3"
+name = "phi3-from-split"
+model_types = ["llama"]
+
+[[converters]]
+op = "concatenate"
+sources = ["model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight", "model.layers.{layer}.self_attn.v_proj.weight"]
+target = "model.layers.{layer}.self_attn.qkv_proj.weight"
+
+[[converters]]
+op = "concatenate"
+sources = ["model.layers.{layer}.mlp.gate_proj.weight", "model.layers.{layer}.mlp.up_proj.weight"]
+target = "model.layers.{layer}.mlp.gate_up_proj.weight"
+"""
+
+
+def _load_fused_from_split(rank: int, world_size: int, root: Path, plan: Path, config: dict) -> tuple[float, int, int]:
+    result = tp_loader.load(root, plan=str(plan))
+    stored = llama_tensors(config)
+    fused = _fuse(stored, config)
+    assert set(result.state_dict) == set(fused)
+    _, _, local_q, local_kv = _sizes(config, world_size)
+    expected_bytes = 0
+    for key, tensor in stored.items():  # each rank's piece of each part, straight out of the split tensors
+        expected_bytes += expected_shard(key, tensor, config, world_size, rank).numel() * tensor.element_size()
+    local = _split({k: v.to_local() for k, v in result.state_dict.items()}, local_q, local_kv)
+    for key, tensor in stored.items():
+        assert torch.equal(local[key], expected_shard(key, tensor, config, world_size, rank)), key
+    input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7]) % config["vocab_size"]
+    error = float((tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(stored, config, input_ids)).abs().max())
+    return error, result.report.ranks[rank].bytes_read, expected_bytes
+
+
+@pytest.mark.parametrize(("world_size", "config"), [(2, llama_config()), (4, llama_config(num_key_value_heads=2))], ids=["world2", "world4-kv-replicated"])
+def test_split_checkpoint_loads_into_a_fused_target_layout_reading_each_parts_rows(tmp_path: Path, world_size: int, config: dict) -> None:
+    """The reverse of the chunk case: q/k/v (gate/up) stored apart, loaded as phi3's packed qkv_proj
+    (gate_up_proj); rank r reads q[r], k[r], v[r] from the three stored tensors and nothing else."""
+    root = write_checkpoint(tmp_path / "llama", config, llama_tensors(config), num_shards=2)
+    plan = tmp_path / "fused.toml"
+    plan.write_text(FUSED_TARGET_PLAN)
+    for error, bytes_read, expected_bytes in values(run_ranks(world_size, _load_fused_from_split, root, plan, config)):
+        assert error <= 1e-5
+        assert bytes_read == expected_bytes

@@ -47,6 +47,14 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     return coalesce(ByteRange(info.file, info.begin + i * stride + a * inner, (b - a) * inner) for i in range(outer) for a, b in piece.ranges)
 
 
+def read_ranges(item: TensorPlan) -> list[ByteRange]:
+    """Everything reading ``item`` touches: its slice's ranges plus, for a block-fp8 weight dequantized
+    on load, the ranges of the scale blocks covering it."""
+    if item.scale is None:
+        return slice_ranges(item)
+    return coalesce(sorted(slice_ranges(item) + slice_ranges(item.scale), key=lambda r: (r.file, r.offset)))
+
+
 def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list[ByteRange]:
     """Merges ranges of the same file that touch into one (up to ``max_length`` bytes each).
 

@@ -82,6 +82,7 @@ def _dry_run(args: argparse.Namespace) -> int:
     from .demo import ensure_demo
     from .env import settings
     from .index import index_checkpoint
+    from .loader import normalise_dtype, wants_dequantize
     from .plan import make_plan
     from .report import format_plans
     from .resolve import find_weights, resolve_source
@@ -93,7 +94,8 @@ def _dry_run(args: argparse.Namespace) -> int:
         root = ensure_demo(settings(1).demo_dir) if args.model is None else resolve_source(args.model, revision=args.revision, cache_dir=args.cache_dir)
         checkpoint = index_checkpoint(find_weights(root))
         spec = select_spec(args.plan, checkpoint.config, model=str(root), mode=args.mode)
-        print(format_plans([make_plan(checkpoint, spec, args.dry_run, rank, model=str(root)) for rank in range(args.dry_run)]))
+        dequantize = wants_dequantize(normalise_dtype(args.dtype))
+        print(format_plans([make_plan(checkpoint, spec, args.dry_run, rank, model=str(root), dequantize=dequantize) for rank in range(args.dry_run)]))
     except TPLoaderError as exc:
         print(f"tp_loader: error: {exc}", file=sys.stderr)
         return 1

@@ -96,7 +96,7 @@ def load(
     settings = envmod.settings(launch.local_world_size)
     if zero_copy is not None:
         settings = dataclasses.replace(settings, zero_copy=zero_copy)
-    wanted = _normalise_dtype(dtype)
+    wanted = normalise_dtype(dtype)
     ctx = open_control_group(make_context(mesh, device, launch, settings))
     try:
         return _load(ctx, model, wanted, plan=plan, mode=mode, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
@@ -111,7 +111,7 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
         checkpoint = index_checkpoint(find_weights(root))
         spec = select_spec(plan, checkpoint.config, model=str(root), mode=mode)
-        load_plan = make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root))
+        load_plan = make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root), dequantize=wants_dequantize(wanted))
         if strict:
             _refuse_key_problems(load_plan)
         return checkpoint, load_plan
@@ -207,7 +207,12 @@ class _intra_op_threads:
         torch.set_num_threads(self._saved)
 
 
-def _normalise_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def wants_dequantize(dtype: torch.dtype | None) -> bool:
+    """Whether a requested dtype means block-fp8 weights are dequantized on load (any wider float)."""
+    return dtype is not None and dtype.is_floating_point and dtype.itemsize > 1
+
+
+def normalise_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)

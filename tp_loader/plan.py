@@ -9,11 +9,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import torch
+
 from .convert import Conversion, apply_converters, expand, segment_reads
 from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
-from .styles import STYLES, Heads, Part, Slice, head_world_sizes
+from .styles import STYLES, Heads, Part, Slice, block_slice, head_world_sizes
 
 
 MAX_LAYERS = 100_000
@@ -28,12 +30,16 @@ class TensorPlan:
         slice: what this rank reads of it and how that is placed.
         style: the plan style applied (``replicate`` for unexpected keys).
         rule: the matching rule's pattern, or ``None`` when no rule matched.
+        scale: for a block-fp8 weight dequantized on load, the read of the scale blocks covering
+            this rank's slice; ``block`` is the block size.
     """
 
     info: TensorInfo
     slice: Slice
     style: str
     rule: str | None
+    scale: TensorPlan | None = None
+    block: tuple[int, int] = ()
 
     @property
     def key(self) -> str:
@@ -50,10 +56,10 @@ class TensorPlan:
 
     @property
     def read_bytes(self) -> int:
-        """Bytes read for this slice: ``nbytes``, more only where a converter must widen a read."""
-        if not self.info.segments:
-            return self.nbytes
-        return sum(math.prod(r.slice.local_shape(r.segment.info.shape)) * self.info.dtype.itemsize for r in segment_reads(self.info, self.slice))
+        """Bytes read for this slice: ``nbytes``, more where a converter must widen a read, plus the
+        scale blocks of a weight dequantized on load."""
+        own = self.nbytes if not self.info.segments else sum(math.prod(r.slice.local_shape(r.segment.info.shape)) * self.info.dtype.itemsize for r in segment_reads(self.info, self.slice))
+        return own + (self.scale.read_bytes if self.scale is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -101,7 +107,7 @@ class LoadPlan:
         return sum(t.read_bytes for t in self.tensors)
 
 
-def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str) -> LoadPlan:
+def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str, dequantize: bool = False) -> LoadPlan:
     """Plans the load of ``checkpoint`` for ``rank`` of ``world_size``.
 
     Args:
@@ -110,12 +116,15 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
         world_size: number of tensor-parallel ranks.
         rank: this rank, ``0 <= rank < world_size``.
         model: the model's name for messages.
+        dequantize: block-fp8 weights are dequantized on load (the caller asked for a wider dtype):
+            each rank reads its slice and the scale blocks covering it, and scales are not loaded.
 
     Returns:
         The :class:`LoadPlan`, tensors in file and byte-offset order.
 
     Raises:
-        ShardingError: a head group cannot be split over ``world_size``.
+        ShardingError: a head group cannot be split over ``world_size``, or (without ``dequantize``)
+            a shard boundary cuts a block-fp8 weight's scale blocks.
         CheckpointError: the config lacks a value the plan needs.
         PlanError: a plan expression is malformed.
     """
@@ -129,8 +138,10 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
             for name, g in spec.heads.items()
         }
         stored, conversions = _convert(checkpoint, spec, values, {name: h.head_dim for name, h in heads.items()}, num_layers, num_experts)
+        block = fp8_block(checkpoint.config)
     except CheckpointError as exc:
         raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
+    scales = _expect_scales(stored, expected, block) if block else {}
     rules = {key: spec.match(key) for key in (*stored, *expected)}
     _check_heads(heads, {rules[k] for k in expected}, world_size, model)
 
@@ -141,6 +152,8 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     for key, info in stored.items():
         rule = rules[key]
         want = expected.get(key)
+        if key in scales:
+            continue  # placed with its weight, below
         if want is None:
             unexpected.append(key)
             if rule is None:
@@ -159,12 +172,17 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
                 raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
             tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
 
-    used = set(rules.values())
+    notes: dict[str, str] = {}
+    if scales:
+        tensors = _place_scales(tensors, scales, stored, block, dequantize, notes)
+    # a rule is in use if it matched a key, or one of the plan's own tensor templates (a tensor a
+    # `when` turned off for this config is not a typo)
+    used = set(rules.values()) | {spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors}
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in stored and k not in covered)
-    notes = {t.key: t.slice.note for t in tensors if t.slice.note}
+    notes.update({t.key: t.slice.note for t in tensors if t.slice.note})
     notes.update({t.key: widened for t in tensors if (widened := _widened_note(t))})
     placed = {t.key: f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}" for t in tensors}
     conversions = tuple(dataclasses.replace(c, placement=placed.get(c.target, "not loaded")) for c in conversions)
@@ -232,3 +250,66 @@ def _widened_note(item: TensorPlan) -> str | None:
         return None
     widened = [r for r in segment_reads(item.info, item.slice) if r.trim is not None]
     return f"shard cuts rotary heads: read {len(widened)} run(s) widened to whole heads, permuted, then trimmed" if widened else None
+
+
+SCALE_SUFFIX = "_scale_inv"
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def fp8_block(config: dict) -> tuple[int, int] | None:
+    """The block size of a block-fp8 checkpoint (``quantization_config`` with ``quant_method = "fp8"``
+    and ``weight_block_size``, as DeepSeek-V3 and the Qwen3 FP8 models), or ``None``.
+
+    Raises:
+        CheckpointError: the block size is not two positive integers.
+    """
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "fp8" or quant.get("weight_block_size") is None:
+        return None
+    block = quant["weight_block_size"]
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise CheckpointError(f"quantization_config.weight_block_size = {block!r} is not two positive integers", key="quantization_config", hint="Fix config.json")
+    return block[0], block[1]
+
+
+def _expect_scales(stored: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], block: tuple[int, int]) -> dict[str, str]:
+    """Scale key → weight key for every expected 2-D weight stored as fp8 (its scale is then expected,
+    one entry per block) or stored with a scale; adds the scales' shapes to ``expected``."""
+    scales = {}
+    for weight, shape in list(expected.items()):
+        scale = weight + SCALE_SUFFIX
+        info = stored.get(weight)
+        if len(shape) == 2 and weight.endswith(".weight") and (scale in stored or (info is not None and info.dtype in FP8)):
+            expected[scale] = tuple(-(-d // b) for d, b in zip(shape, block))
+            if scale in stored:
+                scales[scale] = weight
+    return scales
+
+
+def _place_scales(tensors: list[TensorPlan], scales: dict[str, str], stored: dict[str, TensorInfo], block: tuple[int, int], dequantize: bool, notes: dict[str, str]) -> list[TensorPlan]:
+    """Each scale sharded in step with its weight (right after it), or, when dequantizing, read with
+    the weight as the blocks covering its slice."""
+    weights = {weight: scale for scale, weight in scales.items()}
+    out: list[TensorPlan] = []
+    for item in tensors:
+        scale_key = weights.get(item.key)
+        if scale_key is None:
+            if dequantize and item.info.dtype in FP8 and block and item.key + SCALE_SUFFIX not in stored and item.info.shape and len(item.info.shape) == 2 and item.key.endswith(".weight"):
+                raise CheckpointError("block-fp8 weight has no stored scale, so it cannot be dequantized", file=item.info.file, key=item.key, hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, or load without dtype to keep fp8")
+            out.append(item)
+            continue
+        scale = stored[scale_key]
+        want = tuple(-(-d // b) for d, b in zip(item.info.shape, block))
+        if scale.shape != want:
+            raise CheckpointError(f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}", file=scale.file, key=scale_key, hint="The checkpoint's scales do not match its weights or config.json's weight_block_size")
+        if dequantize and item.info.dtype in FP8:
+            covering = block_slice(item.slice, item.info.shape, scale.shape, block, covering=True)
+            out.append(dataclasses.replace(item, scale=TensorPlan(scale, covering, "scale", None), block=block))
+            notes[item.key] = f"dequantized on load from {str(item.info.dtype).removeprefix('torch.')} with {scale_key} ({block[0]}x{block[1]} blocks)"
+            continue
+        try:
+            piece = block_slice(item.slice, item.info.shape, scale.shape, block)
+        except ShardingError as exc:
+            raise ShardingError(exc.message, file=item.info.file, key=item.key, hint=exc.hint) from None
+        out += [item, TensorPlan(scale, piece, f"{item.style} scale", item.rule)]
+    return out

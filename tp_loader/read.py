@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
-from .byteranges import slice_ranges
+from .byteranges import read_ranges, slice_ranges
 from .convert import finish_read, segment_reads
 from .plan import TensorPlan
 from .staging import StagingRing, cuda_copy
@@ -241,6 +241,20 @@ def _read_slice(source: _Source, item: TensorPlan) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+def dequantize(piece: torch.Tensor, scale: torch.Tensor, item: TensorPlan) -> torch.Tensor:
+    """A block-fp8 slice times its scale blocks (float32): ``scale`` holds the blocks covering
+    ``item``'s slice; each is widened to its block, then cut to the slice's rows and columns."""
+    assert item.scale is not None
+    rows, cols = item.block
+    widened = scale.float().repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    dim = item.slice.dim
+    if dim is not None:
+        first = item.scale.slice.ranges[0][0] * item.block[dim]
+        widened = torch.cat([widened.narrow(dim, a - first, b - a) for a, b in item.slice.ranges], dim)
+    widened = widened[: piece.shape[0], : piece.shape[1]]
+    return piece.float() * widened
+
+
 def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
     """``POSIX_FADV_WILLNEED`` over each slice's span (first to last byte; a column slice's span also
     holds other ranks' columns, which is harmless for a hint): the kernel reads ahead, from disk on a
@@ -250,9 +264,12 @@ def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
         return
     spans: dict[str, list[tuple[int, int]]] = {}
     for item in items:
-        ranges = slice_ranges(item)
-        if ranges:
-            spans.setdefault(item.info.file, []).append((ranges[0].offset, ranges[-1].end - ranges[0].offset))
+        by_file: dict[str, list[int]] = {}
+        for r in read_ranges(item):  # a slice, and the scale blocks of a weight dequantized on load
+            first_last = by_file.setdefault(r.file, [r.offset, r.end])
+            first_last[1] = r.end
+        for name, (first, last) in by_file.items():
+            spans.setdefault(name, []).append((first, last - first))
     for name, file_spans in spans.items():
         fd = os.open(root / name, os.O_RDONLY)
         try:
@@ -294,6 +311,8 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
         with budget.hold(item.nbytes):
             try:
                 piece = _read_slice(source, item)
+                if item.scale is not None:
+                    piece = dequantize(piece, source.slice(item.scale), item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
                 single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and piece.is_contiguous() and not item.info.segments
                 kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)

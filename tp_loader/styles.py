@@ -141,6 +141,35 @@ def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: i
     return Slice(dim, tuple(ranges), shape[:dim] + (world_size * local_rows,) + shape[dim + 1 :], note)
 
 
+def block_slice(piece: Slice, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int], *, covering: bool = False) -> Slice:
+    """The slice of a block-fp8 weight's scale tensor (one entry per ``block`` of the weight) that
+    goes with the weight's ``piece``.
+
+    Args:
+        covering: read the blocks covering the piece even where its boundaries cut a block (for
+            dequantizing on load): one range, from the first block touched to the last.
+
+    Raises:
+        ShardingError: (unless ``covering``) a shard boundary falls inside a block.
+    """
+    if piece.dim is None:
+        return Slice(None, global_shape=scale_shape)
+    dim, size = piece.dim, block[piece.dim]
+    global_shape = scale_shape[:dim] + (-(-piece.global_shape[dim] // size),) + scale_shape[dim + 1 :]
+    if covering:
+        touched = [(a, b) for a, b in piece.ranges if b > a] or [(0, 0)]
+        return Slice(dim, ((touched[0][0] // size, -(-touched[-1][1] // size)),), global_shape)
+    ranges = []
+    for a, b in piece.ranges:
+        if a < b and (a % size or (b % size and b != weight_shape[dim])):
+            raise ShardingError(
+                f"the shard [{a}, {b}) of dim {dim} cuts the weight's {block[0]}x{block[1]} fp8 scale blocks",
+                hint="Load with a wider dtype (dtype=bfloat16) to dequantize each slice on load, or use a world size whose shards fall on block boundaries",
+            )
+        ranges.append((a // size, -(-b // size)) if a < b else (a // size, a // size))
+    return Slice(dim, tuple(ranges), global_shape)
+
+
 StyleFn = Callable[..., Slice]
 
 #: Style name → function. Plans name styles; adding a layout trick means adding an entry here.
