@@ -69,10 +69,12 @@ CASES = [
     pytest.param(2, mixtral_config(), id="mixtral-world2"),
     pytest.param(3, mixtral_config(num_key_value_heads=3, intermediate_size=41), id="mixtral-world3-uneven"),
     pytest.param(4, mixtral_config(num_key_value_heads=2, num_local_experts=4), id="mixtral-world4-kv-replicated"),
+    pytest.param(1, qwen2_moe_config(), id="qwen2_moe-world1"),
     pytest.param(2, qwen2_moe_config(), id="qwen2_moe-world2-shared-expert-and-a-dense-layer"),
     pytest.param(4, qwen2_moe_config(), id="qwen2_moe-world4"),
     pytest.param(2, qwen3_moe_config(), id="qwen3_moe-world2-sparse-step-2"),
     pytest.param(3, qwen3_moe_config(num_attention_heads=6, num_key_value_heads=3, moe_intermediate_size=21), id="qwen3_moe-world3-uneven"),
+    pytest.param(4, qwen3_moe_config(num_key_value_heads=2), id="qwen3_moe-world4-kv-replicated"),
 ]
 
 
