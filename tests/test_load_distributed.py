@@ -154,3 +154,21 @@ def test_every_rank_applies_rank_0s_tie_decisions(make_checkpoint) -> None:
     outcomes = values(run_ranks(2, _tie_with_rank1_deciding_differently, root))
     assert outcomes[0] == outcomes[1]
     assert [t.stored for t in outcomes[1][0]] == ["source"] and outcomes[1][1]
+
+
+def _placed_like_from_local(rank: int, world_size: int, root: Path) -> int:
+    from torch.distributed.tensor import DTensor
+
+    result = tp_loader.load(root)
+    for key, tensor in result.state_dict.items():
+        local = tensor.to_local()
+        reference = DTensor.from_local(local, result.mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride())
+        assert (tensor.placements, tensor.shape, tensor.stride(), tensor.dtype) == (reference.placements, reference.shape, reference.stride(), reference.dtype), key
+        assert tensor.shape == torch.Size(tensor.full_tensor().shape), key
+        assert not tensor.requires_grad
+    return len(result.state_dict)
+
+
+def test_placed_dtensors_carry_the_metadata_from_local_would_give_them(make_checkpoint) -> None:
+    root = make_checkpoint(llama_config(num_key_value_heads=2, vocab_size=101))
+    assert values(run_ranks(4, _placed_like_from_local, root)) == [3 + 2 * 9] * 4  # embed, norm, lm_head; 9 per layer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .plan import TensorPlan
 
@@ -22,6 +23,10 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 def place(local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: DeviceMesh | None) -> dict[str, torch.Tensor]:
     """Wraps local shards as DTensors (``Shard(dim)`` or ``Replicate()``) with their global shape.
 
+    What ``DTensor.from_local(run_check=False, shape=, stride=)`` does, without its autograd function,
+    and with one (immutable) spec shared by every tensor of the same placement, shape and dtype:
+    about 7 µs a tensor instead of 100 µs, which matters for MoE checkpoints of 10^5 tensors.
+
     Args:
         local: checkpoint key → this rank's shard.
         items: the plan of each key.
@@ -33,9 +38,13 @@ def place(local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: D
     if mesh is None:
         return {item.key: local[item.key] for item in items}
     out: dict[str, torch.Tensor] = {}
+    specs: dict[tuple, DTensorSpec] = {}
     for item in items:
-        piece = item.slice
+        tensor, piece = local[item.key], item.slice
         placement = Replicate() if piece.dim is None else Shard(piece.dim)
         shape = piece.global_shape
-        out[item.key] = DTensor.from_local(local[item.key], mesh, [placement], run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape))
+        spec = specs.get((placement, shape, tensor.dtype))
+        if spec is None:
+            spec = specs[(placement, shape, tensor.dtype)] = DTensorSpec(mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), tensor.dtype))
+        out[item.key] = DTensor(tensor, spec, requires_grad=False)
     return out

@@ -274,8 +274,18 @@ def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str, mode:
 
 
 def _plan_header(path: Path) -> tuple[list[str], list[str]]:
-    """A plan file's own ``model_types`` and ``architectures`` (what ``auto`` matches on), parsed alone."""
-    data = _read_toml_file(path)
+    """A plan file's own ``model_types`` and ``architectures`` (what ``auto`` matches on). TOML puts
+    top-level keys before any table, so only the text up to the first table header is parsed: ``auto``
+    reads every built-in plan, and parsing them whole costs tens of milliseconds per load."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PlanError(f"cannot read plan file: {exc}", file=str(path), hint="Reinstall tp_loader or fix the file") from None
+    found = re.search(r"^\s*\[", text, flags=re.MULTILINE)
+    try:
+        data = tomllib.loads(text[: found.start()] if found else text)
+    except tomllib.TOMLDecodeError:  # the cut fell inside a value (a nested array's line): parse it all
+        data = _read_toml_file(path)
     return list(data.get("model_types", [])), list(data.get("architectures", []))
 
 
