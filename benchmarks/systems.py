@@ -42,8 +42,8 @@ class TPLoader:
 
 
 class TPLoaderZeroCopy(TPLoader):
-    """tp_loader with ``zero_copy=True``: contiguous shards stay views of the file mapping (as
-    transformers keeps them); column shards are copied."""
+    """tp_loader with ``zero_copy=True``: shards stay views of the file mapping (row shards as
+    transformers keeps them, column shards as strided views where transformers copies)."""
 
     name = "tp_loader zero-copy"
 

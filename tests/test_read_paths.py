@@ -146,22 +146,24 @@ def test_staging_ring_converts_dtype_and_handles_rows_larger_than_a_buffer_from_
     assert all(torch.equal(d, s.float()) for s, d in zip(sources, dests))
 
 
-def _zero_copy_load(rank: int, world_size: int, root: Path) -> tuple[dict[str, str], dict[str, str], int, int]:
+def _zero_copy_load(rank: int, world_size: int, root: Path) -> tuple[dict[str, str], dict[str, str], int, int, list[str]]:
     def digests(state: dict) -> dict[str, str]:
         return {k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in state.items()}
 
     mapped = tp_loader.load(root, zero_copy=True)
     copied = tp_loader.load(root)
-    return digests(mapped.state_dict), digests(copied.state_dict), mapped.report.ranks[rank].zero_copy_tensors, copied.report.ranks[rank].zero_copy_tensors
+    strided = sorted(k for k, v in mapped.state_dict.items() if not v.to_local().is_contiguous())
+    assert all(v.to_local().is_contiguous() for v in copied.state_dict.values())
+    return digests(mapped.state_dict), digests(copied.state_dict), mapped.report.ranks[rank].zero_copy_tensors, copied.report.ranks[rank].zero_copy_tensors, strided
 
 
-def test_zero_copy_load_gives_bitwise_the_same_shards_and_copies_only_column_slices(make_checkpoint) -> None:
+def test_zero_copy_load_gives_bitwise_the_same_shards_all_views_of_the_mapping(make_checkpoint) -> None:
     config = llama_config()
     root = make_checkpoint(config, num_shards=2)
-    for mapped, copied, num_mapped, num_copied in values(run_ranks(2, _zero_copy_load, root)):
+    for mapped, copied, num_mapped, num_copied, strided in values(run_ranks(2, _zero_copy_load, root)):
         assert mapped == copied
-        column_sliced = 2 * config["num_hidden_layers"]  # o_proj and down_proj weights
-        assert (num_mapped, num_copied) == (len(mapped) - column_sliced, 0)
+        assert (num_mapped, num_copied) == (len(mapped), 0)
+        assert strided == sorted(f"model.layers.{i}.{name}.weight" for i in range(config["num_hidden_layers"]) for name in ("mlp.down_proj", "self_attn.o_proj"))
 
 
 def test_writing_to_a_zero_copy_shard_never_reaches_the_file(make_checkpoint) -> None:

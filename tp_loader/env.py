@@ -45,7 +45,7 @@ class Settings:
         reader: how safetensors files are read (``TP_LOADER_READER``: ``mmap``, ``safetensors``, ``pread``).
         fadvise: whether to send ``POSIX_FADV_WILLNEED`` hints first (``TP_LOADER_FADVISE``, default off:
             a win on cold caches and network filesystems, about 0.1 s per GB of overhead on a warm cache).
-        zero_copy: keep contiguous CPU shards as views of the file mapping (``TP_LOADER_ZERO_COPY``, default off).
+        zero_copy: keep single-range CPU shards as views of the file mapping (``TP_LOADER_ZERO_COPY``, default off).
     """
 
     num_threads: int

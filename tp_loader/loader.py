@@ -80,10 +80,11 @@ def load(
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory.
         progress: show a progress bar on rank 0 for long loads.
-        zero_copy: on CPU, without a dtype change, keep contiguous shards (rows, replicated tensors) as
-            views of a private copy-on-write mapping of the file instead of copying them: pages are
-            read on first use and writes never reach the file; column shards are still copied.
-            Default: ``TP_LOADER_ZERO_COPY`` (off).
+        zero_copy: on CPU, without a dtype change, keep shards as views of a private copy-on-write
+            mapping of the file instead of copying them: pages are read on first use and writes
+            never reach the file. Row shards and replicated tensors are contiguous views, column
+            shards strided views (``is_contiguous()`` is False; matmuls take them as they are);
+            packed shards and converter targets are still copied. Default: ``TP_LOADER_ZERO_COPY`` (off).
 
     Returns:
         The :class:`LoadResult`.

@@ -43,8 +43,9 @@ class ReadOptions:
         progress: show a progress bar (rank 0 only; shown once a load takes over a second).
         reader: how safetensors files are read: ``mmap`` (default), ``safetensors`` or ``pread``.
         fadvise: hint the kernel (``POSIX_FADV_WILLNEED``) about every slice before reading.
-        zero_copy: on CPU with the mmap reader and no dtype change, keep contiguous slices as views of
-            the file's private (copy-on-write) mapping instead of copying them.
+        zero_copy: on CPU with the mmap reader and no dtype change, keep each single-range slice as a
+            view of the file's private (copy-on-write) mapping instead of copying it (a column shard
+            is then a strided, non-contiguous view).
     """
 
     dtype: torch.dtype | None
@@ -314,7 +315,9 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
                 if item.scale is not None:
                     piece = dequantize(piece, source.slice(item.scale), item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and piece.is_contiguous() and not item.info.segments
+                # one range of one stored tensor is a view of the mapping: contiguous rows, or a
+                # strided column shard (a matmul takes it as is; a packed shard needs a copy)
+                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and not item.info.segments
                 kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)
                 if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
