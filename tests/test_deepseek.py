@@ -212,3 +212,12 @@ def test_dequantized_slices_are_identical_through_every_reader(tmp_path: Path, r
         plan = make_plan(checkpoint, spec, 3, rank, model="ds", dequantize=True)
         local, _ = read_tensors(root, "safetensors", plan.tensors, options)
         assert all(torch.equal(local[key], expected_slice(key, tensor, 3, rank)) for key, tensor in full.items())
+
+
+def test_scale_of_a_mismatched_weight_is_reported_mismatched_too(tmp_path: Path) -> None:
+    tensors = quantize_checkpoint(deepseek_tensors(FP8_CONFIG), BLOCK)
+    key = "model.layers.0.self_attn.o_proj.weight"
+    tensors[key], tensors[key + "_scale_inv"] = tensors[key][:, :-8].contiguous(), tensors[key + "_scale_inv"][:, :-1].contiguous()
+    report = tp_loader.load(write_checkpoint(tmp_path / "ds", FP8_CONFIG, tensors)).report
+    assert [m.key for m in report.mismatched_keys] == [key, key + "_scale_inv"]
+    assert report.mismatched_keys[1].describe() == f"{key}_scale_inv (config implies [8, 8], stored [8, 7])"

@@ -175,6 +175,8 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     notes: dict[str, str] = {}
     if scales:
         tensors = _place_scales(tensors, scales, stored, block, dequantize, notes)
+        planned = {t.key for t in tensors}  # a scale whose weight is not loaded is not loaded either
+        mismatched += [Mismatch(s, expected[s], stored[s].shape) for s, w in scales.items() if w not in planned and s not in planned]
     # a rule is in use if it matched a key, or one of the plan's own tensor templates (a tensor a
     # `when` turned off for this config is not a typo)
     used = set(rules.values()) | {spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors}
