@@ -133,12 +133,12 @@ def fill(template: str, values: dict[str, int]) -> str:
     return template
 
 
-def carve(info: TensorInfo, first: int, count: int, key: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
+def carve(info: TensorInfo, first: int, count: int, key: str) -> TensorInfo:
     """Rows ``[first, first + count)`` of a stored (or carved) tensor, as a tensor of its own."""
     row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
     begin = info.begin + first * row_bytes if info.begin >= 0 else -1
     end = begin + count * row_bytes if begin >= 0 else -1
-    return dataclasses.replace(info, key=key, shape=shape or (count,) + info.shape[1:], begin=begin, end=end, stored_key=info.source_key, row_offset=info.row_offset + first)
+    return dataclasses.replace(info, key=key, shape=(count,) + info.shape[1:], begin=begin, end=end, stored_key=info.source_key, row_offset=info.row_offset + first)
 
 
 class _Converting:

@@ -296,7 +296,7 @@ def _place_scales(tensors: list[TensorPlan], scales: dict[str, str], stored: dic
     for item in tensors:
         scale_key = weights.get(item.key)
         if scale_key is None:
-            if dequantize and item.info.dtype in FP8 and block and item.key + SCALE_SUFFIX not in stored and item.info.shape and len(item.info.shape) == 2 and item.key.endswith(".weight"):
+            if dequantize and item.info.dtype in FP8 and len(item.info.shape) == 2 and item.key.endswith(".weight") and item.key + SCALE_SUFFIX not in stored:
                 raise CheckpointError("block-fp8 weight has no stored scale, so it cannot be dequantized", file=item.info.file, key=item.key, hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, or load without dtype to keep fp8")
             out.append(item)
             continue
