@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from conftest import llama_config
 
 import tp_loader
@@ -89,3 +91,27 @@ def test_twenty_loads_in_one_process_leak_no_file_handles_threads_or_memory(make
         assert after[0] == before[0], f"open fds {before[0]} -> {after[0]}"
         assert after[1] == before[1], f"threads {before[1]} -> {after[1]}"
         assert after[2] - before[2] < 8 * 1024, f"RSS grew {after[2] - before[2]} KiB over 20 loads"
+
+
+def _load_across_a_new_job(rank: int, world_size: int, root: Path, init_file: str) -> tuple[bool, bool, bool]:
+    import datetime
+
+    import torch.distributed as dist
+
+    from tp_loader import dist as tp_dist
+
+    first = tp_loader.load(root)
+    (group,) = tp_dist._CONTROL_GROUPS.values()  # one timeout in use, so one group
+    again = tp_loader.load(root)
+    (reused,) = tp_dist._CONTROL_GROUPS.values()
+    dist.destroy_process_group()  # the caller tears its job down and starts a new one
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    third = tp_loader.load(root)
+    (replaced,) = tp_dist._CONTROL_GROUPS.values()
+    same = all(torch.equal(first.state_dict[k].to_local(), t.to_local()) and torch.equal(again.state_dict[k].to_local(), t.to_local()) for k, t in third.state_dict.items())
+    return reused is group, replaced is not group, same
+
+
+def test_load_after_the_job_is_torn_down_and_reinitialized_forms_a_new_control_group(make_checkpoint, tmp_path: Path) -> None:
+    root = make_checkpoint(llama_config())
+    assert values(run_ranks(2, _load_across_a_new_job, root, str(tmp_path / "second_init"))) == [(True, True, True)] * 2

@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
 from .demo import ensure_demo
-from .dist import Context, agree, close_control_group, host_name, make_context, open_control_group, run_agreed
+from .dist import Context, agree, host_name, make_context, open_control_group, run_agreed
 from .errors import DistributedError, StrictLoadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
@@ -99,10 +99,7 @@ def load(
         settings = dataclasses.replace(settings, zero_copy=zero_copy)
     wanted = normalise_dtype(dtype)
     ctx = open_control_group(make_context(mesh, device, launch, settings))
-    try:
-        return _load(ctx, model, wanted, plan=plan, mode=mode, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
-    finally:
-        close_control_group(ctx)
+    return _load(ctx, model, wanted, plan=plan, mode=mode, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
 
 
 def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtype | None, *, plan: str | os.PathLike[str], mode: str | None, strict: bool, revision: str | None, cache_dir: str | os.PathLike[str] | None, progress: bool, settings: envmod.Settings, start: float) -> LoadResult:
