@@ -221,3 +221,12 @@ def test_scale_of_a_mismatched_weight_is_reported_mismatched_too(tmp_path: Path)
     report = tp_loader.load(write_checkpoint(tmp_path / "ds", FP8_CONFIG, tensors)).report
     assert [m.key for m in report.mismatched_keys] == [key, key + "_scale_inv"]
     assert report.mismatched_keys[1].describe() == f"{key}_scale_inv (config implies [8, 8], stored [8, 7])"
+
+
+def test_zero_copy_never_counts_a_dequantized_weight_as_a_view(tmp_path: Path) -> None:
+    stored = quantize_checkpoint(deepseek_tensors(FP8_CONFIG), BLOCK)
+    root = write_checkpoint(tmp_path / "ds", FP8_CONFIG, stored)
+    result = tp_loader.load(root, dtype=torch.float32, zero_copy=True)
+    fp8_weights = sum(1 for t in stored.values() if t.dtype == torch.float8_e4m3fn)
+    assert result.report.ranks[0].zero_copy_tensors == len(result.state_dict) - fp8_weights
+    assert all(torch.equal(result.state_dict[k], v) for k, v in dequantized(stored).items())

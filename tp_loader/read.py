@@ -317,7 +317,7 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
                 wanted = target_dtype(item.info.dtype, options.dtype)
                 # one range of one stored tensor is a view of the mapping: contiguous rows, or a
                 # strided column shard (a matmul takes it as is; a packed shard needs a copy)
-                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and not item.info.segments
+                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None
                 kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)
                 if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
