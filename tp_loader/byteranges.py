@@ -10,7 +10,6 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .convert import segment_reads
 from .plan import TensorPlan
 
 
@@ -36,8 +35,7 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     """
     info, piece = item.info, item.slice
     if info.segments:  # a converter target: the ranges of each stored piece it reads
-        reads = [TensorPlan(r.segment.info, r.slice, item.style, item.rule) for r in segment_reads(info, piece)]
-        return coalesce(sorted((r for sub in reads for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset)))
+        return coalesce(sorted((r for _, sub in item.segment_plans() for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset)))
     itemsize = info.dtype.itemsize
     if piece.dim is None or item.nbytes == info.nbytes:
         return [ByteRange(info.file, info.begin, info.nbytes)] if info.nbytes else []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .convert import Conversion, apply_converters, expand, segment_reads
+from .convert import Conversion, SegmentRead, apply_converters, expand, segment_reads
 from .errors import CheckpointError, PlanError, ShardingError
 from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
@@ -58,8 +58,13 @@ class TensorPlan:
     def read_bytes(self) -> int:
         """Bytes read for this slice: ``nbytes``, more where a converter must widen a read, plus the
         scale blocks of a weight dequantized on load."""
-        own = self.nbytes if not self.info.segments else sum(math.prod(r.slice.local_shape(r.segment.info.shape)) * self.info.dtype.itemsize for r in segment_reads(self.info, self.slice))
+        own = sum(sub.nbytes for _, sub in self.segment_plans()) if self.info.segments else self.nbytes
         return own + (self.scale.read_bytes if self.scale is not None else 0)
+
+    def segment_plans(self) -> list[tuple[SegmentRead, TensorPlan]]:
+        """For a converter target: each stored piece's read, with the plan of that read of its own
+        (what the readers and the byte accounting take); empty for a stored tensor."""
+        return [(read, TensorPlan(read.segment.info, read.slice, self.style, self.rule)) for read in segment_reads(self.info, self.slice)]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
 from .byteranges import read_ranges, slice_ranges
-from .convert import finish_read, segment_reads
+from .convert import finish_read
 from .plan import TensorPlan
 from .staging import StagingRing, cuda_copy
 
@@ -236,7 +236,7 @@ def _read_slice(source: _Source, item: TensorPlan) -> torch.Tensor:
     stored piece it needs, concatenated along dim 0."""
     if not item.info.segments:
         return source.slice(item)
-    pieces = [finish_read(read, source.slice(TensorPlan(read.segment.info, read.slice, item.style, item.rule))) for read in segment_reads(item.info, item.slice)]
+    pieces = [finish_read(read, source.slice(sub)) for read, sub in item.segment_plans()]
     if not pieces:
         return torch.empty(item.local_shape, dtype=item.info.dtype)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
