@@ -41,14 +41,32 @@ def _tensors(config: dict) -> dict[str, torch.Tensor]:
     matter for load speed; randn of a GB costs more than the loads measured)."""
     from tp_loader.demo import llama_tensors
 
-    small = {**config, "hidden_size": 8, "intermediate_size": 8, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 8}
+    small = {
+        **config,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": 8,
+    }
     out = {}
-    hidden, inter, heads, kv = config["hidden_size"], config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]
+    hidden, inter, heads, kv = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+    )
     head_dim = hidden // heads
     shapes = {
-        "embed_tokens": (config["vocab_size"], hidden), "lm_head": (config["vocab_size"], hidden), "q_proj": (heads * head_dim, hidden),
-        "k_proj": (kv * head_dim, hidden), "v_proj": (kv * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
-        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+        "embed_tokens": (config["vocab_size"], hidden),
+        "lm_head": (config["vocab_size"], hidden),
+        "q_proj": (heads * head_dim, hidden),
+        "k_proj": (kv * head_dim, hidden),
+        "v_proj": (kv * head_dim, hidden),
+        "o_proj": (hidden, heads * head_dim),
+        "gate_proj": (inter, hidden),
+        "up_proj": (inter, hidden),
+        "down_proj": (hidden, inter),
     }
     for i, key in enumerate(llama_tensors(small)):
         name = key.split(".")[-2]
@@ -56,7 +74,9 @@ def _tensors(config: dict) -> dict[str, torch.Tensor]:
         numel = 1
         for d in shape:
             numel *= d
-        out[key] = ((torch.arange(numel, dtype=torch.int32) * 7 + i) % 1021 - 510).to(torch.bfloat16).div_(1021).view(shape)
+        out[key] = (
+            ((torch.arange(numel, dtype=torch.int32) * 7 + i) % 1021 - 510).to(torch.bfloat16).div_(1021).view(shape)
+        )
     return out
 
 

@@ -26,8 +26,14 @@ def table(rows: list[dict]) -> list[str]:
         for system, row in by_system.items():
             shard = max(row["shard_bytes"])
             ratio = f"{row['median_s'] / raw['median_s']:.2f}" if raw else "—"
-            read = ", ".join(f"{b / MB:.0f}" for b in row["bytes_read"]) if row["bytes_read"][0] is not None else "not reported"
-            lines.append(f"| {case} | {system} | {row['median_s']:.3f} | {shard / 1e9 / row['median_s']:.2f} | {ratio} | {row['peak_anon_bytes'] / MB:.0f} | {shard / MB:.0f} | {read} |")
+            read = (
+                ", ".join(f"{b / MB:.0f}" for b in row["bytes_read"])
+                if row["bytes_read"][0] is not None
+                else "not reported"
+            )
+            lines.append(
+                f"| {case} | {system} | {row['median_s']:.3f} | {shard / 1e9 / row['median_s']:.2f} | {ratio} | {row['peak_anon_bytes'] / MB:.0f} | {shard / MB:.0f} | {read} |"
+            )
     return lines
 
 
@@ -42,24 +48,45 @@ def targets(result: dict) -> list[str]:
         by = _rows(result["tp"], case)
         if "tp_loader" in by and "raw read" in by:
             ratio = by["tp_loader"]["median_s"] / by["raw read"]["median_s"]
-            check(ratio <= 1.25, f"{case}: tp_loader {by['tp_loader']['median_s']:.3f} s = {ratio:.2f}× the raw-read limit (target ≤ 1.25×)")
+            check(
+                ratio <= 1.25,
+                f"{case}: tp_loader {by['tp_loader']['median_s']:.3f} s = {ratio:.2f}× the raw-read limit (target ≤ 1.25×)",
+            )
         if "tp_loader" in by:
             row = by["tp_loader"]
-            worst = max(run_peak - (shard * 1.1 + 150 * MB) for run in row["runs"] for run_peak, shard in zip(run["peak_anon_bytes"], run["shard_bytes"]))
-            check(worst <= 0, f"{case}: tp_loader peak anonymous memory {row['peak_anon_bytes'] / MB:.0f} MB vs shard {max(row['shard_bytes']) / MB:.0f} MB × 1.1 + 150 MB")
+            worst = max(
+                run_peak - (shard * 1.1 + 150 * MB)
+                for run in row["runs"]
+                for run_peak, shard in zip(run["peak_anon_bytes"], run["shard_bytes"])
+            )
+            check(
+                worst <= 0,
+                f"{case}: tp_loader peak anonymous memory {row['peak_anon_bytes'] / MB:.0f} MB vs shard {max(row['shard_bytes']) / MB:.0f} MB × 1.1 + 150 MB",
+            )
         if "tp_loader" in by and "raw read" in by and by["raw read"]["bytes_read"][0] is not None:
             off = max(abs(a - b) / b for a, b in zip(by["tp_loader"]["bytes_read"], by["raw read"]["bytes_read"]))
-            check(off <= 0.01, f"{case}: tp_loader bytes read per rank within {off:.2%} of the raw read's preadv count (shard + replicated; target ≤ 1%)")
+            check(
+                off <= 0.01,
+                f"{case}: tp_loader bytes read per rank within {off:.2%} of the raw read's preadv count (shard + replicated; target ≤ 1%)",
+            )
     tp2 = _rows(result["tp"], "TP2")
     for ours in ("tp_loader", "tp_loader zero-copy"):
         for peer, factor in (("transformers", 4), ("DCP", 3)):
             if ours in tp2 and peer in tp2:
                 speedup = tp2[peer]["median_s"] / tp2[ours]["median_s"]
                 check(speedup >= factor, f"TP2: {ours} is {speedup:.1f}× as fast as {peer} (target ≥ {factor}×)")
-    fits = {system: _linear_fit([(r["checkpoint_gb"], r["median_s"]) for r in result.get("sweep", []) if r["system"] == system]) for system in ("tp_loader", "raw read")}
+    fits = {
+        system: _linear_fit(
+            [(r["checkpoint_gb"], r["median_s"]) for r in result.get("sweep", []) if r["system"] == system]
+        )
+        for system in ("tp_loader", "raw read")
+    }
     if all(len([r for r in result.get("sweep", []) if r["system"] == s]) >= 3 for s in fits):
         (r2, slope), (raw_r2, raw_slope) = fits["tp_loader"], fits["raw read"]
-        check(r2 >= 0.98, f"sweep at TP{result['sweep_tp']}: tp_loader load time is linear in checkpoint size (R² = {r2:.3f}, {slope:.3f} s per GB; the raw read on the same machine: R² = {raw_r2:.3f}, {raw_slope:.3f} s per GB)")
+        check(
+            r2 >= 0.98,
+            f"sweep at TP{result['sweep_tp']}: tp_loader load time is linear in checkpoint size (R² = {r2:.3f}, {slope:.3f} s per GB; the raw read on the same machine: R² = {raw_r2:.3f}, {raw_slope:.3f} s per GB)",
+        )
     return out
 
 
@@ -109,8 +136,17 @@ def plot(result: dict, path: Path) -> None:
         sweep = [(r["checkpoint_gb"], r["median_s"]) for r in result.get("sweep", []) if r["system"] == system]
         if sweep:
             right.plot(*zip(*sorted(sweep)), marker="o", label=system)
-    left.set(xlabel="tensor-parallel degree (ranks)", ylabel="load time, s (slowest rank)", title="0.98 GB bf16 checkpoint", xticks=sorted({r["world_size"] for r in result["tp"]}))
-    right.set(xlabel="checkpoint size, GB", ylabel="load time, s (slowest rank)", title=f"size sweep at TP{result.get('sweep_tp', 2)}")
+    left.set(
+        xlabel="tensor-parallel degree (ranks)",
+        ylabel="load time, s (slowest rank)",
+        title="0.98 GB bf16 checkpoint",
+        xticks=sorted({r["world_size"] for r in result["tp"]}),
+    )
+    right.set(
+        xlabel="checkpoint size, GB",
+        ylabel="load time, s (slowest rank)",
+        title=f"size sweep at TP{result.get('sweep_tp', 2)}",
+    )
     for axis in (left, right):
         axis.set_yscale("log")
         axis.grid(True, which="both", alpha=0.3)

@@ -62,7 +62,9 @@ class AnonPeak:
 
 def _measure(rank: int, world_size: int, system: str, root: Path) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    importlib.import_module("torch._dynamo")  # a fresh process's first DTensor imports it (~1 s): a library import, not load cost, for every system alike
+    importlib.import_module(
+        "torch._dynamo"
+    )  # a fresh process's first DTensor imports it (~1 s): a library import, not load cost, for every system alike
     runner = SYSTEMS[system]()
     runner.prepare(root)
     shard_bytes = rank_plan(root).read_bytes
@@ -73,7 +75,12 @@ def _measure(rank: int, world_size: int, system: str, root: Path) -> dict:
         start = time.perf_counter()
         bytes_read = runner.load(root)
         seconds = time.perf_counter() - start
-    return {"seconds": seconds, "bytes_read": bytes_read, "shard_bytes": shard_bytes, "peak_anon_bytes": peak.peak - before}
+    return {
+        "seconds": seconds,
+        "bytes_read": bytes_read,
+        "shard_bytes": shard_bytes,
+        "peak_anon_bytes": peak.peak - before,
+    }
 
 
 def measure(system: str, root: Path, world_size: int) -> dict:
@@ -88,9 +95,19 @@ def measure(system: str, root: Path, world_size: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     mem = _meminfo_total()
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(mem / 2**30, 1), "kernel": platform.release(), "python": platform.python_version(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(mem / 2**30, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
 def _meminfo_total() -> int:
@@ -114,7 +131,16 @@ def run_grid(cases: list[tuple[str, Path, int]], systems: list[str], reps: int, 
             warm(root)
             for system in systems:
                 result = measure(system, root, world_size)
-                row = rows.setdefault((label, system), {"case": label, "system": system, "world_size": world_size, "checkpoint_gb": checkpoint_bytes(root) / 1e9, "runs": []})
+                row = rows.setdefault(
+                    (label, system),
+                    {
+                        "case": label,
+                        "system": system,
+                        "world_size": world_size,
+                        "checkpoint_gb": checkpoint_bytes(root) / 1e9,
+                        "runs": [],
+                    },
+                )
                 row["runs"].append(result)
                 log(f"rep {rep + 1}/{reps} {label:>10} {system:>12}: {result['seconds']:.3f} s")
     for row in rows.values():
@@ -146,10 +172,17 @@ def _generate_apart(wanted: dict[Path, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench")), help="where checkpoints are generated")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench")),
+        help="where checkpoints are generated",
+    )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--sweep", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0], help="checkpoint sizes in GB (empty: no sweep)")
+    parser.add_argument(
+        "--sweep", type=float, nargs="*", default=[0.25, 0.5, 1.0, 2.0], help="checkpoint sizes in GB (empty: no sweep)"
+    )
     parser.add_argument("--sweep-tp", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     args = parser.parse_args(argv)
@@ -167,14 +200,32 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, flush=True)
 
-    wanted = {args.data / "base": BASE, **{args.data / f"sweep-{gb:g}GB": sweep_config(gb) for gb in args.sweep if sweep_config(gb) != BASE}}
+    wanted = {
+        args.data / "base": BASE,
+        **{args.data / f"sweep-{gb:g}GB": sweep_config(gb) for gb in args.sweep if sweep_config(gb) != BASE},
+    }
     _generate_apart(wanted)
     base = ensure_checkpoint(args.data / "base", BASE)
-    sweep_roots = {gb: (base if sweep_config(gb) == BASE else ensure_checkpoint(args.data / f"sweep-{gb:g}GB", sweep_config(gb))) for gb in args.sweep}
+    sweep_roots = {
+        gb: (base if sweep_config(gb) == BASE else ensure_checkpoint(args.data / f"sweep-{gb:g}GB", sweep_config(gb)))
+        for gb in args.sweep
+    }
     started = time.time()
     tp_rows = run_grid([(f"TP{tp}", base, tp) for tp in args.tp], systems, args.reps, log)
-    sweep_rows = run_grid([(f"{gb:g}GB", root, args.sweep_tp) for gb, root in sweep_roots.items()], systems, args.reps, log) if args.sweep else []
-    result = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)), "reps": args.reps, "notes": notes, "tp": tp_rows, "sweep": sweep_rows, "sweep_tp": args.sweep_tp}
+    sweep_rows = (
+        run_grid([(f"{gb:g}GB", root, args.sweep_tp) for gb, root in sweep_roots.items()], systems, args.reps, log)
+        if args.sweep
+        else []
+    )
+    result = {
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "reps": args.reps,
+        "notes": notes,
+        "tp": tp_rows,
+        "sweep": sweep_rows,
+        "sweep_tp": args.sweep_tp,
+    }
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     from benchmarks.report import markdown, plot
 

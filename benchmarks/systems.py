@@ -61,7 +61,10 @@ class RawRead:
 
     def prepare(self, root: Path) -> None:
         plan = rank_plan(root)
-        self.jobs = [(root / t.info.file, t.local_shape, t.info.dtype, [(r.offset, r.length) for r in slice_ranges(t)]) for t in plan.tensors]
+        self.jobs = [
+            (root / t.info.file, t.local_shape, t.info.dtype, [(r.offset, r.length) for r in slice_ranges(t)])
+            for t in plan.tensors
+        ]
 
     def load(self, root: Path) -> int | None:
         fds: dict[Path, int] = {}
@@ -72,7 +75,11 @@ class RawRead:
             out = torch.empty(shape, dtype=dtype)
             self.state.append(out)
             nbytes = out.numel() * out.element_size()
-            view = memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B") if nbytes else memoryview(b"")
+            view = (
+                memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
+                if nbytes
+                else memoryview(b"")
+            )
             position = 0
             for offset, length in ranges:
                 position += os.preadv(fd, [view[position : position + length]], offset)
@@ -104,7 +111,9 @@ class Naive:
             for item in by_file[name]:
                 piece = item.slice
                 tensor = full[item.key]
-                out[item.key] = (tensor if piece.dim is None else tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)).clone()
+                out[item.key] = (
+                    tensor if piece.dim is None else tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)
+                ).clone()
             del full
         self.state = out
         return total

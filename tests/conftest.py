@@ -43,7 +43,14 @@ def make_checkpoint(tmp_path: Path):
     """Writes a Llama-family checkpoint; returns its directory."""
     counter = iter(range(1000))
 
-    def make(config: dict | None = None, *, num_shards: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0, extra: dict | None = None) -> Path:
+    def make(
+        config: dict | None = None,
+        *,
+        num_shards: int = 1,
+        dtype: torch.dtype = torch.float32,
+        seed: int = 0,
+        extra: dict | None = None,
+    ) -> Path:
         config = config or llama_config()
         tensors = llama_tensors(config, seed=seed, dtype=dtype)
         tensors.update(extra or {})
@@ -70,4 +77,6 @@ def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--fuzz-examples", type=int, default=25, help="examples per fuzz test (raise it for a long run, e.g. 2000)")
+    parser.addoption(
+        "--fuzz-examples", type=int, default=25, help="examples per fuzz test (raise it for a long run, e.g. 2000)"
+    )

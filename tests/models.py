@@ -32,9 +32,19 @@ def moe_tensors(config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:
         for name in ("gate_proj", "up_proj", "down_proj"):
             del tensors[p + f"mlp.{name}.weight"]
         if config["model_type"] == "mixtral":
-            prefix, names, num_experts, inter = p + "block_sparse_moe.", ("w1", "w3", "w2"), config["num_local_experts"], config["intermediate_size"]
+            prefix, names, num_experts, inter = (
+                p + "block_sparse_moe.",
+                ("w1", "w3", "w2"),
+                config["num_local_experts"],
+                config["intermediate_size"],
+            )
         else:
-            prefix, names, num_experts, inter = p + "mlp.", ("gate_proj", "up_proj", "down_proj"), config["num_experts"], config["moe_intermediate_size"]
+            prefix, names, num_experts, inter = (
+                p + "mlp.",
+                ("gate_proj", "up_proj", "down_proj"),
+                config["num_experts"],
+                config["moe_intermediate_size"],
+            )
         tensors[prefix + "gate.weight"] = rand(num_experts, hidden, scale=1.0)
         for e in range(num_experts):
             tensors[prefix + f"experts.{e}.{names[0]}.weight"] = rand(inter, hidden, scale=0.5 / hidden**0.5)
@@ -58,7 +68,10 @@ def gpt2_tensors(config: dict, *, seed: int = 0, prefix: str = "transformer.") -
     def rand(*shape: int, scale: float = 0.5 / hidden**0.5) -> torch.Tensor:
         return torch.randn(*shape, generator=generator) * scale
 
-    tensors = {prefix + "wte.weight": rand(config["vocab_size"], hidden, scale=0.1), prefix + "wpe.weight": rand(config["n_positions"], hidden, scale=0.1)}
+    tensors = {
+        prefix + "wte.weight": rand(config["vocab_size"], hidden, scale=0.1),
+        prefix + "wpe.weight": rand(config["n_positions"], hidden, scale=0.1),
+    }
     for layer in range(config["n_layer"]):
         p = f"{prefix}h.{layer}."
         for norm in ("ln_1", "ln_2"):
@@ -109,17 +122,38 @@ def deepseek_tensors(config: dict, *, seed: int = 0) -> dict[str, torch.Tensor]:
         tensors[p + "post_attention_layernorm.weight"] = norm(hidden)
         if layer < config.get("first_k_dense_replace", 0):
             inter = config["intermediate_size"]
-            tensors.update({p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden), p + "mlp.down_proj.weight": rand(hidden, inter)})
+            tensors.update(
+                {
+                    p + "mlp.gate_proj.weight": rand(inter, hidden),
+                    p + "mlp.up_proj.weight": rand(inter, hidden),
+                    p + "mlp.down_proj.weight": rand(hidden, inter),
+                }
+            )
             continue
-        inter, shared = config["moe_intermediate_size"], config["moe_intermediate_size"] * config.get("n_shared_experts", 0)
+        inter, shared = (
+            config["moe_intermediate_size"],
+            config["moe_intermediate_size"] * config.get("n_shared_experts", 0),
+        )
         tensors[p + "mlp.gate.weight"] = rand(config["n_routed_experts"], hidden, scale=1.0)
         tensors[p + "mlp.gate.e_score_correction_bias"] = rand(config["n_routed_experts"], scale=0.01)
         for e in range(config["n_routed_experts"]):
             q = f"{p}mlp.experts.{e}."
-            tensors.update({q + "gate_proj.weight": rand(inter, hidden), q + "up_proj.weight": rand(inter, hidden), q + "down_proj.weight": rand(hidden, inter)})
+            tensors.update(
+                {
+                    q + "gate_proj.weight": rand(inter, hidden),
+                    q + "up_proj.weight": rand(inter, hidden),
+                    q + "down_proj.weight": rand(hidden, inter),
+                }
+            )
         if shared:
             q = p + "mlp.shared_experts."
-            tensors.update({q + "gate_proj.weight": rand(shared, hidden), q + "up_proj.weight": rand(shared, hidden), q + "down_proj.weight": rand(hidden, shared)})
+            tensors.update(
+                {
+                    q + "gate_proj.weight": rand(shared, hidden),
+                    q + "up_proj.weight": rand(shared, hidden),
+                    q + "down_proj.weight": rand(hidden, shared),
+                }
+            )
     tensors["model.norm.weight"] = norm(hidden)
     tensors["lm_head.weight"] = rand(config["vocab_size"], hidden)
     return tensors

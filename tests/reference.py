@@ -125,7 +125,9 @@ def _layer(x: torch.Tensor, w: dict, p: str, config: dict, reduce, shard: tuple[
     sparse = _sparse_block(w, p)
     if sparse is not None:
         return x + reduce(moe(h, w, *sparse, config, shard))
-    return x + reduce(_swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"]))
+    return x + reduce(
+        _swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+    )
 
 
 def mla_attention(h: torch.Tensor, w: dict, p: str, config: dict) -> torch.Tensor:
@@ -135,7 +137,10 @@ def mla_attention(h: torch.Tensor, w: dict, p: str, config: dict) -> torch.Tenso
     nope, rope_dim, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
     seq, theta = h.shape[0], config.get("rope_theta", 10000.0)
     if p + "self_attn.q_a_proj.weight" in w:
-        q = _norm(h @ w[p + "self_attn.q_a_proj.weight"].T, w[p + "self_attn.q_a_layernorm.weight"], config) @ w[p + "self_attn.q_b_proj.weight"].T
+        q = (
+            _norm(h @ w[p + "self_attn.q_a_proj.weight"].T, w[p + "self_attn.q_a_layernorm.weight"], config)
+            @ w[p + "self_attn.q_b_proj.weight"].T
+        )
     else:
         q = h @ w[p + "self_attn.q_proj.weight"].T
     q_nope, q_pe = q.view(seq, -1, nope + rope_dim).transpose(0, 1).split([nope, rope_dim], -1)
@@ -160,7 +165,9 @@ def _sparse_block(w: dict, p: str) -> tuple[str, tuple[str, str, str]] | None:
     return None
 
 
-def moe(h: torch.Tensor, w: dict, prefix: str, names: tuple[str, str, str], config: dict, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def moe(
+    h: torch.Tensor, w: dict, prefix: str, names: tuple[str, str, str], config: dict, shard: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     """A sparse MoE block's output before the tensor-parallel reduction: softmax routing over the
     (replicated) router, top-k (chosen with ``e_score_correction_bias`` when present), weights
     renormalized when ``norm_topk_prob`` (Mixtral always), plus shared experts (a Qwen2-MoE shared
@@ -222,14 +229,20 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def vocab_parallel_embed(embed: torch.Tensor, input_ids: torch.Tensor, vocab: int, world_size: int, rank: int) -> torch.Tensor:
+def vocab_parallel_embed(
+    embed: torch.Tensor, input_ids: torch.Tensor, vocab: int, world_size: int, rank: int
+) -> torch.Tensor:
     """Embeddings from this rank's ``torch.chunk`` piece of the vocabulary: look up the ids it holds,
     zero the rest, all-reduce."""
     step = math.ceil(vocab / world_size)
     start = min(rank * step, vocab)
     assert embed.shape[0] == min(start + step, vocab) - start, "vocab shard does not follow torch.chunk"
     in_shard = (input_ids >= start) & (input_ids < start + embed.shape[0])
-    x = embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))] if embed.shape[0] else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
+    x = (
+        embed[(input_ids - start).clamp(0, max(embed.shape[0] - 1, 0))]
+        if embed.shape[0]
+        else torch.zeros(len(input_ids), embed.shape[1], dtype=embed.dtype)
+    )
     return all_reduce(x * in_shard.unsqueeze(-1))
 
 
@@ -244,7 +257,9 @@ def gather_vocab(logits: torch.Tensor, vocab: int, world_size: int) -> torch.Ten
     return torch.cat([g[:, :n] for g, n in zip(gathered, sizes)], dim=1)
 
 
-def tp_llama_forward(local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+def tp_llama_forward(
+    local: dict[str, torch.Tensor], config: dict, input_ids: torch.Tensor, world_size: int, rank: int
+) -> torch.Tensor:
     """Logits [seq, vocab] from this rank's local shards: vocab-parallel embedding and LM head,
     column/row-parallel attention and MLP, all-reduce after each row-parallel product."""
     embed = local["model.embed_tokens.weight"]

@@ -141,25 +141,102 @@ class _Exploit:
 CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str | None]] = [
     (_truncate, {}, "CheckpointError", r"data_offsets .* fall outside the \d+ data bytes", SHARD2, None),
     (_corrupt_json, {}, "CheckpointError", "header is not valid JSON", SHARD1, None),
-    (_offsets_out_of_range, {}, "CheckpointError", r"data_offsets \[101952, 902144\) fall outside the 102144 data bytes", SHARD1, LAST),
+    (
+        _offsets_out_of_range,
+        {},
+        "CheckpointError",
+        r"data_offsets \[101952, 902144\) fall outside the 102144 data bytes",
+        SHARD1,
+        LAST,
+    ),
     (_overlap, {}, "CheckpointError", "overlaps the previous tensor", SHARD1, None),
-    (_trailing_bytes, {}, "CheckpointError", "64 bytes after the last tensor are not described by the header", SHARD1, None),
+    (
+        _trailing_bytes,
+        {},
+        "CheckpointError",
+        "64 bytes after the last tensor are not described by the header",
+        SHARD1,
+        None,
+    ),
     (_unknown_dtype, {}, "CheckpointError", "unknown dtype 'Q4'", SHARD1, KEY),
-    (_shape_vs_bytes, {}, "CheckpointError", r"shape \[100, 48\] of F32 needs 19200 bytes but data_offsets span 19392", SHARD1, KEY),
+    (
+        _shape_vs_bytes,
+        {},
+        "CheckpointError",
+        r"shape \[100, 48\] of F32 needs 19200 bytes but data_offsets span 19392",
+        SHARD1,
+        KEY,
+    ),
     (_index_names_missing_file, {}, "CheckpointError", "weight file does not exist", SHARD2, None),
-    (_index_names_absent_key, {}, "CheckpointError", "index maps the key to .* but that file's header has no such tensor", "model.safetensors.index.json", "model.layers.0.mlp.extra.weight"),
-    (_index_climbs_out, {}, "CheckpointError", "weight file '../outside.safetensors' lies outside the model directory", "model.safetensors.index.json", "model.norm.weight"),
-    (_index_absolute, {}, "CheckpointError", "lies outside the model directory", "model.safetensors.index.json", "model.norm.weight"),
-    (_symlink_out, {}, "CheckpointError", f"weight file '{SHARD2}' lies outside the model directory", "model.safetensors.index.json", None),
+    (
+        _index_names_absent_key,
+        {},
+        "CheckpointError",
+        "index maps the key to .* but that file's header has no such tensor",
+        "model.safetensors.index.json",
+        "model.layers.0.mlp.extra.weight",
+    ),
+    (
+        _index_climbs_out,
+        {},
+        "CheckpointError",
+        "weight file '../outside.safetensors' lies outside the model directory",
+        "model.safetensors.index.json",
+        "model.norm.weight",
+    ),
+    (
+        _index_absolute,
+        {},
+        "CheckpointError",
+        "lies outside the model directory",
+        "model.safetensors.index.json",
+        "model.norm.weight",
+    ),
+    (
+        _symlink_out,
+        {},
+        "CheckpointError",
+        f"weight file '{SHARD2}' lies outside the model directory",
+        "model.safetensors.index.json",
+        None,
+    ),
     (_duplicate_key, {}, "CheckpointError", "key is stored twice", "model-extra.safetensors", "model.norm.weight"),
     (_config_missing, {}, "CheckpointError", "config.json is missing", "config.json", None),
     (_config_malformed, {}, "CheckpointError", "cannot parse config.json", "config.json", None),
-    (_config_zero_heads, {}, "CheckpointError", r"config values hidden_size=48, num_attention_heads=0 give no valid default head_dim", "config.json", None),
-    (_config_contradicts_shapes, {"strict": True}, "StrictLoadError", r"6 mismatched: model.layers.0.mlp.down_proj.weight \(config implies \[48, 64\], stored \[48, 100\]\)", None, None),
+    (
+        _config_zero_heads,
+        {},
+        "CheckpointError",
+        r"config values hidden_size=48, num_attention_heads=0 give no valid default head_dim",
+        "config.json",
+        None,
+    ),
+    (
+        _config_contradicts_shapes,
+        {"strict": True},
+        "StrictLoadError",
+        r"6 mismatched: model.layers.0.mlp.down_proj.weight \(config implies \[48, 64\], stored \[48, 100\]\)",
+        None,
+        None,
+    ),
     (_plan_malformed, {"plan": "TMP/plan.toml"}, "PlanError", "cannot parse plan file", "TMP/plan.toml", None),
-    (_plan_unknown_style, {"plan": "TMP/plan.toml"}, "PlanError", "names unknown style 'sideways'", "TMP/plan.toml", None),
+    (
+        _plan_unknown_style,
+        {"plan": "TMP/plan.toml"},
+        "PlanError",
+        "names unknown style 'sideways'",
+        "TMP/plan.toml",
+        None,
+    ),
     (_empty_directory, {}, "CheckpointError", "no weights in", ".", None),
-    (_pickle_exploit, {}, "CheckpointError", "refused or could not read the .bin file with weights_only=True", "pytorch_model.bin", None),
+    (
+        _pickle_exploit,
+        {},
+        "CheckpointError",
+        "refused or could not read the .bin file with weights_only=True",
+        "pytorch_model.bin",
+        None,
+    ),
 ]
 
 
@@ -167,8 +244,12 @@ def _load(rank: int, world_size: int, root: Path, kwargs: dict) -> object:
     return tp_loader.load(root, **kwargs).report
 
 
-@pytest.mark.parametrize(("damage", "kwargs", "kind", "message", "file", "key"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])
-def test_bad_input_raises_the_same_error_on_every_rank(make_checkpoint, tmp_path: Path, damage, kwargs, kind, message, file, key) -> None:
+@pytest.mark.parametrize(
+    ("damage", "kwargs", "kind", "message", "file", "key"), CASES, ids=[c[0].__name__.strip("_") for c in CASES]
+)
+def test_bad_input_raises_the_same_error_on_every_rank(
+    make_checkpoint, tmp_path: Path, damage, kwargs, kind, message, file, key
+) -> None:
     root = make_checkpoint(num_shards=2)
     damage(root, tmp_path)
     kwargs = {k: v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
@@ -183,17 +264,30 @@ def test_bad_input_raises_the_same_error_on_every_rank(make_checkpoint, tmp_path
 
 
 def test_uncached_hub_id_offline_raises_model_not_found_on_every_rank(tmp_path: Path) -> None:
-    error = same_error(run_ranks(2, lambda rank, world: tp_loader.load("org/absent", cache_dir=tmp_path), timeout=60, env={"HF_HUB_OFFLINE": "1"}))
+    error = same_error(
+        run_ranks(
+            2,
+            lambda rank, world: tp_loader.load("org/absent", cache_dir=tmp_path),
+            timeout=60,
+            env={"HF_HUB_OFFLINE": "1"},
+        )
+    )
     assert error.type == "ModelNotFoundError"
-    assert error.message.startswith("model 'org/absent' (revision main) has no safetensors or .bin weights in the local Hub cache")
+    assert error.message.startswith(
+        "model 'org/absent' (revision main) has no safetensors or .bin weights in the local Hub cache"
+    )
 
 
-def test_config_contradicting_shapes_without_strict_loads_the_rest_and_reports_the_same_mismatches_everywhere(make_checkpoint) -> None:
+def test_config_contradicting_shapes_without_strict_loads_the_rest_and_reports_the_same_mismatches_everywhere(
+    make_checkpoint,
+) -> None:
     root = make_checkpoint()
     _config_contradicts_shapes(root, root)
     reports = values(run_ranks(2, _load, root, {}))
     assert reports[0] == reports[1]
-    assert {m.key for m in reports[0].mismatched_keys} == {f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")}
+    assert {m.key for m in reports[0].mismatched_keys} == {
+        f"model.layers.{i}.mlp.{p}.weight" for i in range(2) for p in ("gate_proj", "up_proj", "down_proj")
+    }
 
 
 def test_plan_rule_that_matches_nothing_is_a_warning_not_an_error(make_checkpoint, tmp_path: Path) -> None:

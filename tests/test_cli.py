@@ -17,14 +17,26 @@ from tp_loader.testing import run_ranks, values
 
 
 def _torchrun(args: list[str], nproc: int, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "tp_loader", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "tp_loader",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
 
 
 def test_torchrun_loads_a_checkpoint_and_writes_one_agreed_report(make_checkpoint, tmp_path: Path) -> None:
     root = make_checkpoint(llama_config(num_key_value_heads=2), num_shards=2)
     report_path = tmp_path / "report.json"
-    done = _torchrun([str(root), "--dtype", "bfloat16", "--report", str(report_path)], nproc=4, env={"TP_LOADER_PROGRESS": "0"})
+    done = _torchrun(
+        [str(root), "--dtype", "bfloat16", "--report", str(report_path)], nproc=4, env={"TP_LOADER_PROGRESS": "0"}
+    )
     assert done.returncode == 0, done.stderr
     report = json.loads(report_path.read_text())
     assert (report["world_size"], report["dtype"], report["plan"], report["clean"]) == (4, "bfloat16", "llama", True)
@@ -36,7 +48,13 @@ def test_torchrun_loads_a_checkpoint_and_writes_one_agreed_report(make_checkpoin
 def test_local_launch_script_without_a_model_loads_the_generated_demo_checkpoint(tmp_path: Path) -> None:
     script = Path(__file__).parents[1] / "launch" / "local.sh"
     env = {**os.environ, "TP_LOADER_DEMO_DIR": str(tmp_path / "demo")}
-    done = subprocess.run(["bash", str(script), "2", "-q", "--report", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run(
+        ["bash", str(script), "2", "-q", "--report", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "r.json").read_text())["num_tensors"] == 21
     assert done.stdout == ""
@@ -73,12 +91,22 @@ def test_python_dash_m_in_one_process_prints_the_table(make_checkpoint) -> None:
 
 def test_dry_run_plans_any_world_size_without_a_process_group_or_reading_data(make_checkpoint) -> None:
     root = make_checkpoint(llama_config(num_key_value_heads=2))
-    done = subprocess.run([sys.executable, "-m", "tp_loader", str(root), "--dry-run", "4"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "tp_loader", str(root), "--dry-run", "4"], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "  plan llama, world size 4, no tensor data read" in lines
-    assert "  model.layers.0.self_attn.k_proj.weight  colwise [8, 48] Shard(0)  0:4 0:4 4:8 4:8  (2 kv heads replicated 2x over 4 ranks)" in lines
+    assert (
+        "  model.layers.0.self_attn.k_proj.weight  colwise [8, 48] Shard(0)  0:4 0:4 4:8 4:8  (2 kv heads replicated 2x over 4 ranks)"
+        in lines
+    )
     assert "  model.embed_tokens.weight  vocab [101, 48] Shard(0)  0:26 26:52 52:78 78:101" in lines
-    failed = subprocess.run([sys.executable, "-m", "tp_loader", str(root), "--dry-run", "3"], capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(
+        [sys.executable, "-m", "tp_loader", str(root), "--dry-run", "3"], capture_output=True, text=True, timeout=120
+    )
     assert failed.returncode == 1
-    assert "(2 kv heads, 12 q heads) cannot be sharded over 3 ranks. World sizes that work: 1, 2, 4, 6, 12" in failed.stderr
+    assert (
+        "(2 kv heads, 12 q heads) cannot be sharded over 3 ranks. World sizes that work: 1, 2, 4, 6, 12"
+        in failed.stderr
+    )

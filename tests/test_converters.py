@@ -48,7 +48,9 @@ def plan_file(root: Path, converters: str, targets: dict[str, tuple[int, ...]], 
     return path
 
 
-def load_rank(root: Path, plan: Path, world_size: int, rank: int, reader: str = "mmap") -> tuple[dict[str, torch.Tensor], int, int]:
+def load_rank(
+    root: Path, plan: Path, world_size: int, rank: int, reader: str = "mmap"
+) -> tuple[dict[str, torch.Tensor], int, int]:
     """One rank's local tensors, the bytes its plan reads, and the bytes of its byte ranges."""
     checkpoint = index_checkpoint(find_weights(root))
     load_plan = make_plan(checkpoint, load_spec(plan), world_size, rank, model=str(root))
@@ -59,7 +61,14 @@ def load_rank(root: Path, plan: Path, world_size: int, rank: int, reader: str = 
     return local, load_plan.read_bytes, ranged
 
 
-def assert_tp_equals_convert_then_shard(root: Path, plan: Path, converted: dict[str, torch.Tensor], style: str, world_sizes=(1, 2, 3, 4), reader: str = "mmap") -> None:
+def assert_tp_equals_convert_then_shard(
+    root: Path,
+    plan: Path,
+    converted: dict[str, torch.Tensor],
+    style: str,
+    world_sizes=(1, 2, 3, 4),
+    reader: str = "mmap",
+) -> None:
     dim = {"colwise": 0, "rowwise": 1}[style]
     for world_size in world_sizes:
         for rank in range(world_size):
@@ -80,10 +89,14 @@ STYLES = ["colwise", "rowwise"]
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("sizes", [(8, 4, 4), (7, 3, 5)], ids=["even", "uneven"])
-def test_chunk_target_shards_equal_chunking_the_whole_tensor_then_sharding(tmp_path: Path, style: str, sizes: tuple[int, ...]) -> None:
+def test_chunk_target_shards_equal_chunking_the_whole_tensor_then_sharding(
+    tmp_path: Path, style: str, sizes: tuple[int, ...]
+) -> None:
     fused = {f"l.{i}.qkv": rows(sum(sizes), 6, seed=i) for i in range(2)}
     root = write(tmp_path / "ckpt", fused)
-    converted = {f"l.{i}.{n}": t for i in range(2) for n, t in zip("qkv", torch.split(fused[f"l.{i}.qkv"], list(sizes)))}
+    converted = {
+        f"l.{i}.{n}": t for i in range(2) for n, t in zip("qkv", torch.split(fused[f"l.{i}.qkv"], list(sizes)))
+    }
     conv = f'[[converters]]\nop = "chunk"\nsource = "l.{{layer}}.qkv"\ntargets = ["l.{{layer}}.q", "l.{{layer}}.k", "l.{{layer}}.v"]\nsizes = {[str(s) for s in sizes]}\n'
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style)
@@ -91,7 +104,9 @@ def test_chunk_target_shards_equal_chunking_the_whole_tensor_then_sharding(tmp_p
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("sizes", [(8, 4, 4), (7, 3, 5)], ids=["even", "uneven"])
-def test_concatenate_target_shards_equal_concatenating_the_whole_tensors_then_sharding(tmp_path: Path, style: str, sizes: tuple[int, ...]) -> None:
+def test_concatenate_target_shards_equal_concatenating_the_whole_tensors_then_sharding(
+    tmp_path: Path, style: str, sizes: tuple[int, ...]
+) -> None:
     split = {f"l.{i}.{n}": rows(s, 6, seed=10 * i + j) for i in range(2) for j, (n, s) in enumerate(zip("qkv", sizes))}
     root = write(tmp_path / "ckpt", split, num_files=2)
     converted = {f"l.{i}.qkv": torch.cat([split[f"l.{i}.{n}"] for n in "qkv"]) for i in range(2)}
@@ -102,7 +117,9 @@ def test_concatenate_target_shards_equal_concatenating_the_whole_tensors_then_sh
 
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("shape", [(4, 6), (5, 7)], ids=["even", "uneven"])
-def test_merged_experts_shard_equal_stacking_every_expert_then_sharding(tmp_path: Path, style: str, shape: tuple[int, int]) -> None:
+def test_merged_experts_shard_equal_stacking_every_expert_then_sharding(
+    tmp_path: Path, style: str, shape: tuple[int, int]
+) -> None:
     """colwise on the stacked [experts, out, in] tensor is expert parallelism: whole experts per rank."""
     experts = {f"l.{i}.experts.{e}.w": rows(*shape, seed=10 * i + e) for i in range(2) for e in range(3)}
     root = write(tmp_path / "ckpt", experts, num_files=3)
@@ -122,7 +139,9 @@ def test_expert_parallel_rank_reads_only_its_own_experts_bytes(tmp_path: Path) -
     for rank, owned in enumerate([(0, 1), (2,)]):
         load_plan = make_plan(checkpoint, load_spec(plan), 2, rank, model="toy")
         ranges = sorted((r.offset, r.end) for item in load_plan.tensors for r in slice_ranges(item))
-        want = sorted((stored[f"l.{i}.experts.{e}.w"].begin, stored[f"l.{i}.experts.{e}.w"].end) for i in range(2) for e in owned)
+        want = sorted(
+            (stored[f"l.{i}.experts.{e}.w"].begin, stored[f"l.{i}.experts.{e}.w"].end) for i in range(2) for e in owned
+        )
         merged = [(a, b) for a, b in want]
         assert _union(ranges) == _union(merged)
         assert load_plan.read_bytes == 2 * len(owned) * 4 * 6 * 4
@@ -160,7 +179,9 @@ def test_permute_for_rope_matches_transformers_llama_conversion() -> None:
 @pytest.mark.parametrize("style", STYLES)
 @pytest.mark.parametrize("direction", ["to_half", "to_interleaved"])
 @pytest.mark.parametrize("reader", ["mmap", "safetensors", "pread"])
-def test_rope_permuted_shards_equal_permuting_the_whole_tensor_then_sharding(tmp_path: Path, style: str, direction: str, reader: str) -> None:
+def test_rope_permuted_shards_equal_permuting_the_whole_tensor_then_sharding(
+    tmp_path: Path, style: str, direction: str, reader: str
+) -> None:
     """24 rows of 6 heads at world sizes 1-4 (world 4 cuts heads when colwise), weight and bias, through every reader."""
     stored = {"q.weight": rows(6 * HEAD_DIM, 5), "q.bias": rows(6 * HEAD_DIM, seed=1)}
     root = write(tmp_path / "ckpt", stored)
@@ -179,7 +200,10 @@ def test_rope_shard_that_cuts_a_head_reads_the_whole_heads_and_says_so(tmp_path:
     plan = plan_file(tmp_path, conv, {"q.weight": (24, 5)}, "colwise")
     assert_tp_equals_convert_then_shard(root, plan, converted, "colwise", world_sizes=(5,))
     load_plan = make_plan(index_checkpoint(find_weights(root)), load_spec(plan), 5, 1, model="toy")
-    assert load_plan.notes["q.weight"] == "shard cuts rotary heads: read 1 run(s) widened to whole heads, permuted, then trimmed"
+    assert (
+        load_plan.notes["q.weight"]
+        == "shard cuts rotary heads: read 1 run(s) widened to whole heads, permuted, then trimmed"
+    )
     assert load_plan.read_bytes == 2 * HEAD_DIM * 5 * 4  # rows 5..10 need heads 1 and 2 (rows 4..12)
     assert load_plan.tensors[0].nbytes == 5 * 5 * 4
 
@@ -199,9 +223,18 @@ def test_chunk_then_rope_then_rename_chain_reports_its_op_chain(tmp_path: Path, 
     assert_tp_equals_convert_then_shard(root, plan, converted, style, world_sizes=(1, 2))
     load_plan = make_plan(index_checkpoint(find_weights(root)), load_spec(plan), 2, 0, model="toy")
     assert load_plan.conversions == (
-        Conversion("model.q", ("attn.qkv",), "chunk rows 0:24 -> permute_for_rope to_half -> rename", f"{style} Shard({0 if style == 'colwise' else 1})"),
-        Conversion("model.k", ("attn.qkv",), "chunk rows 24:32 -> rename", f"{style} Shard({0 if style == 'colwise' else 1})"),
-        Conversion("model.v", ("attn.qkv",), "chunk rows 32:40 -> rename", f"{style} Shard({0 if style == 'colwise' else 1})"),
+        Conversion(
+            "model.q",
+            ("attn.qkv",),
+            "chunk rows 0:24 -> permute_for_rope to_half -> rename",
+            f"{style} Shard({0 if style == 'colwise' else 1})",
+        ),
+        Conversion(
+            "model.k", ("attn.qkv",), "chunk rows 24:32 -> rename", f"{style} Shard({0 if style == 'colwise' else 1})"
+        ),
+        Conversion(
+            "model.v", ("attn.qkv",), "chunk rows 32:40 -> rename", f"{style} Shard({0 if style == 'colwise' else 1})"
+        ),
     )
 
 
@@ -210,7 +243,9 @@ def test_merge_with_an_expert_missing_names_the_missing_key(tmp_path: Path) -> N
     root = write(tmp_path / "ckpt", experts)
     conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
     plan = plan_file(tmp_path, conv, {f"l.{i}.experts.w": (3, 4, 6) for i in range(2)}, "colwise")
-    with pytest.raises(CheckpointError, match="merge_modulelist converter needs it beside l.1.experts.0.w, but the checkpoint lacks it") as info:
+    with pytest.raises(
+        CheckpointError, match="merge_modulelist converter needs it beside l.1.experts.0.w, but the checkpoint lacks it"
+    ) as info:
         make_plan(index_checkpoint(find_weights(root)), load_spec(plan), 2, 0, model="toy")
     assert info.value.key == "l.1.experts.2.w"
 
@@ -220,7 +255,10 @@ def test_merge_of_experts_with_different_shapes_is_refused(tmp_path: Path) -> No
     root = write(tmp_path / "ckpt", experts)
     conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
     plan = plan_file(tmp_path, conv, {"l.{layer}.experts.w": (3, 4, 6)}, "colwise")
-    with pytest.raises(CheckpointError, match=r"l.0.experts.1.w is torch.float32 \[5, 6\] but l.0.experts.0.w is torch.float32 \[4, 6\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"l.0.experts.1.w is torch.float32 \[5, 6\] but l.0.experts.0.w is torch.float32 \[4, 6\]",
+    ):
         make_plan(index_checkpoint(find_weights(root)), load_spec(plan), 2, 0, model="toy")
 
 
@@ -228,8 +266,14 @@ def test_merge_of_experts_with_different_shapes_is_refused(tmp_path: Path) -> No
     ("entry", "message"),
     [
         ('op = "stack"\nsource = "a"\ntarget = "b"', "unknown op 'stack'"),
-        ('op = "merge_modulelist"\nsource = "a.{layer}"\ntarget = "b"', "its source must contain {expert} and its target must not"),
-        ('op = "permute_for_rope"\nsource = "a"\ndirection = "sideways"\nheads = "q"', "needs heads = <head group> and direction"),
+        (
+            'op = "merge_modulelist"\nsource = "a.{layer}"\ntarget = "b"',
+            "its source must contain {expert} and its target must not",
+        ),
+        (
+            'op = "permute_for_rope"\nsource = "a"\ndirection = "sideways"\nheads = "q"',
+            "needs heads = <head group> and direction",
+        ),
         ('op = "concatenate"\nsources = ["a", "b"]\ntargets = ["c", "d"]', "takes exactly one target"),
         ('op = "rename"\npattern = "("\nreplacement = "x"', "bad regex"),
     ],

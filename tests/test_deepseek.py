@@ -46,13 +46,31 @@ CONFIG = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
-FP8_CONFIG = {**CONFIG, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}}
+FP8_CONFIG = {
+    **CONFIG,
+    "quantization_config": {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(BLOCK),
+    },
+}
 INPUT_IDS = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7])
 
 
 def shard_dim(key: str) -> int | None:
     """The sharded dim of a DeepSeek-V3 key (None: replicated)."""
-    if key.endswith(("q_b_proj.weight", "kv_b_proj.weight", "q_proj.weight", "gate_proj.weight", "up_proj.weight", "embed_tokens.weight", "lm_head.weight")):
+    if key.endswith(
+        (
+            "q_b_proj.weight",
+            "kv_b_proj.weight",
+            "q_proj.weight",
+            "gate_proj.weight",
+            "up_proj.weight",
+            "embed_tokens.weight",
+            "lm_head.weight",
+        )
+    ):
         return 0
     if key.endswith(("o_proj.weight", "down_proj.weight")):
         return 1
@@ -70,7 +88,11 @@ def dequantized(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, tensor in stored.items():
         if key.endswith("_scale_inv"):
             continue
-        out[key] = dequantize_block_fp8(tensor, stored[key + "_scale_inv"], BLOCK) if tensor.dtype == torch.float8_e4m3fn else tensor
+        out[key] = (
+            dequantize_block_fp8(tensor, stored[key + "_scale_inv"], BLOCK)
+            if tensor.dtype == torch.float8_e4m3fn
+            else tensor
+        )
     return out
 
 
@@ -81,16 +103,28 @@ def _check_float(rank: int, world_size: int, root: Path, config: dict) -> tuple[
     assert set(local) == set(stored)
     for key, tensor in stored.items():
         assert torch.equal(local[key], expected_slice(key, tensor, world_size, rank)), key
-    error = float((tp_llama_forward(local, config, INPUT_IDS, world_size, rank) - llama_forward(stored, config, INPUT_IDS)).abs().max())
+    error = float(
+        (tp_llama_forward(local, config, INPUT_IDS, world_size, rank) - llama_forward(stored, config, INPUT_IDS))
+        .abs()
+        .max()
+    )
     return error, result.report.clean
 
 
 @pytest.mark.parametrize(
     ("world_size", "config"),
-    [(1, CONFIG), (2, CONFIG), (4, CONFIG), (2, {**CONFIG, "q_lora_rank": None}), (3, {**CONFIG, "num_attention_heads": 6, "num_key_value_heads": 6})],
+    [
+        (1, CONFIG),
+        (2, CONFIG),
+        (4, CONFIG),
+        (2, {**CONFIG, "q_lora_rank": None}),
+        (3, {**CONFIG, "num_attention_heads": 6, "num_key_value_heads": 6}),
+    ],
     ids=["world1", "world2", "world4", "world2-no-q-lora", "world3-uneven-mlp"],
 )
-def test_deepseek_mla_and_moe_shards_are_exact_and_forward_matches(tmp_path: Path, world_size: int, config: dict) -> None:
+def test_deepseek_mla_and_moe_shards_are_exact_and_forward_matches(
+    tmp_path: Path, world_size: int, config: dict
+) -> None:
     root = write_checkpoint(tmp_path / "ds", config, deepseek_tensors(config), num_shards=2)
     for error, clean in values(run_ranks(world_size, _check_float, root, config)):
         assert error <= 1e-5
@@ -112,10 +146,23 @@ def _check_fp8(rank: int, world_size: int, root: Path) -> tuple[float, int, int]
         else:
             want = expected_slice(key, tensor, world_size, rank)
         assert local[key].dtype == tensor.dtype
-        assert torch.equal(local[key].view(torch.uint8), want.contiguous().view(torch.uint8)), key  # bitwise, fp8 included
+        assert torch.equal(local[key].view(torch.uint8), want.contiguous().view(torch.uint8)), (
+            key
+        )  # bitwise, fp8 included
         expected_bytes += want.numel() * want.element_size()
-    weights = {k: dequantize_block_fp8(v, local[k + "_scale_inv"], BLOCK) if v.dtype == torch.float8_e4m3fn else v for k, v in local.items() if not k.endswith("_scale_inv")}
-    error = float((tp_llama_forward(weights, FP8_CONFIG, INPUT_IDS, world_size, rank) - llama_forward(dequantized(stored), FP8_CONFIG, INPUT_IDS)).abs().max())
+    weights = {
+        k: dequantize_block_fp8(v, local[k + "_scale_inv"], BLOCK) if v.dtype == torch.float8_e4m3fn else v
+        for k, v in local.items()
+        if not k.endswith("_scale_inv")
+    }
+    error = float(
+        (
+            tp_llama_forward(weights, FP8_CONFIG, INPUT_IDS, world_size, rank)
+            - llama_forward(dequantized(stored), FP8_CONFIG, INPUT_IDS)
+        )
+        .abs()
+        .max()
+    )
     return error, result.report.ranks[rank].bytes_read, expected_bytes
 
 
@@ -126,7 +173,9 @@ def _chunk(size: int, world_size: int, rank: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_fp8_weights_and_their_scale_blocks_are_sharded_in_step(tmp_path: Path, world_size: int) -> None:
-    root = write_checkpoint(tmp_path / "ds", FP8_CONFIG, quantize_checkpoint(deepseek_tensors(FP8_CONFIG), BLOCK), num_shards=3)
+    root = write_checkpoint(
+        tmp_path / "ds", FP8_CONFIG, quantize_checkpoint(deepseek_tensors(FP8_CONFIG), BLOCK), num_shards=3
+    )
     for error, bytes_read, expected_bytes in values(run_ranks(world_size, _check_fp8, root)):
         assert error <= 1e-5
         assert bytes_read == expected_bytes
@@ -140,7 +189,9 @@ def test_shard_that_cuts_an_fp8_block_is_refused_naming_the_key(tmp_path: Path) 
     root = write_checkpoint(tmp_path / "ds", WORLD3, quantize_checkpoint(deepseek_tensors(WORLD3), BLOCK))
     checkpoint = index_checkpoint(find_weights(root))
     spec = select_spec("auto", checkpoint.config, model="ds")
-    with pytest.raises(tp_loader.ShardingError, match=r"the shard \[0, 22\) of dim 1 cuts the weight's 8x8 fp8 scale blocks") as info:
+    with pytest.raises(
+        tp_loader.ShardingError, match=r"the shard \[0, 22\) of dim 1 cuts the weight's 8x8 fp8 scale blocks"
+    ) as info:
         make_plan(checkpoint, spec, 3, 0, model="ds")
     assert info.value.key == "model.layers.0.mlp.down_proj.weight"  # the first cut key in file order
     assert "dtype=bfloat16" in info.value.hint
@@ -166,7 +217,11 @@ def _check_dequantized(rank: int, world_size: int, root: Path) -> tuple[float, i
                 start, stop = _chunk(tensor.shape[dim], world_size, rank)
                 blocks = math.ceil(stop / BLOCK[dim]) - start // BLOCK[dim] if stop > start else 0
                 expected_bytes += blocks * scale.shape[1 - dim] * 4
-    error = float((tp_llama_forward(local, WORLD3, INPUT_IDS, world_size, rank) - llama_forward(full, WORLD3, INPUT_IDS)).abs().max())
+    error = float(
+        (tp_llama_forward(local, WORLD3, INPUT_IDS, world_size, rank) - llama_forward(full, WORLD3, INPUT_IDS))
+        .abs()
+        .max()
+    )
     return error, result.report.ranks[rank].bytes_read, expected_bytes, dict(result.report.notes)
 
 
@@ -175,7 +230,10 @@ def test_wider_dtype_dequantizes_every_slice_on_load_even_where_shards_cut_block
     for error, bytes_read, expected_bytes, notes in values(run_ranks(3, _check_dequantized, root)):
         assert error <= 1e-5
         assert bytes_read == expected_bytes
-        assert notes["model.layers.0.mlp.gate_proj.weight"] == "dequantized on load from float8_e4m3fn with model.layers.0.mlp.gate_proj.weight_scale_inv (8x8 blocks)"
+        assert (
+            notes["model.layers.0.mlp.gate_proj.weight"]
+            == "dequantized on load from float8_e4m3fn with model.layers.0.mlp.gate_proj.weight_scale_inv (8x8 blocks)"
+        )
 
 
 def test_fp8_scale_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
@@ -183,7 +241,10 @@ def test_fp8_scale_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     key = "model.layers.1.self_attn.o_proj.weight_scale_inv"
     tensors[key] = tensors[key][:, :-1].contiguous()
     root = write_checkpoint(tmp_path / "ds", FP8_CONFIG, tensors)
-    with pytest.raises(tp_loader.CheckpointError, match=r"scale has shape \[8, 7\], but the weight \[64, 64\] in 8x8 blocks needs \[8, 8\]") as info:
+    with pytest.raises(
+        tp_loader.CheckpointError,
+        match=r"scale has shape \[8, 7\], but the weight \[64, 64\] in 8x8 blocks needs \[8, 8\]",
+    ) as info:
         tp_loader.load(root)
     assert info.value.key == key
 
@@ -217,7 +278,10 @@ def test_dequantized_slices_are_identical_through_every_reader(tmp_path: Path, r
 def test_scale_of_a_mismatched_weight_is_reported_mismatched_too(tmp_path: Path) -> None:
     tensors = quantize_checkpoint(deepseek_tensors(FP8_CONFIG), BLOCK)
     key = "model.layers.0.self_attn.o_proj.weight"
-    tensors[key], tensors[key + "_scale_inv"] = tensors[key][:, :-8].contiguous(), tensors[key + "_scale_inv"][:, :-1].contiguous()
+    tensors[key], tensors[key + "_scale_inv"] = (
+        tensors[key][:, :-8].contiguous(),
+        tensors[key + "_scale_inv"][:, :-1].contiguous(),
+    )
     report = tp_loader.load(write_checkpoint(tmp_path / "ds", FP8_CONFIG, tensors)).report
     assert [m.key for m in report.mismatched_keys] == [key, key + "_scale_inv"]
     assert report.mismatched_keys[1].describe() == f"{key}_scale_inv (config implies [8, 8], stored [8, 7])"

@@ -61,7 +61,9 @@ def bert_tensors(config: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def encode(w: dict, config: dict, input_ids: torch.Tensor, token_types: torch.Tensor, reduce=lambda t: t, embed=None) -> torch.Tensor:
+def encode(
+    w: dict, config: dict, input_ids: torch.Tensor, token_types: torch.Tensor, reduce=lambda t: t, embed=None
+) -> torch.Tensor:
     """BERT encoder hidden states [seq, hidden]; ``reduce`` all-reduces row-parallel products, ``embed``
     looks up (possibly vocab-parallel) word embeddings."""
     hidden, eps = config["hidden_size"], config["layer_norm_eps"]
@@ -71,16 +73,29 @@ def encode(w: dict, config: dict, input_ids: torch.Tensor, token_types: torch.Te
         return torch.nn.functional.layer_norm(x, (hidden,), w[name + ".weight"], w[name + ".bias"], eps)
 
     words = embed(input_ids) if embed else w["bert.embeddings.word_embeddings.weight"][input_ids]
-    x = words + w["bert.embeddings.position_embeddings.weight"][: len(input_ids)] + w["bert.embeddings.token_type_embeddings.weight"][token_types]
+    x = (
+        words
+        + w["bert.embeddings.position_embeddings.weight"][: len(input_ids)]
+        + w["bert.embeddings.token_type_embeddings.weight"][token_types]
+    )
     x = norm(x, "bert.embeddings.LayerNorm")
     for layer in range(config["num_hidden_layers"]):
         p = f"bert.encoder.layer.{layer}."
         q, k, v = (
-            (x @ w[f"{p}attention.self.{n}.weight"].T + w[f"{p}attention.self.{n}.bias"]).view(len(input_ids), -1, head_dim).transpose(0, 1)
+            (x @ w[f"{p}attention.self.{n}.weight"].T + w[f"{p}attention.self.{n}.bias"])
+            .view(len(input_ids), -1, head_dim)
+            .transpose(0, 1)
             for n in ("query", "key", "value")
         )
-        attn = ((q @ k.transpose(-1, -2) / math.sqrt(head_dim)).softmax(-1) @ v).transpose(0, 1).reshape(len(input_ids), -1)
-        x = norm(x + reduce(attn @ w[p + "attention.output.dense.weight"].T) + w[p + "attention.output.dense.bias"], p + "attention.output.LayerNorm")
+        attn = (
+            ((q @ k.transpose(-1, -2) / math.sqrt(head_dim)).softmax(-1) @ v)
+            .transpose(0, 1)
+            .reshape(len(input_ids), -1)
+        )
+        x = norm(
+            x + reduce(attn @ w[p + "attention.output.dense.weight"].T) + w[p + "attention.output.dense.bias"],
+            p + "attention.output.LayerNorm",
+        )
         h = torch.nn.functional.gelu(x @ w[p + "intermediate.dense.weight"].T + w[p + "intermediate.dense.bias"])
         x = norm(x + reduce(h @ w[p + "output.dense.weight"].T) + w[p + "output.dense.bias"], p + "output.LayerNorm")
     return x
@@ -110,7 +125,11 @@ def _encode_on_ranks(rank: int, world_size: int, root: Path) -> tuple[float, boo
 
     def embed(ids: torch.Tensor) -> torch.Tensor:
         mine = (ids >= start) & (ids < start + table.shape[0])
-        rows = table[(ids - start).clamp(0, max(table.shape[0] - 1, 0))] if table.shape[0] else torch.zeros(len(ids), BERT["hidden_size"])
+        rows = (
+            table[(ids - start).clamp(0, max(table.shape[0] - 1, 0))]
+            if table.shape[0]
+            else torch.zeros(len(ids), BERT["hidden_size"])
+        )
         return reduce(rows * mine.unsqueeze(-1))
 
     ids = torch.tensor([1, 7, 100, 42, 0, 55, 13, 99])

@@ -29,7 +29,9 @@ def test_indivisible_heads_fail_on_every_rank_naming_the_world_sizes_that_work(m
     root = make_checkpoint(llama_config(num_attention_heads=12, num_key_value_heads=4))
     kind, wire = _same_error_everywhere(run_ranks(3, _load, root, timeout=TIMEOUT_S))
     assert kind == "ShardingError"
-    assert str(tp_loader.errors.from_wire(wire)) == (f"model {root} (4 kv heads, 12 q heads) cannot be sharded over 3 ranks [rank=0]. World sizes that work: 1, 2, 4, 12")
+    assert str(tp_loader.errors.from_wire(wire)) == (
+        f"model {root} (4 kv heads, 12 q heads) cannot be sharded over 3 ranks [rank=0]. World sizes that work: 1, 2, 4, 12"
+    )
 
 
 def test_missing_shard_file_fails_on_every_rank_naming_the_file(make_checkpoint) -> None:
@@ -51,7 +53,10 @@ def test_index_naming_a_key_absent_from_its_file_fails_on_every_rank_naming_the_
     kind, wire = _same_error_everywhere(run_ranks(2, _load, root, timeout=TIMEOUT_S))
     assert kind == "CheckpointError"
     assert (wire["key"], wire["file"]) == ("model.layers.0.mlp.extra.weight", str(index_path))
-    assert wire["message"] == "index maps the key to model-00001-of-00002.safetensors, but that file's header has no such tensor"
+    assert (
+        wire["message"]
+        == "index maps the key to model-00001-of-00002.safetensors, but that file's header has no such tensor"
+    )
 
 
 def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_checkpoint, tmp_path: Path) -> None:
@@ -61,7 +66,10 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
     kind, wire = _same_error_everywhere(run_ranks(2, _load, root, str(plan), timeout=TIMEOUT_S))
     assert kind == "PlanError"
     assert wire["file"] == str(plan)
-    assert wire["message"] == "rule 'model.norm.weight' names unknown style 'diagonal'; known styles: colwise, experts, packed, replicate, rowwise, vocab"
+    assert (
+        wire["message"]
+        == "rule 'model.norm.weight' names unknown style 'diagonal'; known styles: colwise, experts, packed, replicate, rowwise, vocab"
+    )
 
 
 def _load_with_rank1_read_failure(rank: int, world_size: int, root: Path) -> object:
@@ -81,7 +89,11 @@ def test_read_failure_on_one_rank_reaches_every_rank_as_the_same_error(make_chec
     root = make_checkpoint()
     kind, wire = _same_error_everywhere(run_ranks(2, _load_with_rank1_read_failure, root, timeout=TIMEOUT_S))
     assert kind == "ReadError"
-    assert (wire["rank"], wire["key"], wire["file"]) == (1, "model.layers.1.mlp.up_proj.weight", str(root / "model.safetensors"))
+    assert (wire["rank"], wire["key"], wire["file"]) == (
+        1,
+        "model.layers.1.mlp.up_proj.weight",
+        str(root / "model.safetensors"),
+    )
 
 
 def _strict_load(rank: int, world_size: int, root: Path) -> object:
@@ -108,7 +120,10 @@ def test_ranks_that_see_different_checkpoints_refuse_to_load(make_checkpoint, wo
 
     kind, wire = _same_error_everywhere(run_ranks(world_size, load_own, timeout=TIMEOUT_S))
     assert kind == "DistributedError"
-    assert wire["message"] == f"ranks {list(range(1, world_size))} see a different checkpoint (config or headers) than rank 0"
+    assert (
+        wire["message"]
+        == f"ranks {list(range(1, world_size))} see a different checkpoint (config or headers) than rank 0"
+    )
 
 
 def _load_with_recording_fetch(rank: int, world_size: int, source: Path, target: Path) -> tuple:
@@ -134,5 +149,13 @@ def _load_with_recording_fetch(rank: int, world_size: int, source: Path, target:
 def test_only_the_first_rank_of_a_node_fetches_and_the_others_wait_for_it(make_checkpoint, tmp_path: Path) -> None:
     from tp_loader.testing import values
 
-    calls = values(run_ranks(3, _load_with_recording_fetch, make_checkpoint(llama_config(num_key_value_heads=3)), tmp_path / "snapshot", timeout=TIMEOUT_S))
+    calls = values(
+        run_ranks(
+            3,
+            _load_with_recording_fetch,
+            make_checkpoint(llama_config(num_key_value_heads=3)),
+            tmp_path / "snapshot",
+            timeout=TIMEOUT_S,
+        )
+    )
     assert calls == [[(True, True)], [(False, True)], [(False, True)]]

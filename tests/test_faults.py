@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from conftest import llama_config
 
 import tp_loader
@@ -37,7 +36,9 @@ def _load_with_rank1_stuck(rank: int, world_size: int, root: Path, how: str) -> 
 
 def test_hung_rank_ends_the_other_ranks_with_a_timeout_error_within_the_configured_time(make_checkpoint) -> None:
     root = make_checkpoint()
-    results = run_ranks(2, _load_with_rank1_stuck, root, "hang", timeout=60, env={"TP_LOADER_TIMEOUT_S": "3"}, allow_lost=True)
+    results = run_ranks(
+        2, _load_with_rank1_stuck, root, "hang", timeout=60, env={"TP_LOADER_TIMEOUT_S": "3"}, allow_lost=True
+    )
     assert results[1] == ("lost", None)
     message, seconds = results[0][1]
     assert message.startswith("lost contact with the other ranks after stage 'read' (waited at most 3 s)"), message
@@ -46,7 +47,9 @@ def test_hung_rank_ends_the_other_ranks_with_a_timeout_error_within_the_configur
 
 def test_rank_that_dies_mid_read_ends_the_other_ranks_with_an_error_not_a_hang(make_checkpoint) -> None:
     root = make_checkpoint()
-    results = run_ranks(2, _load_with_rank1_stuck, root, "exit", timeout=60, env={"TP_LOADER_TIMEOUT_S": "20"}, allow_lost=True)
+    results = run_ranks(
+        2, _load_with_rank1_stuck, root, "exit", timeout=60, env={"TP_LOADER_TIMEOUT_S": "20"}, allow_lost=True
+    )
     assert results[1] == ("lost", None)
     message, seconds = results[0][1]
     assert message.startswith("lost contact with the other ranks after stage 'read'"), message
@@ -58,7 +61,16 @@ def test_rank_killed_mid_load_under_torchrun_ends_the_job_naming_the_lost_rank(m
     script = Path(__file__).parent / "die_mid_load.py"
     start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(root)],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(root),
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -105,13 +117,25 @@ def _load_across_a_new_job(rank: int, world_size: int, root: Path, init_file: st
     again = tp_loader.load(root)
     (reused,) = tp_dist._CONTROL_GROUPS.values()
     dist.destroy_process_group()  # the caller tears its job down and starts a new one
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     third = tp_loader.load(root)
     (replaced,) = tp_dist._CONTROL_GROUPS.values()
-    same = all(torch.equal(first.state_dict[k].to_local(), t.to_local()) and torch.equal(again.state_dict[k].to_local(), t.to_local()) for k, t in third.state_dict.items())
+    same = all(
+        torch.equal(first.state_dict[k].to_local(), t.to_local())
+        and torch.equal(again.state_dict[k].to_local(), t.to_local())
+        for k, t in third.state_dict.items()
+    )
     return reused is group, replaced is not group, same
 
 
-def test_load_after_the_job_is_torn_down_and_reinitialized_forms_a_new_control_group(make_checkpoint, tmp_path: Path) -> None:
+def test_load_after_the_job_is_torn_down_and_reinitialized_forms_a_new_control_group(
+    make_checkpoint, tmp_path: Path
+) -> None:
     root = make_checkpoint(llama_config())
     assert values(run_ranks(2, _load_across_a_new_job, root, str(tmp_path / "second_init"))) == [(True, True, True)] * 2

@@ -31,7 +31,9 @@ def _fuse(tensors: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Ten
             continue
         if key.endswith("q_proj.weight"):
             prefix = key[: -len("q_proj.weight")]
-            out[prefix + "qkv_proj.weight"] = torch.cat([tensor, tensors[prefix + "k_proj.weight"], tensors[prefix + "v_proj.weight"]])
+            out[prefix + "qkv_proj.weight"] = torch.cat(
+                [tensor, tensors[prefix + "k_proj.weight"], tensors[prefix + "v_proj.weight"]]
+            )
         elif key.endswith("gate_proj.weight"):
             prefix = key[: -len("gate_proj.weight")]
             out[prefix + "gate_up_proj.weight"] = torch.cat([tensor, tensors[prefix + "up_proj.weight"]])
@@ -92,7 +94,12 @@ def _check_fused_shards(rank: int, world_size: int, root: Path, config: dict) ->
         if key.endswith(("qkv_proj.weight", "gate_up_proj.weight")):
             prefix = key.rsplit(".", 2)[0] + "."
             names = ("q_proj", "k_proj", "v_proj") if "qkv" in key else ("gate_proj", "up_proj")
-            want = torch.cat([expected_shard(prefix + n + ".weight", unfused[prefix + n + ".weight"], config, world_size, rank) for n in names])
+            want = torch.cat(
+                [
+                    expected_shard(prefix + n + ".weight", unfused[prefix + n + ".weight"], config, world_size, rank)
+                    for n in names
+                ]
+            )
         else:
             want = expected_shard(key, tensor, config, world_size, rank)
         assert torch.equal(result.state_dict[key].to_local(), want), key
@@ -109,7 +116,9 @@ def _check_fused_shards(rank: int, world_size: int, root: Path, config: dict) ->
         pytest.param(4, phi3_config(num_key_value_heads=2), id="world4-kv-heads-replicated"),
     ],
 )
-def test_fused_shard_is_the_concatenation_of_each_parts_tensor_parallel_slice(tmp_path: Path, world_size: int, config: dict) -> None:
+def test_fused_shard_is_the_concatenation_of_each_parts_tensor_parallel_slice(
+    tmp_path: Path, world_size: int, config: dict
+) -> None:
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
     for bytes_read, expected in values(run_ranks(world_size, _check_fused_shards, root, config)):
         assert bytes_read == expected
@@ -124,8 +133,14 @@ def _fused_forward_error(rank: int, world_size: int, root: Path, config: dict) -
     return float((tp_llama_forward(local, config, input_ids, world_size, rank) - reference).abs().max())
 
 
-@pytest.mark.parametrize(("world_size", "config"), [(2, phi3_config()), (4, phi3_config(num_key_value_heads=2, tie_word_embeddings=True))], ids=["world2", "world4-kv-replicated-tied"])
-def test_fused_checkpoint_tensor_parallel_forward_matches_the_unsharded_forward(tmp_path: Path, world_size: int, config: dict) -> None:
+@pytest.mark.parametrize(
+    ("world_size", "config"),
+    [(2, phi3_config()), (4, phi3_config(num_key_value_heads=2, tie_word_embeddings=True))],
+    ids=["world2", "world4-kv-replicated-tied"],
+)
+def test_fused_checkpoint_tensor_parallel_forward_matches_the_unsharded_forward(
+    tmp_path: Path, world_size: int, config: dict
+) -> None:
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
     assert max(values(run_ranks(world_size, _fused_forward_error, root, config))) <= 1e-5
 
@@ -149,7 +164,9 @@ sizes = ["intermediate_size", "intermediate_size"]
 """
 
 
-def _load_split_from_fused(rank: int, world_size: int, root: Path, plan: Path, config: dict) -> tuple[float, int, int, tuple]:
+def _load_split_from_fused(
+    rank: int, world_size: int, root: Path, plan: Path, config: dict
+) -> tuple[float, int, int, tuple]:
     result = tp_loader.load(root, plan=str(plan))
     q_rows, kv_rows, _, _ = _sizes(config, world_size)
     unfused = _split(load_file(str(root / "model.safetensors")), q_rows, kv_rows)
@@ -161,12 +178,22 @@ def _load_split_from_fused(rank: int, world_size: int, root: Path, plan: Path, c
         expected_bytes += want.numel() * want.element_size()
     input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7]) % config["vocab_size"]
     local = {k: v.to_local() for k, v in result.state_dict.items()}
-    error = float((tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(unfused, config, input_ids)).abs().max())
+    error = float(
+        (tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(unfused, config, input_ids))
+        .abs()
+        .max()
+    )
     return error, result.report.ranks[rank].bytes_read, expected_bytes, result.report.conversions
 
 
-@pytest.mark.parametrize(("world_size", "config"), [(2, phi3_config()), (4, phi3_config(num_key_value_heads=2))], ids=["world2", "world4-kv-replicated"])
-def test_fused_checkpoint_loads_into_a_split_target_layout_reading_each_targets_rows(tmp_path: Path, world_size: int, config: dict) -> None:
+@pytest.mark.parametrize(
+    ("world_size", "config"),
+    [(2, phi3_config()), (4, phi3_config(num_key_value_heads=2))],
+    ids=["world2", "world4-kv-replicated"],
+)
+def test_fused_checkpoint_loads_into_a_split_target_layout_reading_each_targets_rows(
+    tmp_path: Path, world_size: int, config: dict
+) -> None:
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
     plan = tmp_path / "split.toml"
     plan.write_text(SPLIT_TARGET_PLAN)
@@ -177,14 +204,31 @@ def test_fused_checkpoint_loads_into_a_split_target_layout_reading_each_targets_
         q_rows, kv_rows, _, _ = _sizes(config, world_size)
         by_target = {c.target: c for c in conversions}
         assert [by_target[f"model.layers.0.self_attn.{n}_proj.weight"] for n in "qkv"] == [
-            Conversion("model.layers.0.self_attn.q_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows 0:{q_rows}", "colwise Shard(0)"),
-            Conversion("model.layers.0.self_attn.k_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows}:{q_rows + kv_rows}", "colwise Shard(0)"),
-            Conversion("model.layers.0.self_attn.v_proj.weight", ("model.layers.0.self_attn.qkv_proj.weight",), f"chunk rows {q_rows + kv_rows}:{q_rows + 2 * kv_rows}", "colwise Shard(0)"),
+            Conversion(
+                "model.layers.0.self_attn.q_proj.weight",
+                ("model.layers.0.self_attn.qkv_proj.weight",),
+                f"chunk rows 0:{q_rows}",
+                "colwise Shard(0)",
+            ),
+            Conversion(
+                "model.layers.0.self_attn.k_proj.weight",
+                ("model.layers.0.self_attn.qkv_proj.weight",),
+                f"chunk rows {q_rows}:{q_rows + kv_rows}",
+                "colwise Shard(0)",
+            ),
+            Conversion(
+                "model.layers.0.self_attn.v_proj.weight",
+                ("model.layers.0.self_attn.qkv_proj.weight",),
+                f"chunk rows {q_rows + kv_rows}:{q_rows + 2 * kv_rows}",
+                "colwise Shard(0)",
+            ),
         ]
 
 
 @pytest.mark.parametrize("reader", ["safetensors", "pread", "mmap"])
-def test_chunk_targets_read_identically_through_every_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+def test_chunk_targets_read_identically_through_every_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
     config = phi3_config()
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
     (tmp_path / "split.toml").write_text(SPLIT_TARGET_PLAN)
@@ -198,8 +242,16 @@ def test_chunk_targets_read_identically_through_every_reader(tmp_path: Path, mon
 def test_chunk_sizes_that_do_not_add_up_to_the_stored_rows_are_refused(tmp_path: Path) -> None:
     config = phi3_config()
     root = write_checkpoint(tmp_path / "phi3", config, _fuse(llama_tensors(config), config))
-    (tmp_path / "split.toml").write_text(SPLIT_TARGET_PLAN.replace('sizes = ["intermediate_size", "intermediate_size"]', 'sizes = ["intermediate_size", "intermediate_size - 1"]'))
-    with pytest.raises(tp_loader.CheckpointError, match=r"chunk converter: the stored tensor has shape \[200, 48\], but its targets' sizes add up to 199 rows") as info:
+    (tmp_path / "split.toml").write_text(
+        SPLIT_TARGET_PLAN.replace(
+            'sizes = ["intermediate_size", "intermediate_size"]',
+            'sizes = ["intermediate_size", "intermediate_size - 1"]',
+        )
+    )
+    with pytest.raises(
+        tp_loader.CheckpointError,
+        match=r"chunk converter: the stored tensor has shape \[200, 48\], but its targets' sizes add up to 199 rows",
+    ) as info:
         tp_loader.load(root, plan=str(tmp_path / "split.toml"))
     assert info.value.key == "model.layers.0.mlp.gate_up_proj.weight"
 
@@ -234,12 +286,22 @@ def _load_fused_from_split(rank: int, world_size: int, root: Path, plan: Path, c
     for key, tensor in stored.items():
         assert torch.equal(local[key], expected_shard(key, tensor, config, world_size, rank)), key
     input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7]) % config["vocab_size"]
-    error = float((tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(stored, config, input_ids)).abs().max())
+    error = float(
+        (tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(stored, config, input_ids))
+        .abs()
+        .max()
+    )
     return error, result.report.ranks[rank].bytes_read, expected_bytes
 
 
-@pytest.mark.parametrize(("world_size", "config"), [(2, llama_config()), (4, llama_config(num_key_value_heads=2))], ids=["world2", "world4-kv-replicated"])
-def test_split_checkpoint_loads_into_a_fused_target_layout_reading_each_parts_rows(tmp_path: Path, world_size: int, config: dict) -> None:
+@pytest.mark.parametrize(
+    ("world_size", "config"),
+    [(2, llama_config()), (4, llama_config(num_key_value_heads=2))],
+    ids=["world2", "world4-kv-replicated"],
+)
+def test_split_checkpoint_loads_into_a_fused_target_layout_reading_each_parts_rows(
+    tmp_path: Path, world_size: int, config: dict
+) -> None:
     """The reverse of the chunk case: q/k/v (gate/up) stored apart, loaded as phi3's packed qkv_proj
     (gate_up_proj); rank r reads q[r], k[r], v[r] from the three stored tensors and nothing else."""
     root = write_checkpoint(tmp_path / "llama", config, llama_tensors(config), num_shards=2)

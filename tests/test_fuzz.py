@@ -37,7 +37,12 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _fuzz_settings(request: pytest.FixtureRequest):
-    return settings(max_examples=request.config.getoption("--fuzz-examples"), deadline=20_000, suppress_health_check=[HealthCheck.function_scoped_fixture], database=None)
+    return settings(
+        max_examples=request.config.getoption("--fuzz-examples"),
+        deadline=20_000,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+        database=None,
+    )
 
 
 def _truth(root: Path) -> dict[str, torch.Tensor] | None:
@@ -77,11 +82,16 @@ def _copy(base: Path) -> Path:
     return root
 
 
-def test_fuzzed_header_bytes_load_exactly_or_raise_a_tp_loader_error(base: Path, request: pytest.FixtureRequest) -> None:
+def test_fuzzed_header_bytes_load_exactly_or_raise_a_tp_loader_error(
+    base: Path, request: pytest.FixtureRequest
+) -> None:
     header_len = struct.unpack("<Q", (base / SHARDS[0]).read_bytes()[:8])[0]
 
     @_fuzz_settings(request)
-    @given(st.lists(st.tuples(st.integers(0, header_len + 7), st.integers(0, 255)), min_size=1, max_size=4), st.sampled_from(SHARDS))
+    @given(
+        st.lists(st.tuples(st.integers(0, header_len + 7), st.integers(0, 255)), min_size=1, max_size=4),
+        st.sampled_from(SHARDS),
+    )
     def run(edits: list[tuple[int, int]], shard: str) -> None:
         root = _copy(base)
         path = root / shard
@@ -97,12 +107,23 @@ def test_fuzzed_header_bytes_load_exactly_or_raise_a_tp_loader_error(base: Path,
     run()
 
 
-def test_fuzzed_index_entries_load_exactly_or_raise_a_tp_loader_error(base: Path, request: pytest.FixtureRequest) -> None:
+def test_fuzzed_index_entries_load_exactly_or_raise_a_tp_loader_error(
+    base: Path, request: pytest.FixtureRequest
+) -> None:
     keys = list(json.loads((base / "model.safetensors.index.json").read_text())["weight_map"])
-    values = st.one_of(st.sampled_from(SHARDS), st.sampled_from(["", ".", "..", "../x.safetensors", "/etc/passwd", "config.json", "missing.safetensors"]))
+    values = st.one_of(
+        st.sampled_from(SHARDS),
+        st.sampled_from(["", ".", "..", "../x.safetensors", "/etc/passwd", "config.json", "missing.safetensors"]),
+    )
 
     @_fuzz_settings(request)
-    @given(st.lists(st.tuples(st.sampled_from(keys + ["model.extra.weight", ""]), st.one_of(st.none(), values)), min_size=1, max_size=4))
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(keys + ["model.extra.weight", ""]), st.one_of(st.none(), values)),
+            min_size=1,
+            max_size=4,
+        )
+    )
     def run(edits: list[tuple[str, str | None]]) -> None:
         root = _copy(base)
         index_path = root / "model.safetensors.index.json"
@@ -121,11 +142,26 @@ def test_fuzzed_index_entries_load_exactly_or_raise_a_tp_loader_error(base: Path
     run()
 
 
-CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "vocab_size", "num_hidden_layers", "head_dim", "tie_word_embeddings", "model_type", "attention_bias"]
-ODD_VALUES = st.one_of(st.integers(-3, 200), st.sampled_from([None, "x", "llama", "qwen3", 1.5, True, False, [], {}, 10**15]))
+CONFIG_FIELDS = [
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "num_hidden_layers",
+    "head_dim",
+    "tie_word_embeddings",
+    "model_type",
+    "attention_bias",
+]
+ODD_VALUES = st.one_of(
+    st.integers(-3, 200), st.sampled_from([None, "x", "llama", "qwen3", 1.5, True, False, [], {}, 10**15])
+)
 
 
-def test_fuzzed_config_fields_load_exactly_or_raise_a_tp_loader_error(base: Path, request: pytest.FixtureRequest) -> None:
+def test_fuzzed_config_fields_load_exactly_or_raise_a_tp_loader_error(
+    base: Path, request: pytest.FixtureRequest
+) -> None:
     @_fuzz_settings(request)
     @given(st.dictionaries(st.sampled_from(CONFIG_FIELDS), ODD_VALUES, min_size=1, max_size=3), st.booleans())
     def run(changes: dict, strict: bool) -> None:
@@ -140,15 +176,41 @@ def test_fuzzed_config_fields_load_exactly_or_raise_a_tp_loader_error(base: Path
     run()
 
 
-PATTERNS = st.sampled_from(["*", "**", "model.*", "model.layers.*.mlp.*", "**.weight", "lm_head.weight", "model.layers.*.self_attn.*", "[", "model.layers.0.*.*.weight", ""])
+PATTERNS = st.sampled_from(
+    [
+        "*",
+        "**",
+        "model.*",
+        "model.layers.*.mlp.*",
+        "**.weight",
+        "lm_head.weight",
+        "model.layers.*.self_attn.*",
+        "[",
+        "model.layers.0.*.*.weight",
+        "",
+    ]
+)
 
 
 def test_fuzzed_plan_rules_load_exactly_or_raise_a_tp_loader_error(base: Path, request: pytest.FixtureRequest) -> None:
     @_fuzz_settings(request)
-    @given(st.lists(st.tuples(PATTERNS, st.sampled_from(["colwise", "rowwise", "vocab", "replicate", "diagonal", ""]), st.sampled_from([None, "q", "kv", "zz"])), max_size=3))
+    @given(
+        st.lists(
+            st.tuples(
+                PATTERNS,
+                st.sampled_from(["colwise", "rowwise", "vocab", "replicate", "diagonal", ""]),
+                st.sampled_from([None, "q", "kv", "zz"]),
+            ),
+            max_size=3,
+        )
+    )
     def run(rules: list[tuple[str, str, str | None]]) -> None:
         plan_dir = Path(tempfile.mkdtemp(prefix="fuzz-plan-"))
-        text = 'extends = "llama"\n' + "".join(f"[[rules]]\npattern = {json.dumps(p)}\nstyle = {json.dumps(s)}\n" + (f"heads = {json.dumps(h)}\n" if h else "") for p, s, h in rules)
+        text = 'extends = "llama"\n' + "".join(
+            f"[[rules]]\npattern = {json.dumps(p)}\nstyle = {json.dumps(s)}\n"
+            + (f"heads = {json.dumps(h)}\n" if h else "")
+            for p, s, h in rules
+        )
         (plan_dir / "plan.toml").write_text(text)
         try:
             _check_outcome(base, plan=str(plan_dir / "plan.toml"))
@@ -181,8 +243,19 @@ def test_fuzzed_configs_plan_to_exact_tilings_for_any_world_size(base: Path, req
     checkpoint = index_checkpoint(find_weights(base))
 
     @_fuzz_settings(request)
-    @given(st.dictionaries(st.sampled_from(["num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"]), st.integers(1, 130), max_size=3), st.integers(1, 9))
+    @given(
+        st.dictionaries(
+            st.sampled_from(["num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size"]),
+            st.integers(1, 130),
+            max_size=3,
+        ),
+        st.integers(1, 9),
+    )
     def run(changes: dict, world_size: int) -> None:
-        _tiles(Checkpoint(checkpoint.root, checkpoint.format, {**checkpoint.config, **changes}, checkpoint.tensors), builtin_plan_paths()["llama"], world_size)
+        _tiles(
+            Checkpoint(checkpoint.root, checkpoint.format, {**checkpoint.config, **changes}, checkpoint.tensors),
+            builtin_plan_paths()["llama"],
+            world_size,
+        )
 
     run()

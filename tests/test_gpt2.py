@@ -15,7 +15,16 @@ import tp_loader
 from tp_loader.demo import write_checkpoint
 from tp_loader.testing import run_ranks, values
 
-CONFIG = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_embd": 48, "n_head": 12, "n_layer": 2, "n_positions": 16, "vocab_size": 101, "layer_norm_epsilon": 1e-5}
+CONFIG = {
+    "model_type": "gpt2",
+    "architectures": ["GPT2LMHeadModel"],
+    "n_embd": 48,
+    "n_head": 12,
+    "n_layer": 2,
+    "n_positions": 16,
+    "vocab_size": 101,
+    "layer_norm_epsilon": 1e-5,
+}
 
 
 def expected_gpt2_shard(key: str, tensor: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
@@ -33,7 +42,9 @@ def expected_gpt2_shard(key: str, tensor: torch.Tensor, world_size: int, rank: i
 
 
 def _layer_norm(x: torch.Tensor, w: dict, name: str) -> torch.Tensor:
-    return torch.nn.functional.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], CONFIG["layer_norm_epsilon"])
+    return torch.nn.functional.layer_norm(
+        x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], CONFIG["layer_norm_epsilon"]
+    )
 
 
 def gpt2_hidden(x: torch.Tensor, w: dict, reduce) -> torch.Tensor:
@@ -45,7 +56,10 @@ def gpt2_hidden(x: torch.Tensor, w: dict, reduce) -> torch.Tensor:
     for layer in range(CONFIG["n_layer"]):
         p = f"transformer.h.{layer}."
         h = _layer_norm(x, w, p + "ln_1")
-        q, k, v = (t.reshape(seq, -1, head_dim).transpose(0, 1) for t in (h @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]).chunk(3, -1))
+        q, k, v = (
+            t.reshape(seq, -1, head_dim).transpose(0, 1)
+            for t in (h @ w[p + "attn.c_attn.weight"] + w[p + "attn.c_attn.bias"]).chunk(3, -1)
+        )
         scores = (q @ k.transpose(-1, -2) / math.sqrt(head_dim)).masked_fill(mask, float("-inf"))
         attn = (scores.softmax(-1) @ v).transpose(0, 1).reshape(seq, -1)
         x = x + reduce(attn @ w[p + "attn.c_proj.weight"]) + w[p + "attn.c_proj.bias"]
@@ -73,15 +87,22 @@ def _check_gpt2(rank: int, world_size: int, root: Path) -> tuple[float, int, int
         expected_bytes += want.numel() * want.element_size()
     assert result.state_dict["lm_head.weight"] is result.state_dict["transformer.wte.weight"]
     input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7])
-    x = vocab_parallel_embed(local["transformer.wte.weight"], input_ids, CONFIG["vocab_size"], world_size, rank) + local["transformer.wpe.weight"][: len(input_ids)]
-    logits = gather_vocab(gpt2_hidden(x, local, all_reduce) @ local["lm_head.weight"].T, CONFIG["vocab_size"], world_size)
+    x = (
+        vocab_parallel_embed(local["transformer.wte.weight"], input_ids, CONFIG["vocab_size"], world_size, rank)
+        + local["transformer.wpe.weight"][: len(input_ids)]
+    )
+    logits = gather_vocab(
+        gpt2_hidden(x, local, all_reduce) @ local["lm_head.weight"].T, CONFIG["vocab_size"], world_size
+    )
     error = float((logits - gpt2_forward(full, input_ids)).abs().max())
     return error, result.report.ranks[rank].bytes_read, expected_bytes, result.report.clean
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
 @pytest.mark.parametrize("prefix", ["transformer.", ""], ids=["prefixed", "original-unprefixed-keys"])
-def test_gpt2_transposed_shards_are_exact_and_forward_matches_the_unsharded_forward(tmp_path: Path, world_size: int, prefix: str) -> None:
+def test_gpt2_transposed_shards_are_exact_and_forward_matches_the_unsharded_forward(
+    tmp_path: Path, world_size: int, prefix: str
+) -> None:
     root = write_checkpoint(tmp_path / "gpt2", CONFIG, gpt2_tensors(CONFIG, prefix=prefix))
     for error, bytes_read, expected_bytes, clean in values(run_ranks(world_size, _check_gpt2, root)):
         assert error <= 1e-5

@@ -58,12 +58,23 @@ SHARD_CASES = [
     pytest.param(4, llama_config(num_key_value_heads=2), 2, F32, None, id="world4-kv-heads-replicated"),
     pytest.param(2, llama_config(), 2, BF16, None, id="world2-bf16-checkpoint"),
     pytest.param(2, llama_config(), 1, BF16, F32, id="world2-bf16-loaded-as-fp32"),
-    pytest.param(4, llama_config(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=8, tie_word_embeddings=True), 2, F32, None, id="world4-gemma3"),
+    pytest.param(
+        4,
+        llama_config(
+            model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=8, tie_word_embeddings=True
+        ),
+        2,
+        F32,
+        None,
+        id="world4-gemma3",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("world_size", "config", "num_shards", "stored_dtype", "load_dtype"), SHARD_CASES)
-def test_every_local_shard_equals_its_tensor_parallel_slice_bitwise(make_checkpoint, world_size, config, num_shards, stored_dtype, load_dtype) -> None:
+def test_every_local_shard_equals_its_tensor_parallel_slice_bitwise(
+    make_checkpoint, world_size, config, num_shards, stored_dtype, load_dtype
+) -> None:
     root = make_checkpoint(config, num_shards=num_shards, dtype=stored_dtype)
     outcomes = values(run_ranks(world_size, _check_shards, root, config, load_dtype))
     reports = [o["report"] for o in outcomes]
@@ -82,19 +93,41 @@ def _forward_error(rank: int, world_size: int, root: Path, config: dict) -> floa
 
 
 GEMMA2 = llama_config(
-    model_type="gemma2", architectures=["Gemma2ForCausalLM"], head_dim=8, tie_word_embeddings=True,
-    query_pre_attn_scalar=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    model_type="gemma2",
+    architectures=["Gemma2ForCausalLM"],
+    head_dim=8,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=8,
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
 )
-GEMMA3 = llama_config(model_type="gemma3_text", architectures=["Gemma3ForCausalLM"], head_dim=8, num_key_value_heads=2, tie_word_embeddings=True, query_pre_attn_scalar=8)
+GEMMA3 = llama_config(
+    model_type="gemma3_text",
+    architectures=["Gemma3ForCausalLM"],
+    head_dim=8,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    query_pre_attn_scalar=8,
+)
 
 FORWARD_CASES = [
     pytest.param(2, llama_config(), id="gqa-12q-4kv-world2"),
     pytest.param(4, llama_config(num_key_value_heads=2), id="kv-heads-fewer-than-ranks-world4"),
-    pytest.param(3, llama_config(num_key_value_heads=3, tie_word_embeddings=True), id="tied-embeddings-uneven-vocab-world3"),
+    pytest.param(
+        3, llama_config(num_key_value_heads=3, tie_word_embeddings=True), id="tied-embeddings-uneven-vocab-world3"
+    ),
     pytest.param(4, llama_config(vocab_size=10), id="vocab-10-over-4-ranks"),
     pytest.param(2, llama_config(model_type="qwen2", architectures=["Qwen2ForCausalLM"]), id="qwen2-qkv-biases-world2"),
-    pytest.param(4, llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=8, tie_word_embeddings=True), id="qwen3-qk-norm-explicit-head-dim-world4"),
-    pytest.param(2, llama_config(model_type="mistral", architectures=["MistralForCausalLM"], num_key_value_heads=1), id="mistral-mqa-world2"),
+    pytest.param(
+        4,
+        llama_config(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=8, tie_word_embeddings=True),
+        id="qwen3-qk-norm-explicit-head-dim-world4",
+    ),
+    pytest.param(
+        2,
+        llama_config(model_type="mistral", architectures=["MistralForCausalLM"], num_key_value_heads=1),
+        id="mistral-mqa-world2",
+    ),
     pytest.param(2, GEMMA2, id="gemma2-explicit-head-dim-softcaps-tied-world2"),
     pytest.param(4, GEMMA3, id="gemma3-qk-norm-kv-replicated-tied-world4"),
 ]
@@ -118,7 +151,12 @@ def test_tied_target_is_the_same_tensor_object_as_its_source_on_every_rank(make_
     outcomes = values(run_ranks(2, _tied_identity, root))
     assert [same for same, _ in outcomes] == [True, True]
     (tie,) = outcomes[0][1]
-    assert (tie.source, tie.target, tie.stored, tie.identical) == ("model.embed_tokens.weight", "lm_head.weight", "source", None)
+    assert (tie.source, tie.target, tie.stored, tie.identical) == (
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "source",
+        None,
+    )
 
 
 def test_tied_pair_stored_twice_with_different_values_is_reported_on_every_rank(make_checkpoint) -> None:
@@ -162,8 +200,15 @@ def _placed_like_from_local(rank: int, world_size: int, root: Path) -> int:
     result = tp_loader.load(root)
     for key, tensor in result.state_dict.items():
         local = tensor.to_local()
-        reference = DTensor.from_local(local, result.mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride())
-        assert (tensor.placements, tensor.shape, tensor.stride(), tensor.dtype) == (reference.placements, reference.shape, reference.stride(), reference.dtype), key
+        reference = DTensor.from_local(
+            local, result.mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+        )
+        assert (tensor.placements, tensor.shape, tensor.stride(), tensor.dtype) == (
+            reference.placements,
+            reference.shape,
+            reference.stride(),
+            reference.dtype,
+        ), key
         assert tensor.shape == torch.Size(tensor.full_tensor().shape), key
         assert not tensor.requires_grad
     return len(result.state_dict)

@@ -18,17 +18,42 @@ from tp_loader.testing import run_ranks, values
 
 
 def mixtral_config(**overrides: object) -> dict:
-    base = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], intermediate_size=40, num_local_experts=5, num_experts_per_tok=2)
+    base = dict(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        intermediate_size=40,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+    )
     return llama_config(**{**base, **overrides})
 
 
 def qwen2_moe_config(**overrides: object) -> dict:
-    base = dict(model_type="qwen2_moe", architectures=["Qwen2MoeForCausalLM"], num_experts=6, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=32, num_hidden_layers=3, mlp_only_layers=[1])
+    base = dict(
+        model_type="qwen2_moe",
+        architectures=["Qwen2MoeForCausalLM"],
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=32,
+        num_hidden_layers=3,
+        mlp_only_layers=[1],
+    )
     return llama_config(**{**base, **overrides})
 
 
 def qwen3_moe_config(**overrides: object) -> dict:
-    base = dict(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=8, num_experts=5, num_experts_per_tok=3, moe_intermediate_size=20, norm_topk_prob=True, decoder_sparse_step=2, num_hidden_layers=2)
+    base = dict(
+        model_type="qwen3_moe",
+        architectures=["Qwen3MoeForCausalLM"],
+        head_dim=8,
+        num_experts=5,
+        num_experts_per_tok=3,
+        moe_intermediate_size=20,
+        norm_topk_prob=True,
+        decoder_sparse_step=2,
+        num_hidden_layers=2,
+    )
     return llama_config(**{**base, **overrides})
 
 
@@ -43,7 +68,10 @@ def _stacked(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out.setdefault(f"{head}.experts.{name}", []).append((int(expert), tensor))
         else:
             rest[key] = tensor
-    return {**rest, **{key: torch.stack([t for _, t in sorted(pieces, key=lambda p: p[0])]) for key, pieces in out.items()}}
+    return {
+        **rest,
+        **{key: torch.stack([t for _, t in sorted(pieces, key=lambda p: p[0])]) for key, pieces in out.items()},
+    }
 
 
 def _check_moe(rank: int, world_size: int, root: Path, config: dict, mode: str | None) -> tuple[float, int, int]:
@@ -60,7 +88,11 @@ def _check_moe(rank: int, world_size: int, root: Path, config: dict, mode: str |
         assert torch.equal(local[key], want), key
         expected_bytes += want.numel() * want.element_size()
     input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7]) % config["vocab_size"]
-    error = float((tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(stored, config, input_ids)).abs().max())
+    error = float(
+        (tp_llama_forward(local, config, input_ids, world_size, rank) - llama_forward(stored, config, input_ids))
+        .abs()
+        .max()
+    )
     return error, result.report.ranks[rank].bytes_read, expected_bytes
 
 
@@ -73,14 +105,20 @@ CASES = [
     pytest.param(2, qwen2_moe_config(), id="qwen2_moe-world2-shared-expert-and-a-dense-layer"),
     pytest.param(4, qwen2_moe_config(), id="qwen2_moe-world4"),
     pytest.param(2, qwen3_moe_config(), id="qwen3_moe-world2-sparse-step-2"),
-    pytest.param(3, qwen3_moe_config(num_attention_heads=6, num_key_value_heads=3, moe_intermediate_size=21), id="qwen3_moe-world3-uneven"),
+    pytest.param(
+        3,
+        qwen3_moe_config(num_attention_heads=6, num_key_value_heads=3, moe_intermediate_size=21),
+        id="qwen3_moe-world3-uneven",
+    ),
     pytest.param(4, qwen3_moe_config(num_key_value_heads=2), id="qwen3_moe-world4-kv-replicated"),
 ]
 
 
 @pytest.mark.parametrize("mode", [None, "ep"], ids=["tp-experts", "expert-parallel"])
 @pytest.mark.parametrize(("world_size", "config"), CASES)
-def test_moe_shards_are_exact_and_forward_matches_the_unsharded_forward(tmp_path: Path, world_size: int, config: dict, mode: str | None) -> None:
+def test_moe_shards_are_exact_and_forward_matches_the_unsharded_forward(
+    tmp_path: Path, world_size: int, config: dict, mode: str | None
+) -> None:
     root = write_checkpoint(tmp_path / "moe", config, moe_tensors(config), num_shards=2)
     for error, bytes_read, expected_bytes in values(run_ranks(world_size, _check_moe, root, config, mode)):
         assert error <= 1e-5
@@ -98,7 +136,12 @@ def test_expert_parallel_ranks_read_disjoint_experts_that_cover_every_expert_onc
     root = write_checkpoint(tmp_path / "moe", config, moe_tensors(config), num_shards=2)
     checkpoint = index_checkpoint(find_weights(root))
     spec = select_spec("auto", checkpoint.config, model="m", mode="ep")
-    expert_bytes = {(info.file, b) for info in checkpoint.tensors.values() if ".experts." in info.key for b in range(info.begin, info.end, 4)}
+    expert_bytes = {
+        (info.file, b)
+        for info in checkpoint.tensors.values()
+        if ".experts." in info.key
+        for b in range(info.begin, info.end, 4)
+    }
     seen: list[set] = []
     for rank in range(3):
         plan = make_plan(checkpoint, spec, 3, rank, model="m")

@@ -26,7 +26,11 @@ def test_chunk_range_matches_torch_chunk_including_empty_trailing_pieces(size: i
 
 
 def test_vocab_32001_over_3_ranks_splits_as_dtensor_shard_does() -> None:
-    assert [vocab((32001, 8), None, 3, r).local_shape((32001, 8)) for r in range(3)] == [(10667, 8), (10667, 8), (10667, 8)]
+    assert [vocab((32001, 8), None, 3, r).local_shape((32001, 8)) for r in range(3)] == [
+        (10667, 8),
+        (10667, 8),
+        (10667, 8),
+    ]
     assert [vocab((10, 8), None, 4, r).local_shape((10, 8)) for r in range(4)] == [(3, 8), (3, 8), (3, 8), (1, 8)]
 
 
@@ -83,14 +87,18 @@ def test_every_builtin_plan_loads_and_auto_selects_by_model_type_then_architectu
     assert set(builtin_plan_paths()) >= {"llama", "qwen2", "qwen3"}
     assert select_spec("auto", {"model_type": "mistral"}, model="m").name == "llama"
     assert select_spec("auto", {"model_type": "qwen3"}, model="m").name == "qwen3"
-    assert select_spec("auto", {"model_type": "custom", "architectures": ["Qwen2ForCausalLM"]}, model="m").name == "qwen2"
+    assert (
+        select_spec("auto", {"model_type": "custom", "architectures": ["Qwen2ForCausalLM"]}, model="m").name == "qwen2"
+    )
     with pytest.raises(PlanError, match="no built-in plan for model_type='gpt_neox'"):
         select_spec("auto", {"model_type": "gpt_neox"}, model="m")
 
 
 def test_extending_plan_overrides_tensor_entries_and_puts_its_rules_first(tmp_path: Path) -> None:
     plan = tmp_path / "mine.toml"
-    plan.write_text('extends = "llama"\nname = "mine"\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n[[tensors]]\nkey = "model.norm.weight"\nshape = ["hidden_size * 2"]\n')
+    plan.write_text(
+        'extends = "llama"\nname = "mine"\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n[[tensors]]\nkey = "model.norm.weight"\nshape = ["hidden_size * 2"]\n'
+    )
     spec = load_spec(plan)
     assert spec.name == "mine"
     assert spec.match("model.norm.weight").style == "colwise"
@@ -102,7 +110,10 @@ def test_extending_plan_overrides_tensor_entries_and_puts_its_rules_first(tmp_pa
     [
         ("[[rules]]\npattern = 3\n", "malformed plan file: KeyError: 'style'"),
         ("[[rules\n", "cannot parse plan file"),
-        ('[[rules]]\npattern = "x"\nstyle = "colwise"\nheads = "q"\n', r"rule 'x' names head group 'q', which \[heads\] does not define"),
+        (
+            '[[rules]]\npattern = "x"\nstyle = "colwise"\nheads = "q"\n',
+            r"rule 'x' names head group 'q', which \[heads\] does not define",
+        ),
         ('[[tensors]]\nkey = "x"\nshape = [1]\n', "expected tensor 'x' is matched by no rule"),
     ],
 )
@@ -134,13 +145,21 @@ def _checkpoint(config: dict, drop: tuple[str, ...] = (), extra: dict | None = N
 
 def test_plan_reports_missing_unexpected_and_mismatched_keys_without_any_io() -> None:
     config = llama_config()
-    ckpt = _checkpoint(config, drop=("model.norm.weight",), extra={"model.rotary.inv_freq": torch.zeros(2), "model.layers.0.mlp.up_proj.bias": torch.zeros(3)})
-    ckpt.tensors["model.layers.1.mlp.up_proj.weight"] = TensorInfo("model.layers.1.mlp.up_proj.weight", "model.safetensors", torch.float32, (99, 48))
+    ckpt = _checkpoint(
+        config,
+        drop=("model.norm.weight",),
+        extra={"model.rotary.inv_freq": torch.zeros(2), "model.layers.0.mlp.up_proj.bias": torch.zeros(3)},
+    )
+    ckpt.tensors["model.layers.1.mlp.up_proj.weight"] = TensorInfo(
+        "model.layers.1.mlp.up_proj.weight", "model.safetensors", torch.float32, (99, 48)
+    )
     plan = make_plan(ckpt, load_spec(builtin_plan_paths()["llama"]), 2, 0, model="m")
     assert plan.missing == ("model.norm.weight",)
     assert plan.unexpected == ("model.layers.0.mlp.up_proj.bias", "model.rotary.inv_freq")
     assert plan.unmatched == ("model.rotary.inv_freq",)
-    assert [m.describe() for m in plan.mismatched] == ["model.layers.1.mlp.up_proj.weight (config implies [100, 48], stored [99, 48])"]
+    assert [m.describe() for m in plan.mismatched] == [
+        "model.layers.1.mlp.up_proj.weight (config implies [100, 48], stored [99, 48])"
+    ]
     assert "model.layers.1.mlp.up_proj.weight" not in {t.key for t in plan.tensors}
     assert {t.key: t.style for t in plan.tensors}["model.rotary.inv_freq"] == "replicate"
 
@@ -151,7 +170,9 @@ def test_any_world_size_can_be_planned_without_a_process_group() -> None:
     ckpt = _checkpoint(config)
     for world_size in (8, 16, 32):
         plans = [make_plan(ckpt, spec, world_size, r, model="m") for r in range(world_size)]
-        total_q_rows = sum(t.local_shape[0] for p in plans for t in p.tensors if t.key == "model.layers.0.self_attn.q_proj.weight")
+        total_q_rows = sum(
+            t.local_shape[0] for p in plans for t in p.tensors if t.key == "model.layers.0.self_attn.q_proj.weight"
+        )
         assert total_q_rows == 256
 
 
@@ -162,8 +183,12 @@ def test_head_rule_on_a_tensor_not_made_of_those_heads_is_an_error_not_a_wrong_s
 
 def test_expected_tensor_that_no_rule_covers_in_a_later_layer_is_a_plan_error(tmp_path: Path) -> None:
     plan = tmp_path / "layer0.toml"
-    plan.write_text('[[rules]]\npattern = "model.layers.0.w"\nstyle = "colwise"\n[[tensors]]\nkey = "model.layers.{layer}.w"\nshape = ["4"]\n')
+    plan.write_text(
+        '[[rules]]\npattern = "model.layers.0.w"\nstyle = "colwise"\n[[tensors]]\nkey = "model.layers.{layer}.w"\nshape = ["4"]\n'
+    )
     infos = {f"model.layers.{i}.w": TensorInfo(f"model.layers.{i}.w", "f", torch.float32, (4,)) for i in range(2)}
     with pytest.raises(PlanError, match="the plan expects this tensor but no rule gives it a style") as info:
-        make_plan(Checkpoint(Path("/x"), "safetensors", {"num_hidden_layers": 2}, infos), load_spec(plan), 2, 0, model="m")
+        make_plan(
+            Checkpoint(Path("/x"), "safetensors", {"num_hidden_layers": 2}, infos), load_spec(plan), 2, 0, model="m"
+        )
     assert info.value.key == "model.layers.1.w"

@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_config
-
-import tp_loader
 from safetensors.torch import load_file
 
+import tp_loader
 from tp_loader.byteranges import ByteRange, coalesce, slice_ranges
 from tp_loader.index import index_checkpoint
 from tp_loader.plan import make_plan
@@ -31,9 +30,20 @@ def _plans(root: Path, world_size: int):
 
 
 def test_coalesce_merges_touching_ranges_of_one_file_and_keeps_gaps() -> None:
-    ranges = [ByteRange("a", 0, 4), ByteRange("a", 4, 4), ByteRange("a", 10, 2), ByteRange("b", 12, 1), ByteRange("b", 13, 3)]
+    ranges = [
+        ByteRange("a", 0, 4),
+        ByteRange("a", 4, 4),
+        ByteRange("a", 10, 2),
+        ByteRange("b", 12, 1),
+        ByteRange("b", 13, 3),
+    ]
     assert coalesce(ranges) == [ByteRange("a", 0, 8), ByteRange("a", 10, 2), ByteRange("b", 12, 4)]
-    assert coalesce(ranges, max_length=6) == [ByteRange("a", 0, 4), ByteRange("a", 4, 4), ByteRange("a", 10, 2), ByteRange("b", 12, 4)]
+    assert coalesce(ranges, max_length=6) == [
+        ByteRange("a", 0, 4),
+        ByteRange("a", 4, 4),
+        ByteRange("a", 10, 2),
+        ByteRange("b", 12, 4),
+    ]
 
 
 def test_coalesce_refuses_to_read_a_byte_twice() -> None:
@@ -55,14 +65,21 @@ def test_column_slice_is_one_run_per_row_and_row_slice_one_range(make_checkpoint
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_ranks_read_every_sharded_byte_exactly_once_and_nothing_outside_their_slices(make_checkpoint, world_size: int) -> None:
+def test_ranks_read_every_sharded_byte_exactly_once_and_nothing_outside_their_slices(
+    make_checkpoint, world_size: int
+) -> None:
     config = llama_config(num_key_value_heads=6 if world_size == 3 else 4 if world_size < 4 else 2)
     checkpoint, plans = _plans(make_checkpoint(config, num_shards=2), world_size)
     sharded = {t.key for t in plans[0].tensors if t.slice.dim is not None and not t.slice.note}
     per_rank = [[r for t in p.tensors if t.key in sharded for r in slice_ranges(t)] for p in plans]
     everything = sorted((r for rs in per_rank for r in rs), key=lambda r: (r.file, r.offset))
     covered = coalesce(everything)  # raises if any byte is read by two ranks
-    whole = coalesce(sorted((ByteRange(i.file, i.begin, i.nbytes) for k, i in checkpoint.tensors.items() if k in sharded), key=lambda r: (r.file, r.offset)))
+    whole = coalesce(
+        sorted(
+            (ByteRange(i.file, i.begin, i.nbytes) for k, i in checkpoint.tensors.items() if k in sharded),
+            key=lambda r: (r.file, r.offset),
+        )
+    )
     assert covered == whole
     for plan, ranges in zip(plans, per_rank):
         ordered = sorted(plan.tensors, key=lambda t: (t.info.file, t.info.begin))
@@ -71,13 +88,24 @@ def test_ranks_read_every_sharded_byte_exactly_once_and_nothing_outside_their_sl
 
 
 @pytest.mark.parametrize("reader", ["mmap", "pread"])
-@pytest.mark.parametrize(("stored", "wanted"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])
-def test_fast_readers_return_bitwise_the_same_shards_as_the_plain_safetensors_path(make_checkpoint, reader: str, stored: torch.dtype, wanted) -> None:
+@pytest.mark.parametrize(
+    ("stored", "wanted"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)]
+)
+def test_fast_readers_return_bitwise_the_same_shards_as_the_plain_safetensors_path(
+    make_checkpoint, reader: str, stored: torch.dtype, wanted
+) -> None:
     root = make_checkpoint(num_shards=2, dtype=stored)
     _, plans = _plans(root, 2)
     for plan in plans:
-        plain, _ = read_tensors(root, "safetensors", plan.tensors, ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader="safetensors"))
-        fast, stats = read_tensors(root, "safetensors", plan.tensors, ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader=reader))
+        plain, _ = read_tensors(
+            root,
+            "safetensors",
+            plan.tensors,
+            ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader="safetensors"),
+        )
+        fast, stats = read_tensors(
+            root, "safetensors", plan.tensors, ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader=reader)
+        )
         assert plain.keys() == fast.keys()
         for key in plain:
             assert fast[key].dtype == plain[key].dtype and fast[key].is_contiguous()
@@ -87,12 +115,18 @@ def test_fast_readers_return_bitwise_the_same_shards_as_the_plain_safetensors_pa
 
 def _load_with_reader(rank: int, world_size: int, root: Path) -> dict[str, str]:
     """Each shard's digest (tensors do not survive the trip back from a forked rank)."""
-    return {k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in tp_loader.load(root).state_dict.items()}
+    return {
+        k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for k, v in tp_loader.load(root).state_dict.items()
+    }
 
 
 def test_every_reader_loads_identical_shards_at_world_size_2(make_checkpoint) -> None:
     root = make_checkpoint(llama_config(), num_shards=3)
-    by_reader = {reader: values(run_ranks(2, _load_with_reader, root, env={"TP_LOADER_READER": reader})) for reader in ("mmap", "safetensors", "pread")}
+    by_reader = {
+        reader: values(run_ranks(2, _load_with_reader, root, env={"TP_LOADER_READER": reader}))
+        for reader in ("mmap", "safetensors", "pread")
+    }
     for rank in range(2):
         assert by_reader["mmap"][rank] == by_reader["safetensors"][rank] == by_reader["pread"][rank]
 
@@ -146,15 +180,26 @@ def test_staging_ring_converts_dtype_and_handles_rows_larger_than_a_buffer_from_
     assert all(torch.equal(d, s.float()) for s, d in zip(sources, dests))
 
 
-def _zero_copy_load(rank: int, world_size: int, root: Path) -> tuple[dict[str, str], dict[str, str], int, int, list[str]]:
+def _zero_copy_load(
+    rank: int, world_size: int, root: Path
+) -> tuple[dict[str, str], dict[str, str], int, int, list[str]]:
     def digests(state: dict) -> dict[str, str]:
-        return {k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in state.items()}
+        return {
+            k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in state.items()
+        }
 
     mapped = tp_loader.load(root, zero_copy=True)
     copied = tp_loader.load(root)
     strided = sorted(k for k, v in mapped.state_dict.items() if not v.to_local().is_contiguous())
     assert all(v.to_local().is_contiguous() for v in copied.state_dict.values())
-    return digests(mapped.state_dict), digests(copied.state_dict), mapped.report.ranks[rank].zero_copy_tensors, copied.report.ranks[rank].zero_copy_tensors, strided
+    return (
+        digests(mapped.state_dict),
+        digests(copied.state_dict),
+        mapped.report.ranks[rank].zero_copy_tensors,
+        copied.report.ranks[rank].zero_copy_tensors,
+        strided,
+    )
 
 
 def test_zero_copy_load_gives_bitwise_the_same_shards_all_views_of_the_mapping(make_checkpoint) -> None:
@@ -163,7 +208,11 @@ def test_zero_copy_load_gives_bitwise_the_same_shards_all_views_of_the_mapping(m
     for mapped, copied, num_mapped, num_copied, strided in values(run_ranks(2, _zero_copy_load, root)):
         assert mapped == copied
         assert (num_mapped, num_copied) == (len(mapped), 0)
-        assert strided == sorted(f"model.layers.{i}.{name}.weight" for i in range(config["num_hidden_layers"]) for name in ("mlp.down_proj", "self_attn.o_proj"))
+        assert strided == sorted(
+            f"model.layers.{i}.{name}.weight"
+            for i in range(config["num_hidden_layers"])
+            for name in ("mlp.down_proj", "self_attn.o_proj")
+        )
 
 
 def test_writing_to_a_zero_copy_shard_never_reaches_the_file(make_checkpoint) -> None:
@@ -173,19 +222,29 @@ def test_writing_to_a_zero_copy_shard_never_reaches_the_file(make_checkpoint) ->
     norm = result.state_dict["model.norm.weight"]
     norm.fill_(7.0)
     assert (root / "model.safetensors").read_bytes() == before
-    assert torch.equal(tp_loader.load(root).state_dict["model.norm.weight"], load_file(str(root / "model.safetensors"))["model.norm.weight"])
+    assert torch.equal(
+        tp_loader.load(root).state_dict["model.norm.weight"],
+        load_file(str(root / "model.safetensors"))["model.norm.weight"],
+    )
     assert result.report.ranks[0].zero_copy_tensors == len(result.state_dict)
 
 
 @pytest.mark.parametrize("reader", ["mmap", "safetensors", "pread"])
-def test_tensor_stored_at_a_misaligned_offset_is_read_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str) -> None:
+def test_tensor_stored_at_a_misaligned_offset_is_read_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
     import json
     import struct
 
     tensors = {"a.odd": torch.arange(3, dtype=torch.float16), "b.weight": torch.randn(5, 7)}
-    header = {"a.odd": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]}, "b.weight": {"dtype": "F32", "shape": [5, 7], "data_offsets": [6, 146]}}
+    header = {
+        "a.odd": {"dtype": "F16", "shape": [3], "data_offsets": [0, 6]},
+        "b.weight": {"dtype": "F32", "shape": [5, 7], "data_offsets": [6, 146]},
+    }
     text = json.dumps(header).encode().ljust(256)  # b.weight starts 8 + 256 + 6 bytes in: not 4-byte aligned
-    data = tensors["a.odd"].view(torch.uint8).numpy().tobytes() + tensors["b.weight"].view(torch.uint8).numpy().tobytes()
+    data = (
+        tensors["a.odd"].view(torch.uint8).numpy().tobytes() + tensors["b.weight"].view(torch.uint8).numpy().tobytes()
+    )
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(text)) + text + data)
     (tmp_path / "config.json").write_text('{"model_type": "custom"}')
     (tmp_path / "plan.toml").write_text('[[rules]]\npattern = "**"\nstyle = "replicate"\n')

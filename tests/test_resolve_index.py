@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import tp_loader
 from tp_loader.errors import CheckpointError, ModelNotFoundError
-from tp_loader.index import index_checkpoint, read_safetensors_header
+from tp_loader.index import read_safetensors_header
 from tp_loader.resolve import find_weights, resolve_source
 
 
@@ -61,7 +61,9 @@ def _hub_cache(cache: Path, repo_id: str, source: Path, revision: str = "main") 
     return snapshot
 
 
-def test_hub_repo_id_resolves_from_the_local_cache_when_offline(make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_repo_id_resolves_from_the_local_cache_when_offline(
+    make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint(num_shards=2))
     result = tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub")
@@ -69,10 +71,15 @@ def test_hub_repo_id_resolves_from_the_local_cache_when_offline(make_checkpoint,
     assert torch.equal(result.state_dict["model.norm.weight"], _stored(snapshot)["model.norm.weight"])
 
 
-def test_hub_revision_that_is_not_cached_is_a_clear_not_found_error_offline(make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_revision_that_is_not_cached_is_a_clear_not_found_error_offline(
+    make_checkpoint, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint())
-    with pytest.raises(ModelNotFoundError, match=r"model 'org/tiny-llama' \(revision v2\) has no safetensors or .bin weights in the local Hub cache") as info:
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"model 'org/tiny-llama' \(revision v2\) has no safetensors or .bin weights in the local Hub cache",
+    ) as info:
         tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub", revision="v2")
     assert info.value.hint == "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE"
 
@@ -87,7 +94,9 @@ def test_empty_directory_has_no_weights(tmp_path: Path) -> None:
         find_weights(tmp_path)
 
 
-def test_bin_fallback_loads_exact_shards_and_warns_that_slice_reads_are_impossible(make_checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_bin_fallback_loads_exact_shards_and_warns_that_slice_reads_are_impossible(
+    make_checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     source = make_checkpoint()
     stored = _stored(source)
     root = tmp_path / "bin"
@@ -137,7 +146,9 @@ def test_single_weight_file_symlinked_out_of_the_model_directory_is_refused(make
         find_weights(root)
 
 
-def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_size(make_checkpoint, caplog: pytest.LogCaptureFixture) -> None:
+def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_size(
+    make_checkpoint, caplog: pytest.LogCaptureFixture
+) -> None:
     root = make_checkpoint(extra={"model.rotary_emb.inv_freq": torch.arange(4, dtype=torch.float32)})
     with caplog.at_level(logging.WARNING, logger="tp_loader"):
         result = tp_loader.load(root)
@@ -152,12 +163,16 @@ def test_report_json_round_trips_every_field(make_checkpoint, tmp_path: Path) ->
     result = tp_loader.load(make_checkpoint(llama_config(tie_word_embeddings=True)))
     data = json.loads(result.report.to_json())
     assert data["plan"] == "llama"
-    assert data["ties"] == [{"source": "model.embed_tokens.weight", "target": "lm_head.weight", "stored": "source", "identical": None}]
+    assert data["ties"] == [
+        {"source": "model.embed_tokens.weight", "target": "lm_head.weight", "stored": "source", "identical": None}
+    ]
     assert data["ranks"][0]["bytes_read"] == result.report.bytes_read
     assert data["clean"] is True
 
 
-def test_sharded_bin_fallback_with_its_index_loads_exact_shards_at_world_size_2(make_checkpoint, tmp_path: Path) -> None:
+def test_sharded_bin_fallback_with_its_index_loads_exact_shards_at_world_size_2(
+    make_checkpoint, tmp_path: Path
+) -> None:
     from tp_loader.testing import run_ranks, values
 
     source = make_checkpoint()
@@ -166,15 +181,23 @@ def test_sharded_bin_fallback_with_its_index_loads_exact_shards_at_world_size_2(
     root.mkdir()
     shutil.copy(source / "config.json", root / "config.json")
     keys = sorted(stored)
-    halves = {"pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2], "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :]}
+    halves = {
+        "pytorch_model-00001-of-00002.bin": keys[: len(keys) // 2],
+        "pytorch_model-00002-of-00002.bin": keys[len(keys) // 2 :],
+    }
     for name, part in halves.items():
         torch.save({k: stored[k] for k in part}, root / name)
-    (root / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}}))
+    (root / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"weight_map": {k: name for name, part in halves.items() for k in part}})
+    )
 
     def load_rank(rank: int, world_size: int) -> bool:
         from reference import expected_shard
 
         result = tp_loader.load(root)
-        return all(torch.equal(result.state_dict[k].to_local(), expected_shard(k, v, llama_config(), world_size, rank)) for k, v in stored.items())
+        return all(
+            torch.equal(result.state_dict[k].to_local(), expected_shard(k, v, llama_config(), world_size, rank))
+            for k, v in stored.items()
+        )
 
     assert values(run_ranks(2, load_rank)) == [True, True]

@@ -35,14 +35,20 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     """
     info, piece = item.info, item.slice
     if info.segments:  # a converter target: the ranges of each stored piece it reads
-        return coalesce(sorted((r for _, sub in item.segment_plans() for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset)))
+        return coalesce(
+            sorted((r for _, sub in item.segment_plans() for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset))
+        )
     itemsize = info.dtype.itemsize
     if piece.dim is None or item.nbytes == info.nbytes:
         return [ByteRange(info.file, info.begin, info.nbytes)] if info.nbytes else []
     inner = math.prod(info.shape[piece.dim + 1 :]) * itemsize
     outer = math.prod(info.shape[: piece.dim])
     stride = info.shape[piece.dim] * inner
-    return coalesce(ByteRange(info.file, info.begin + i * stride + a * inner, (b - a) * inner) for i in range(outer) for a, b in piece.ranges)
+    return coalesce(
+        ByteRange(info.file, info.begin + i * stride + a * inner, (b - a) * inner)
+        for i in range(outer)
+        for a, b in piece.ranges
+    )
 
 
 def read_ranges(item: TensorPlan) -> list[ByteRange]:
@@ -68,10 +74,11 @@ def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list
         last = merged[-1] if merged else None
         if last is not None and last.file == current.file:
             if current.offset < last.end:
-                raise ValueError(f"byte ranges overlap or are out of order in {current.file}: [{last.offset}, {last.end}) then [{current.offset}, {current.end})")
+                raise ValueError(
+                    f"byte ranges overlap or are out of order in {current.file}: [{last.offset}, {last.end}) then [{current.offset}, {current.end})"
+                )
             if current.offset == last.end and (max_length is None or last.length + current.length <= max_length):
                 merged[-1] = ByteRange(last.file, last.offset, last.length + current.length)
                 continue
         merged.append(current)
     return merged
-

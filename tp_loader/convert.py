@@ -79,10 +79,19 @@ def parse_converters(raw: list[dict[str, Any]], path: str) -> tuple[ConverterSpe
             sources, targets = [entry["pattern"]], [entry["replacement"]]
         elif op == "permute_for_rope" and not targets:
             targets = list(sources)
-        spec = ConverterSpec(op, tuple(map(str, sources)), tuple(map(str, targets)), tuple(map(str, entry.get("sizes", []))), entry.get("heads"), str(entry.get("direction", "to_half")))
+        spec = ConverterSpec(
+            op,
+            tuple(map(str, sources)),
+            tuple(map(str, targets)),
+            tuple(map(str, entry.get("sizes", []))),
+            entry.get("heads"),
+            str(entry.get("direction", "to_half")),
+        )
         problem = _check(spec)
         if problem:
-            raise PlanError(f"converter {spec.describe}: {problem}", file=path, hint="See docs/plan-format.md for each op's fields")
+            raise PlanError(
+                f"converter {spec.describe}: {problem}", file=path, hint="See docs/plan-format.md for each op's fields"
+            )
         out.append(spec)
     return tuple(out)
 
@@ -115,7 +124,9 @@ def _check(spec: ConverterSpec) -> str | None:
     return None
 
 
-def expand(template: str, num_layers: int, num_experts: int, fixed: dict[str, int] | None = None) -> Iterator[tuple[str, dict[str, int]]]:
+def expand(
+    template: str, num_layers: int, num_experts: int, fixed: dict[str, int] | None = None
+) -> Iterator[tuple[str, dict[str, int]]]:
     """Every key a template names, with the ``layer`` / ``expert`` values that made it; placeholders
     given in ``fixed`` are not expanded."""
     fixed = fixed or {}
@@ -138,7 +149,15 @@ def carve(info: TensorInfo, first: int, count: int, key: str) -> TensorInfo:
     row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
     begin = info.begin + first * row_bytes if info.begin >= 0 else -1
     end = begin + count * row_bytes if begin >= 0 else -1
-    return dataclasses.replace(info, key=key, shape=(count,) + info.shape[1:], begin=begin, end=end, stored_key=info.source_key, row_offset=info.row_offset + first)
+    return dataclasses.replace(
+        info,
+        key=key,
+        shape=(count,) + info.shape[1:],
+        begin=begin,
+        end=end,
+        stored_key=info.source_key,
+        row_offset=info.row_offset + first,
+    )
 
 
 class _Converting:
@@ -158,7 +177,11 @@ class _Converting:
 
     def put(self, info: TensorInfo, after: str, sources: tuple[str, ...], op: str) -> None:
         if info.key in self.tensors:
-            raise CheckpointError(f"converter target {info.key} is also stored (or made twice)", key=info.key, hint="Fix the plan's converters")
+            raise CheckpointError(
+                f"converter target {info.key} is also stored (or made twice)",
+                key=info.key,
+                hint="Fix the plan's converters",
+            )
         base = self._taken[after]
         self._count[base] = self._count.get(base, -1) + 1
         self.anchor[info.key] = base + (self._count[base],)
@@ -168,7 +191,14 @@ class _Converting:
         self.tensors[info.key] = info
 
 
-def apply_converters(tensors: dict[str, TensorInfo], converters: tuple[ConverterSpec, ...], sizes: dict[str, int], head_dims: dict[str, int], num_layers: int, num_experts: int) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
+def apply_converters(
+    tensors: dict[str, TensorInfo],
+    converters: tuple[ConverterSpec, ...],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_layers: int,
+    num_experts: int,
+) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
     """The tensors with each converter's sources replaced by its targets, in the sources' places.
 
     Args:
@@ -197,7 +227,12 @@ def apply_converters(tensors: dict[str, TensorInfo], converters: tuple[Converter
                 continue  # nothing of this converter here (a dense layer of a MoE model, say): the plan reports what is missing
             if len(present) < len(sources):
                 absent = next(key for key in sources if key not in state.tensors)
-                raise CheckpointError(f"{conv.op} converter needs it beside {present[0]}, but the checkpoint lacks it", key=absent, file=state.tensors[present[0]].file, hint="The checkpoint is incomplete, or the plan's converter does not fit it")
+                raise CheckpointError(
+                    f"{conv.op} converter needs it beside {present[0]}, but the checkpoint lacks it",
+                    key=absent,
+                    file=state.tensors[present[0]].file,
+                    hint="The checkpoint is incomplete, or the plan's converter does not fit it",
+                )
             OPS_FN[conv.op](state, conv, [state.take(key) for key in sources], at, sizes, head_dims, num_experts)
     keys = sorted(state.tensors, key=state.anchor.__getitem__)
     return {key: state.tensors[key] for key in keys}, tuple(state.made[key] for key in keys if key in state.made)
@@ -212,19 +247,46 @@ def _rename(state: _Converting, conv: ConverterSpec) -> None:
             state.put(dataclasses.replace(info, key=new, stored_key=info.source_key), key, (key,), "rename")
 
 
-def _chunk(state: _Converting, conv: ConverterSpec, sources: list[TensorInfo], at: dict[str, int], sizes: dict[str, int], head_dims: dict[str, int], num_experts: int) -> None:
+def _chunk(
+    state: _Converting,
+    conv: ConverterSpec,
+    sources: list[TensorInfo],
+    at: dict[str, int],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_experts: int,
+) -> None:
     (source,) = sources
     _no_segments(source, conv)
     rows = [sizes[s] for s in conv.sizes]
     if not source.shape or sum(rows) != source.shape[0]:
-        raise CheckpointError(f"chunk converter: the stored tensor has shape {list(source.shape)}, but its targets' sizes add up to {sum(rows)} rows", file=source.file, key=source.key, hint="The plan's sizes and the config disagree with this checkpoint")
+        raise CheckpointError(
+            f"chunk converter: the stored tensor has shape {list(source.shape)}, but its targets' sizes add up to {sum(rows)} rows",
+            file=source.file,
+            key=source.key,
+            hint="The plan's sizes and the config disagree with this checkpoint",
+        )
     offset = 0
     for target, count in zip(conv.targets, rows):
-        state.put(carve(source, offset, count, fill(target, at)), source.key, (source.key,), f"chunk rows {offset}:{offset + count}")
+        state.put(
+            carve(source, offset, count, fill(target, at)),
+            source.key,
+            (source.key,),
+            f"chunk rows {offset}:{offset + count}",
+        )
         offset += count
 
 
-def _concatenate(state: _Converting, conv: ConverterSpec, sources: list[TensorInfo], at: dict[str, int], sizes: dict[str, int], head_dims: dict[str, int], num_experts: int, lead: int = 0) -> None:
+def _concatenate(
+    state: _Converting,
+    conv: ConverterSpec,
+    sources: list[TensorInfo],
+    at: dict[str, int],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_experts: int,
+    lead: int = 0,
+) -> None:
     first = sources[0]
     for other in sources:
         inner = other.shape[1:] if lead == 0 else other.shape
@@ -235,7 +297,11 @@ def _concatenate(state: _Converting, conv: ConverterSpec, sources: list[TensorIn
                 key=other.key,
                 hint="The checkpoint does not have the layout this plan's converter expects",
             )
-    segments = tuple(segment for info in sources for segment in (info.segments if info.segments and lead == 0 else (Segment(_no_segments(info, conv), lead),)))
+    segments = tuple(
+        segment
+        for info in sources
+        for segment in (info.segments if info.segments and lead == 0 else (Segment(_no_segments(info, conv), lead),))
+    )
     rows = sum(segment.rows for segment in segments)
     shape = (rows,) + (first.shape[1:] if lead == 0 else first.shape)
     target = TensorInfo(fill(conv.targets[0], at), first.file, first.dtype, shape, first.begin, -1, segments=segments)
@@ -243,38 +309,96 @@ def _concatenate(state: _Converting, conv: ConverterSpec, sources: list[TensorIn
     state.put(target, first.key, keys, conv.op)
 
 
-def _merge(state: _Converting, conv: ConverterSpec, sources: list[TensorInfo], at: dict[str, int], sizes: dict[str, int], head_dims: dict[str, int], num_experts: int) -> None:
+def _merge(
+    state: _Converting,
+    conv: ConverterSpec,
+    sources: list[TensorInfo],
+    at: dict[str, int],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_experts: int,
+) -> None:
     _concatenate(state, conv, sources, at, sizes, head_dims, num_experts, lead=1)
 
 
-def _split(state: _Converting, conv: ConverterSpec, sources: list[TensorInfo], at: dict[str, int], sizes: dict[str, int], head_dims: dict[str, int], num_experts: int) -> None:
+def _split(
+    state: _Converting,
+    conv: ConverterSpec,
+    sources: list[TensorInfo],
+    at: dict[str, int],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_experts: int,
+) -> None:
     (source,) = sources
     _no_segments(source, conv)
     if len(source.shape) < 2 or source.shape[0] != num_experts:
-        raise CheckpointError(f"split_modulelist converter: the stored tensor has shape {list(source.shape)}, not [{num_experts} experts, ...]", file=source.file, key=source.key, hint="The config's expert count and the checkpoint disagree")
+        raise CheckpointError(
+            f"split_modulelist converter: the stored tensor has shape {list(source.shape)}, not [{num_experts} experts, ...]",
+            file=source.file,
+            key=source.key,
+            hint="The config's expert count and the checkpoint disagree",
+        )
     for expert in range(num_experts):
         key = fill(conv.targets[0], {**at, "expert": expert})
         piece = carve(source, expert, 1, key)
-        state.put(TensorInfo(key, source.file, source.dtype, source.shape[1:], piece.begin, -1, segments=(Segment(piece, -1),)), source.key, (source.key,), f"split_modulelist expert {expert}")
+        state.put(
+            TensorInfo(
+                key, source.file, source.dtype, source.shape[1:], piece.begin, -1, segments=(Segment(piece, -1),)
+            ),
+            source.key,
+            (source.key,),
+            f"split_modulelist expert {expert}",
+        )
 
 
-def _permute(state: _Converting, conv: ConverterSpec, sources: list[TensorInfo], at: dict[str, int], sizes: dict[str, int], head_dims: dict[str, int], num_experts: int) -> None:
+def _permute(
+    state: _Converting,
+    conv: ConverterSpec,
+    sources: list[TensorInfo],
+    at: dict[str, int],
+    sizes: dict[str, int],
+    head_dims: dict[str, int],
+    num_experts: int,
+) -> None:
     (source,) = sources
     _no_segments(source, conv)
     head_dim = head_dims[str(conv.heads)]
     if not source.shape or source.shape[0] % head_dim or head_dim % 2:
-        raise CheckpointError(f"permute_for_rope converter: {source.shape[0] if source.shape else 0} rows are not whole {conv.heads} heads of an even size {head_dim}", file=source.file, key=source.key, hint="The plan applies the rotary permutation to a tensor that is not made of those heads")
+        raise CheckpointError(
+            f"permute_for_rope converter: {source.shape[0] if source.shape else 0} rows are not whole {conv.heads} heads of an even size {head_dim}",
+            file=source.file,
+            key=source.key,
+            hint="The plan applies the rotary permutation to a tensor that is not made of those heads",
+        )
     segment = Segment(source, 0, head_dim, conv.direction == "to_half")
-    state.put(TensorInfo(fill(conv.targets[0], at), source.file, source.dtype, source.shape, source.begin, -1, segments=(segment,)), source.key, (source.key,), f"permute_for_rope {conv.direction}")
+    state.put(
+        TensorInfo(
+            fill(conv.targets[0], at), source.file, source.dtype, source.shape, source.begin, -1, segments=(segment,)
+        ),
+        source.key,
+        (source.key,),
+        f"permute_for_rope {conv.direction}",
+    )
 
 
 def _no_segments(info: TensorInfo, conv: ConverterSpec) -> TensorInfo:
     if info.segments:
-        raise PlanError(f"converter {conv.describe} consumes {info.key}, which an earlier converter assembled from several pieces; this op cannot follow that one", key=info.key, hint="Reorder the plan's converters (chunk and permute first, then concatenate or merge)")
+        raise PlanError(
+            f"converter {conv.describe} consumes {info.key}, which an earlier converter assembled from several pieces; this op cannot follow that one",
+            key=info.key,
+            hint="Reorder the plan's converters (chunk and permute first, then concatenate or merge)",
+        )
     return info
 
 
-OPS_FN = {"chunk": _chunk, "concatenate": _concatenate, "merge_modulelist": _merge, "split_modulelist": _split, "permute_for_rope": _permute}
+OPS_FN = {
+    "chunk": _chunk,
+    "concatenate": _concatenate,
+    "merge_modulelist": _merge,
+    "split_modulelist": _split,
+    "permute_for_rope": _permute,
+}
 
 
 @dataclass(frozen=True)
@@ -300,7 +424,10 @@ def segment_reads(info: TensorInfo, piece: Slice) -> list[SegmentRead]:
     if piece.dim is None:
         return [SegmentRead(segment, Slice(None, global_shape=segment.info.shape)) for segment in info.segments]
     if piece.dim > 0:
-        return [SegmentRead(segment, Slice(piece.dim - segment.lead, piece.ranges, segment.info.shape)) for segment in info.segments]
+        return [
+            SegmentRead(segment, Slice(piece.dim - segment.lead, piece.ranges, segment.info.shape))
+            for segment in info.segments
+        ]
     for a, b in piece.ranges:
         start = 0
         for segment in info.segments:

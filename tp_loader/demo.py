@@ -84,7 +84,9 @@ def llama_tensors(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.flo
     return tensors
 
 
-def write_checkpoint(path: str | os.PathLike[str], config: dict, tensors: dict[str, torch.Tensor], *, num_shards: int = 1) -> Path:
+def write_checkpoint(
+    path: str | os.PathLike[str], config: dict, tensors: dict[str, torch.Tensor], *, num_shards: int = 1
+) -> Path:
     """Writes ``config.json`` and the tensors as ``model.safetensors``, or as ``num_shards`` files
     ``model-0000i-of-0000n.safetensors`` with a ``model.safetensors.index.json``, as transformers does.
 
@@ -106,7 +108,9 @@ def write_checkpoint(path: str | os.PathLike[str], config: dict, tensors: dict[s
         save_file(part, str(root / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     return root
 
 

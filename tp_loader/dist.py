@@ -52,7 +52,9 @@ def default_device(env: LaunchEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env: LaunchEnv, settings: Settings) -> Context:
+def make_context(
+    mesh: DeviceMesh | None, device: str | torch.device | None, env: LaunchEnv, settings: Settings
+) -> Context:
     """Builds the context, initializing the process group when launched under torchrun without one.
 
     Args:
@@ -66,7 +68,10 @@ def make_context(mesh: DeviceMesh | None, device: str | torch.device | None, env
     """
     if mesh is not None:
         if mesh.ndim != 1:
-            raise DistributedError(f"tp_loader needs a 1-D device mesh, got {mesh.ndim}-D {tuple(mesh.shape)}", hint="Pass mesh['tp'] (the tensor-parallel dimension)")
+            raise DistributedError(
+                f"tp_loader needs a 1-D device mesh, got {mesh.ndim}-D {tuple(mesh.shape)}",
+                hint="Pass mesh['tp'] (the tensor-parallel dimension)",
+            )
         target = torch.device(device) if device is not None else _mesh_device(mesh)
         return Context(mesh.get_local_rank(), mesh.size(), mesh, target, timeout_s=settings.timeout_s)
     target = torch.device(device) if device is not None else default_device(env)
@@ -111,14 +116,22 @@ def open_control_group(ctx: Context) -> Context:
     if ctx.mesh is None or ctx.world_size == 1:
         return ctx
     if ctx.world_size != dist.get_world_size():
-        logger.debug("mesh of %d ranks in a job of %d: the loader's collectives use the mesh's group and its timeout", ctx.world_size, dist.get_world_size())
+        logger.debug(
+            "mesh of %d ranks in a job of %d: the loader's collectives use the mesh's group and its timeout",
+            ctx.world_size,
+            dist.get_world_size(),
+        )
         return dataclasses.replace(ctx, group=ctx.mesh.get_group())
     group = _CONTROL_GROUPS.get(ctx.timeout_s)
     if group is None or not _alive(group):
         try:
             group = dist.new_group(timeout=datetime.timedelta(seconds=ctx.timeout_s), backend="gloo")
         except Exception as exc:  # noqa: BLE001 - a missing peer surfaces here
-            raise DistributedError(f"cannot form the loader's process group: {exc}", rank=ctx.rank, hint="Check that every rank calls tp_loader.load") from None
+            raise DistributedError(
+                f"cannot form the loader's process group: {exc}",
+                rank=ctx.rank,
+                hint="Check that every rank calls tp_loader.load",
+            ) from None
         _CONTROL_GROUPS[ctx.timeout_s] = group
     return dataclasses.replace(ctx, group=group)
 
@@ -165,7 +178,9 @@ def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None, *, sta
     return [item for _, item in gathered]
 
 
-def run_agreed(ctx: Context, stage: str, fn: Callable[[], T], payload: Callable[[T], Any] = lambda _: None) -> tuple[T, list[Any]]:
+def run_agreed(
+    ctx: Context, stage: str, fn: Callable[[], T], payload: Callable[[T], Any] = lambda _: None
+) -> tuple[T, list[Any]]:
     """Runs ``fn`` on every rank, then :func:`agree` on its outcome.
 
     Returns:

@@ -65,7 +65,9 @@ def _int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise TPLoaderError(f"environment variable {name}={raw!r} is not an integer", hint=f"Set {name} to a whole number or unset it") from None
+        raise TPLoaderError(
+            f"environment variable {name}={raw!r} is not an integer", hint=f"Set {name} to a whole number or unset it"
+        ) from None
 
 
 def launch_env() -> LaunchEnv:
@@ -94,7 +96,10 @@ def settings(local_world_size: int) -> Settings:
     try:
         timeout_s = float(timeout_raw) if timeout_raw else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise TPLoaderError(f"environment variable TP_LOADER_TIMEOUT_S={timeout_raw!r} is not a number", hint="Set it to seconds, e.g. 300") from None
+        raise TPLoaderError(
+            f"environment variable TP_LOADER_TIMEOUT_S={timeout_raw!r} is not a number",
+            hint="Set it to seconds, e.g. 300",
+        ) from None
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Settings(
         num_threads=max(1, _int("TP_LOADER_NUM_THREADS", default_threads)),
@@ -116,5 +121,8 @@ def _flag(name: str, default: bool) -> bool:
 def _choice(name: str, allowed: tuple[str, ...]) -> str:
     raw = os.environ.get(name, "").strip() or allowed[0]
     if raw not in allowed:
-        raise TPLoaderError(f"environment variable {name}={raw!r} is not one of {', '.join(allowed)}", hint=f"Set {name} to one of them or unset it")
+        raise TPLoaderError(
+            f"environment variable {name}={raw!r} is not one of {', '.join(allowed)}",
+            hint=f"Set {name} to one of them or unset it",
+        )
     return raw

@@ -38,7 +38,11 @@ class TPLoaderError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        where = [f"{name}={value}" for name, value in (("rank", self.rank), ("file", self.file), ("key", self.key)) if value is not None]
+        where = [
+            f"{name}={value}"
+            for name, value in (("rank", self.rank), ("file", self.file), ("key", self.key))
+            if value is not None
+        ]
         text = self.message
         if where:
             text += f" [{', '.join(where)}]"
@@ -55,7 +59,14 @@ class TPLoaderError(Exception):
 
     def to_wire(self) -> dict[str, Any]:
         """A picklable description from which :func:`from_wire` rebuilds the same error."""
-        return {"type": type(self).__name__, "message": self.message, "file": self.file, "key": self.key, "rank": self.rank, "hint": self.hint}
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "file": self.file,
+            "key": self.key,
+            "rank": self.rank,
+            "hint": self.hint,
+        }
 
 
 class CheckpointError(TPLoaderError, ValueError):
@@ -88,7 +99,16 @@ class DistributedError(TPLoaderError, RuntimeError):
 
 _TYPES: dict[str, type[TPLoaderError]] = {
     cls.__name__: cls
-    for cls in (TPLoaderError, CheckpointError, ModelNotFoundError, PlanError, ShardingError, StrictLoadError, ReadError, DistributedError)
+    for cls in (
+        TPLoaderError,
+        CheckpointError,
+        ModelNotFoundError,
+        PlanError,
+        ShardingError,
+        StrictLoadError,
+        ReadError,
+        DistributedError,
+    )
 }
 
 

@@ -197,12 +197,19 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
                 raise _bad(path, "file is shorter than the 8-byte header length")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise _bad(path, f"header length {header_len} does not fit the file of {size} bytes (truncated or not safetensors)")
+                raise _bad(
+                    path,
+                    f"header length {header_len} does not fit the file of {size} bytes (truncated or not safetensors)",
+                )
             raw = handle.read(header_len)
     except FileNotFoundError:
-        raise CheckpointError("weight file does not exist", file=str(path), hint="Re-download the checkpoint; the index names this file") from None
+        raise CheckpointError(
+            "weight file does not exist", file=str(path), hint="Re-download the checkpoint; the index names this file"
+        ) from None
     except OSError as exc:
-        raise CheckpointError(f"cannot read weight file: {exc}", file=str(path), hint="Check the file's permissions and the filesystem") from None
+        raise CheckpointError(
+            f"cannot read weight file: {exc}", file=str(path), hint="Check the file's permissions and the filesystem"
+        ) from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -211,7 +218,11 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
         raise _bad(path, "header is not a JSON object")
     data_start = 8 + header_len
     data_size = size - data_start
-    infos = [_parse_entry(path, name, key, entry, data_start, data_size) for key, entry in header.items() if key != "__metadata__"]
+    infos = [
+        _parse_entry(path, name, key, entry, data_start, data_size)
+        for key, entry in header.items()
+        if key != "__metadata__"
+    ]
     infos.sort(key=lambda info: (info.begin, info.end))
     cursor = data_start
     for info in infos:
@@ -234,14 +245,24 @@ def _parse_entry(path: Path, name: str, key: str, entry: object, data_start: int
     offsets = entry.get("data_offsets")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise _bad(path, f"shape {shape!r} is not a list of non-negative integers", key=key)
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    ):
         raise _bad(path, f"data_offsets {offsets!r} is not a pair of integers", key=key)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
-        raise _bad(path, f"data_offsets [{begin}, {end}) fall outside the {data_size} data bytes (truncated file?)", key=key)
+        raise _bad(
+            path, f"data_offsets [{begin}, {end}) fall outside the {data_size} data bytes (truncated file?)", key=key
+        )
     expected = math.prod(shape) * dtype.itemsize
     if end - begin != expected:
-        raise _bad(path, f"shape {shape} of {entry['dtype']} needs {expected} bytes but data_offsets span {end - begin}", key=key)
+        raise _bad(
+            path,
+            f"shape {shape} of {entry['dtype']} needs {expected} bytes but data_offsets span {end - begin}",
+            key=key,
+        )
     return TensorInfo(key, name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
@@ -264,15 +285,23 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
-        raise CheckpointError("weight file does not exist", file=str(path), hint="Re-download the checkpoint; the index names this file") from None
+        raise CheckpointError(
+            "weight file does not exist", file=str(path), hint="Re-download the checkpoint; the index names this file"
+        ) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         raise CheckpointError(
             f"refused or could not read the .bin file with weights_only=True: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             file=str(path),
             hint="tp_loader never executes code from checkpoints; convert the model to safetensors",
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise CheckpointError(".bin file does not hold a flat state dict of tensors", file=str(path), hint="Convert the model to safetensors")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(
+            ".bin file does not hold a flat state dict of tensors",
+            file=str(path),
+            hint="Convert the model to safetensors",
+        )
     return state
 
 
@@ -282,4 +311,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _bad(path: Path, what: str, key: str | None = None) -> CheckpointError:
-    return CheckpointError(f"malformed safetensors header: {what}", file=str(path), key=key, hint="The file is corrupt or truncated: re-download it")
+    return CheckpointError(
+        f"malformed safetensors header: {what}",
+        file=str(path),
+        key=key,
+        hint="The file is corrupt or truncated: re-download it",
+    )

@@ -99,23 +99,52 @@ def load(
         settings = dataclasses.replace(settings, zero_copy=zero_copy)
     wanted = normalise_dtype(dtype)
     ctx = open_control_group(make_context(mesh, device, launch, settings))
-    return _load(ctx, model, wanted, plan=plan, mode=mode, strict=strict, revision=revision, cache_dir=cache_dir, progress=progress and settings.progress, settings=settings, start=start)
+    return _load(
+        ctx,
+        model,
+        wanted,
+        plan=plan,
+        mode=mode,
+        strict=strict,
+        revision=revision,
+        cache_dir=cache_dir,
+        progress=progress and settings.progress,
+        settings=settings,
+        start=start,
+    )
 
 
-def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtype | None, *, plan: str | os.PathLike[str], mode: str | None, strict: bool, revision: str | None, cache_dir: str | os.PathLike[str] | None, progress: bool, settings: envmod.Settings, start: float) -> LoadResult:
+def _load(
+    ctx: Context,
+    model: str | os.PathLike[str] | None,
+    wanted: torch.dtype | None,
+    *,
+    plan: str | os.PathLike[str],
+    mode: str | None,
+    strict: bool,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+    settings: envmod.Settings,
+    start: float,
+) -> LoadResult:
 
     root = _resolve(ctx, model, revision=revision, cache_dir=cache_dir, demo_dir=settings.demo_dir)
 
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
         checkpoint = index_checkpoint(find_weights(root))
         spec = select_spec(plan, checkpoint.config, model=str(root), mode=mode)
-        load_plan = make_plan(checkpoint, spec, ctx.world_size, ctx.rank, model=str(root), dequantize=wants_dequantize(wanted))
+        load_plan = make_plan(
+            checkpoint, spec, ctx.world_size, ctx.rank, model=str(root), dequantize=wants_dequantize(wanted)
+        )
         if strict:
             _refuse_key_problems(load_plan)
         return checkpoint, load_plan
 
     # every rank's fingerprint, and rank 0's tie decisions, which every rank then uses
-    (checkpoint, load_plan), seen = run_agreed(ctx, "plan", index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties))
+    (checkpoint, load_plan), seen = run_agreed(
+        ctx, "plan", index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties)
+    )
     fingerprints = [fingerprint for fingerprint, _ in seen]
     load_plan = dataclasses.replace(load_plan, ties=seen[0][1])
     if len(set(fingerprints)) > 1:
@@ -128,25 +157,57 @@ def _load(ctx: Context, model: str | os.PathLike[str] | None, wanted: torch.dtyp
     if ctx.rank == 0:
         _warn_key_problems(load_plan)
 
-    options = ReadOptions(wanted, ctx.device, settings.num_threads, settings.max_inflight_bytes, progress=progress and ctx.rank == 0, reader=settings.reader, fadvise=settings.fadvise, zero_copy=settings.zero_copy)
+    options = ReadOptions(
+        wanted,
+        ctx.device,
+        settings.num_threads,
+        settings.max_inflight_bytes,
+        progress=progress and ctx.rank == 0,
+        reader=settings.reader,
+        fadvise=settings.fadvise,
+        zero_copy=settings.zero_copy,
+    )
     with _intra_op_threads(settings.num_threads):
-        (local, stats), _ = run_agreed(ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options))
+        (local, stats), _ = run_agreed(
+            ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options)
+        )
     state_dict = place(local, load_plan.tensors, ctx.mesh)
     apply_ties(state_dict, load_plan.ties)
 
     payload = (stats, local_tie_equality(local, load_plan.ties), time.perf_counter() - start)
     gathered = agree(ctx, None, payload, stage="report")
-    ranks = [RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds, s.zero_copy_tensors) for r, (s, _, seconds) in enumerate(gathered)]
-    report = build_report(load_plan, dtype=_dtype_name(wanted), device=ctx.device.type, ranks=ranks, tie_equal=[eq for _, eq, _ in gathered])
+    ranks = [
+        RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds, s.zero_copy_tensors)
+        for r, (s, _, seconds) in enumerate(gathered)
+    ]
+    report = build_report(
+        load_plan,
+        dtype=_dtype_name(wanted),
+        device=ctx.device.type,
+        ranks=ranks,
+        tie_equal=[eq for _, eq, _ in gathered],
+    )
     if ctx.rank == 0:
         logger.info("loaded %d tensors from %s in %.2f s", report.num_tensors, report.model, report.seconds)
         for tie in report.ties:
             if tie.identical is False:
-                logger.warning("tied keys %s and %s are both stored and differ; %s is used for both", tie.source, tie.target, tie.source)
+                logger.warning(
+                    "tied keys %s and %s are both stored and differ; %s is used for both",
+                    tie.source,
+                    tie.target,
+                    tie.source,
+                )
     return LoadResult(state_dict, report, ctx.mesh)
 
 
-def _resolve(ctx: Context, model: str | os.PathLike[str] | None, *, revision: str | None, cache_dir: str | os.PathLike[str] | None, demo_dir: str) -> Path:
+def _resolve(
+    ctx: Context,
+    model: str | os.PathLike[str] | None,
+    *,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    demo_dir: str,
+) -> Path:
     """Resolves the source; the first rank of each node fetches (download or demo generation) while
     the node's other ranks wait, then look only at what is local."""
     hosts = agree(ctx, None, host_name(), stage="start")
@@ -170,8 +231,13 @@ def _refuse_key_problems(load_plan: LoadPlan) -> None:
         "mismatched": [m.describe() for m in load_plan.mismatched],
     }
     if any(problems.values()):
-        summary = "; ".join(f"{len(v)} {k}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}" for k, v in problems.items() if v)
-        raise StrictLoadError(f"strict load of {load_plan.model} refused: {summary}", hint="Fix the checkpoint or the plan, or load with strict=False to see the full report")
+        summary = "; ".join(
+            f"{len(v)} {k}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}" for k, v in problems.items() if v
+        )
+        raise StrictLoadError(
+            f"strict load of {load_plan.model} refused: {summary}",
+            hint="Fix the checkpoint or the plan, or load with strict=False to see the full report",
+        )
 
 
 def _warn_key_problems(load_plan: LoadPlan) -> None:
@@ -179,15 +245,31 @@ def _warn_key_problems(load_plan: LoadPlan) -> None:
     matched nothing, in one warning each."""
     if load_plan.unexpected:
         sizes = {t.key: t.info.nbytes for t in load_plan.tensors}
-        listed = ", ".join(f"{k} ({sizes[k]} B{', no plan rule' if k in load_plan.unmatched else ''})" for k in load_plan.unexpected)
-        logger.warning("%d unexpected keys in %s are loaded replicated: %s", len(load_plan.unexpected), load_plan.model, listed)
+        listed = ", ".join(
+            f"{k} ({sizes[k]} B{', no plan rule' if k in load_plan.unmatched else ''})" for k in load_plan.unexpected
+        )
+        logger.warning(
+            "%d unexpected keys in %s are loaded replicated: %s", len(load_plan.unexpected), load_plan.model, listed
+        )
     if load_plan.missing:
-        logger.warning("%d keys missing from %s: %s", len(load_plan.missing), load_plan.model, ", ".join(load_plan.missing))
+        logger.warning(
+            "%d keys missing from %s: %s", len(load_plan.missing), load_plan.model, ", ".join(load_plan.missing)
+        )
     if load_plan.unused_rules:
-        logger.warning("plan %s has rules that match no key of %s: %s", load_plan.plan_name, load_plan.model, ", ".join(load_plan.unused_rules))
+        logger.warning(
+            "plan %s has rules that match no key of %s: %s",
+            load_plan.plan_name,
+            load_plan.model,
+            ", ".join(load_plan.unused_rules),
+        )
     if load_plan.mismatched:
         listed = ", ".join(m.describe() for m in load_plan.mismatched)
-        logger.warning("%d keys of %s contradict the config and are not loaded: %s", len(load_plan.mismatched), load_plan.model, listed)
+        logger.warning(
+            "%d keys of %s contradict the config and are not loaded: %s",
+            len(load_plan.mismatched),
+            load_plan.model,
+            listed,
+        )
 
 
 class _intra_op_threads:
@@ -215,10 +297,11 @@ def normalise_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise TPLoaderError(f"unknown dtype {dtype!r}", hint="Use a torch dtype name such as bfloat16, float16 or float32")
+        raise TPLoaderError(
+            f"unknown dtype {dtype!r}", hint="Use a torch dtype name such as bfloat16, float16 or float32"
+        )
     return value
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
-

@@ -20,7 +20,9 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def place(local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: DeviceMesh | None) -> dict[str, torch.Tensor]:
+def place(
+    local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: DeviceMesh | None
+) -> dict[str, torch.Tensor]:
     """Wraps local shards as DTensors (``Shard(dim)`` or ``Replicate()``) with their global shape.
 
     What ``DTensor.from_local(run_check=False, shape=, stride=)`` does, without its autograd function,
@@ -45,6 +47,8 @@ def place(local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: D
         shape = piece.global_shape
         spec = specs.get((placement, shape, tensor.dtype))
         if spec is None:
-            spec = specs[(placement, shape, tensor.dtype)] = DTensorSpec(mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), tensor.dtype))
+            spec = specs[(placement, shape, tensor.dtype)] = DTensorSpec(
+                mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), tensor.dtype)
+            )
         out[item.key] = DTensor(tensor, spec, requires_grad=False)
     return out

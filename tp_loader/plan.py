@@ -17,7 +17,6 @@ from .index import Checkpoint, TensorInfo
 from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
 from .styles import STYLES, Heads, Part, Slice, block_slice, head_world_sizes
 
-
 MAX_LAYERS = 100_000
 
 
@@ -64,7 +63,10 @@ class TensorPlan:
     def segment_plans(self) -> list[tuple[SegmentRead, TensorPlan]]:
         """For a converter target: each stored piece's read, with the plan of that read of its own
         (what the readers and the byte accounting take); empty for a stored tensor."""
-        return [(read, TensorPlan(read.segment.info, read.slice, self.style, self.rule)) for read in segment_reads(self.info, self.slice)]
+        return [
+            (read, TensorPlan(read.segment.info, read.slice, self.style, self.rule))
+            for read in segment_reads(self.info, self.slice)
+        ]
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,9 @@ class LoadPlan:
         return sum(t.read_bytes for t in self.tensors)
 
 
-def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str, dequantize: bool = False) -> LoadPlan:
+def make_plan(
+    checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str, dequantize: bool = False
+) -> LoadPlan:
     """Plans the load of ``checkpoint`` for ``rank`` of ``world_size``.
 
     Args:
@@ -139,13 +143,22 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
         num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
         expected = _expected_shapes(spec, values, num_layers, num_experts)
         heads = {
-            name: Heads(name, evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1), evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1), g.replicate_when_fewer)
+            name: Heads(
+                name,
+                evaluate_size(g.num_heads, values, where=f"number of {name} heads", minimum=1),
+                evaluate_size(g.head_dim, values, where=f"{name} head size", minimum=1),
+                g.replicate_when_fewer,
+            )
             for name, g in spec.heads.items()
         }
-        stored, conversions = _convert(checkpoint, spec, values, {name: h.head_dim for name, h in heads.items()}, num_layers, num_experts)
+        stored, conversions = _convert(
+            checkpoint, spec, values, {name: h.head_dim for name, h in heads.items()}, num_layers, num_experts
+        )
         block = fp8_block(checkpoint.config)
     except CheckpointError as exc:
-        raise CheckpointError(exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint) from None
+        raise CheckpointError(
+            exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint
+        ) from None
     scales = _expect_scales(stored, expected, block) if block else {}
     rules = {key: spec.match(key) for key in (*stored, *expected)}
     _check_heads(heads, {rules[k] for k in expected}, world_size, model)
@@ -163,14 +176,29 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
             unexpected.append(key)
             if rule is None:
                 unmatched.append(key)
-            tensors.append(TensorPlan(info, STYLES["replicate"](info.shape, None, world_size, rank), "replicate", rule.pattern if rule else None))
+            tensors.append(
+                TensorPlan(
+                    info,
+                    STYLES["replicate"](info.shape, None, world_size, rank),
+                    "replicate",
+                    rule.pattern if rule else None,
+                )
+            )
         elif want != info.shape:
             mismatched.append(Mismatch(key, want, info.shape))
         elif rule is None:
-            raise PlanError("the plan expects this tensor but no rule gives it a style", file=spec.path, key=key, hint="Widen a rule's pattern to cover every layer")
+            raise PlanError(
+                "the plan expects this tensor but no rule gives it a style",
+                file=spec.path,
+                key=key,
+                hint="Widen a rule's pattern to cover every layer",
+            )
         else:
             group = heads[rule.heads] if rule.heads else None
-            parts = tuple(Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None) for size, h in rule.parts)
+            parts = tuple(
+                Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None)
+                for size, h in rule.parts
+            )
             try:
                 piece = STYLES[rule.style](info.shape, group, world_size, rank, parts, transposed=rule.transposed)
             except ShardingError as exc:
@@ -181,10 +209,16 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     if scales:
         tensors = _place_scales(tensors, scales, stored, block, dequantize, notes)
         planned = {t.key for t in tensors}  # a scale whose weight is not loaded is not loaded either
-        mismatched += [Mismatch(s, expected[s], stored[s].shape) for s, w in scales.items() if w not in planned and s not in planned]
+        mismatched += [
+            Mismatch(s, expected[s], stored[s].shape)
+            for s, w in scales.items()
+            if w not in planned and s not in planned
+        ]
     # a rule is in use if it matched a key, or one of the plan's own tensor templates (a tensor a
     # `when` turned off for this config is not a typo)
-    used = set(rules.values()) | {spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors}
+    used = set(rules.values()) | {
+        spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors
+    }
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
@@ -193,20 +227,44 @@ def make_plan(checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int
     notes.update({t.key: widened for t in tensors if (widened := _widened_note(t))})
     placed = {t.key: f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}" for t in tensors}
     conversions = tuple(dataclasses.replace(c, placement=placed.get(c.target, "not loaded")) for c in conversions)
-    return LoadPlan(model, spec.name, world_size, rank, tuple(tensors), missing, tuple(sorted(unexpected)), tuple(sorted(unmatched)), tuple(mismatched), ties, notes, unused_rules, conversions)
+    return LoadPlan(
+        model,
+        spec.name,
+        world_size,
+        rank,
+        tuple(tensors),
+        missing,
+        tuple(sorted(unexpected)),
+        tuple(sorted(unmatched)),
+        tuple(mismatched),
+        ties,
+        notes,
+        unused_rules,
+        conversions,
+    )
 
 
 def _count(spec: PlanSpec, expression: str, placeholder: str, values: dict, where: str) -> int:
     """What ``placeholder`` ranges over; the config is asked only when some key of the plan has it."""
     keys = (*(t.key for t in spec.tensors), *(k for c in spec.converters for k in (*c.sources, *c.targets)))
-    return evaluate_size(expression, values, where=where, maximum=MAX_LAYERS) if any(placeholder in key for key in keys) else 0
+    return (
+        evaluate_size(expression, values, where=where, maximum=MAX_LAYERS)
+        if any(placeholder in key for key in keys)
+        else 0
+    )
 
 
-def _convert(checkpoint: Checkpoint, spec: PlanSpec, values: dict, head_dims: dict[str, int], num_layers: int, num_experts: int) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
+def _convert(
+    checkpoint: Checkpoint, spec: PlanSpec, values: dict, head_dims: dict[str, int], num_layers: int, num_experts: int
+) -> tuple[dict[str, TensorInfo], tuple[Conversion, ...]]:
     """The stored tensors in the plan's target layout (unchanged when the plan has no converters)."""
     if not spec.converters:
         return checkpoint.tensors, ()
-    sizes = {expr: evaluate_size(expr, values, where=f"converter size {expr}") for conv in spec.converters for expr in conv.sizes}
+    sizes = {
+        expr: evaluate_size(expr, values, where=f"converter size {expr}")
+        for conv in spec.converters
+        for expr in conv.sizes
+    }
     return apply_converters(checkpoint.tensors, spec.converters, sizes, head_dims, num_layers, num_experts)
 
 
@@ -226,7 +284,9 @@ def _expected_shapes(spec: PlanSpec, values: dict, num_layers: int, num_experts:
 
 def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: int, model: str) -> None:
     """Fails before any I/O when a head group that expected tensors use cannot be split over ``world_size``."""
-    names = {r.heads for r in rules if r is not None and r.heads} | {h for r in rules if r is not None for _, h in r.parts if h}
+    names = {r.heads for r in rules if r is not None and r.heads} | {
+        h for r in rules if r is not None for _, h in r.parts if h
+    }
     groups = [heads[name] for name in sorted(names)]
     if not groups or world_size in head_world_sizes(groups, limit=world_size):
         return
@@ -245,7 +305,9 @@ def _decide_ties(spec: PlanSpec, values: dict, tensors: list[TensorPlan]) -> tup
         if not evaluate(tie.when, values, where=f"tie {tie.source} -> {tie.target}"):
             continue
         has_source, has_target = tie.source in by_key, tie.target in by_key
-        stored = {(True, True): "both", (True, False): "source", (False, True): "target", (False, False): "neither"}[(has_source, has_target)]
+        stored = {(True, True): "both", (True, False): "source", (False, True): "target", (False, False): "neither"}[
+            (has_source, has_target)
+        ]
         decisions.append(TieDecision(tie.source, tie.target, stored))
     return tuple(decisions)
 
@@ -256,7 +318,11 @@ def _widened_note(item: TensorPlan) -> str | None:
     if not item.info.segments or item.slice.dim != 0:
         return None
     widened = [r for r in segment_reads(item.info, item.slice) if r.trim is not None]
-    return f"shard cuts rotary heads: read {len(widened)} run(s) widened to whole heads, permuted, then trimmed" if widened else None
+    return (
+        f"shard cuts rotary heads: read {len(widened)} run(s) widened to whole heads, permuted, then trimmed"
+        if widened
+        else None
+    )
 
 
 SCALE_SUFFIX = "_scale_inv"
@@ -274,26 +340,47 @@ def fp8_block(config: dict) -> tuple[int, int] | None:
     if not isinstance(quant, dict) or quant.get("quant_method") != "fp8" or quant.get("weight_block_size") is None:
         return None
     block = quant["weight_block_size"]
-    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
-        raise CheckpointError(f"quantization_config.weight_block_size = {block!r} is not two positive integers", key="quantization_config", hint="Fix config.json")
+    if not (
+        isinstance(block, list)
+        and len(block) == 2
+        and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+    ):
+        raise CheckpointError(
+            f"quantization_config.weight_block_size = {block!r} is not two positive integers",
+            key="quantization_config",
+            hint="Fix config.json",
+        )
     return block[0], block[1]
 
 
-def _expect_scales(stored: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], block: tuple[int, int]) -> dict[str, str]:
+def _expect_scales(
+    stored: dict[str, TensorInfo], expected: dict[str, tuple[int, ...]], block: tuple[int, int]
+) -> dict[str, str]:
     """Scale key → weight key for every expected 2-D weight stored as fp8 (its scale is then expected,
     one entry per block) or stored with a scale; adds the scales' shapes to ``expected``."""
     scales = {}
     for weight, shape in list(expected.items()):
         scale = weight + SCALE_SUFFIX
         info = stored.get(weight)
-        if len(shape) == 2 and weight.endswith(".weight") and (scale in stored or (info is not None and info.dtype in FP8)):
+        if (
+            len(shape) == 2
+            and weight.endswith(".weight")
+            and (scale in stored or (info is not None and info.dtype in FP8))
+        ):
             expected[scale] = tuple(-(-d // b) for d, b in zip(shape, block))
             if scale in stored:
                 scales[scale] = weight
     return scales
 
 
-def _place_scales(tensors: list[TensorPlan], scales: dict[str, str], stored: dict[str, TensorInfo], block: tuple[int, int], dequantize: bool, notes: dict[str, str]) -> list[TensorPlan]:
+def _place_scales(
+    tensors: list[TensorPlan],
+    scales: dict[str, str],
+    stored: dict[str, TensorInfo],
+    block: tuple[int, int],
+    dequantize: bool,
+    notes: dict[str, str],
+) -> list[TensorPlan]:
     """Each scale sharded in step with its weight (right after it), or, when dequantizing, read with
     the weight as the blocks covering its slice."""
     weights = {weight: scale for scale, weight in scales.items()}
@@ -301,18 +388,36 @@ def _place_scales(tensors: list[TensorPlan], scales: dict[str, str], stored: dic
     for item in tensors:
         scale_key = weights.get(item.key)
         if scale_key is None:
-            if dequantize and item.info.dtype in FP8 and len(item.info.shape) == 2 and item.key.endswith(".weight") and item.key + SCALE_SUFFIX not in stored:
-                raise CheckpointError("block-fp8 weight has no stored scale, so it cannot be dequantized", file=item.info.file, key=item.key, hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, or load without dtype to keep fp8")
+            if (
+                dequantize
+                and item.info.dtype in FP8
+                and len(item.info.shape) == 2
+                and item.key.endswith(".weight")
+                and item.key + SCALE_SUFFIX not in stored
+            ):
+                raise CheckpointError(
+                    "block-fp8 weight has no stored scale, so it cannot be dequantized",
+                    file=item.info.file,
+                    key=item.key,
+                    hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, or load without dtype to keep fp8",
+                )
             out.append(item)
             continue
         scale = stored[scale_key]
         want = tuple(-(-d // b) for d, b in zip(item.info.shape, block))
         if scale.shape != want:
-            raise CheckpointError(f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}", file=scale.file, key=scale_key, hint="The checkpoint's scales do not match its weights or config.json's weight_block_size")
+            raise CheckpointError(
+                f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}",
+                file=scale.file,
+                key=scale_key,
+                hint="The checkpoint's scales do not match its weights or config.json's weight_block_size",
+            )
         if dequantize and item.info.dtype in FP8:
             covering = block_slice(item.slice, item.info.shape, scale.shape, block, covering=True)
             out.append(dataclasses.replace(item, scale=TensorPlan(scale, covering, "scale", None), block=block))
-            notes[item.key] = f"dequantized on load from {str(item.info.dtype).removeprefix('torch.')} with {scale_key} ({block[0]}x{block[1]} blocks)"
+            notes[item.key] = (
+                f"dequantized on load from {str(item.info.dtype).removeprefix('torch.')} with {scale_key} ({block[0]}x{block[1]} blocks)"
+            )
             continue
         try:
             piece = block_slice(item.slice, item.info.shape, scale.shape, block)

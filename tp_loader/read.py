@@ -18,10 +18,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .errors import ReadError, TPLoaderError
-from .index import load_pickle
 from .byteranges import read_ranges, slice_ranges
 from .convert import finish_read
+from .errors import ReadError, TPLoaderError
+from .index import load_pickle
 from .plan import TensorPlan
 from .staging import StagingRing, cuda_copy
 
@@ -108,10 +108,12 @@ def _take(item: TensorPlan, stored: Any, row_offset: int | None = None) -> torch
     whole = (rows,) + tuple(slice(None) for _ in info.shape[1:]) if info.shape else ()
     if piece.dim is None:
         return stored[whole]
+
     def index(a: int, b: int) -> tuple[slice, ...]:
         if piece.dim == 0:
             return (slice(offset + a, offset + b),) + whole[1:]
         return whole[: piece.dim] + (slice(a, b),) + whole[piece.dim + 1 :]
+
     pieces = [stored[index(a, b)] for a, b in piece.ranges]
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=piece.dim)
 
@@ -199,14 +201,23 @@ class PreadSource(_Source):
     def slice(self, item: TensorPlan) -> torch.Tensor:
         out = torch.empty(item.local_shape, dtype=item.info.dtype)
         fd = self._handle(item.info.file)
-        buffer = memoryview((ctypes.c_char * item.nbytes).from_address(out.data_ptr())).cast("B") if item.nbytes else memoryview(b"")
+        buffer = (
+            memoryview((ctypes.c_char * item.nbytes).from_address(out.data_ptr())).cast("B")
+            if item.nbytes
+            else memoryview(b"")
+        )
         position = 0
         for piece in slice_ranges(item):
             done = 0
             while done < piece.length:
                 got = os.preadv(fd, [buffer[position + done : position + piece.length]], piece.offset + done)
                 if got == 0:
-                    raise ReadError(f"file ends {piece.offset + done} bytes in, inside the slice", file=str(self._root / item.info.file), key=item.key, hint="The file is truncated: re-download it")
+                    raise ReadError(
+                        f"file ends {piece.offset + done} bytes in, inside the slice",
+                        file=str(self._root / item.info.file),
+                        key=item.key,
+                        hint="The file is truncated: re-download it",
+                    )
                 done += got
             position += piece.length
         return out
@@ -280,7 +291,9 @@ def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
             os.close(fd)
 
 
-def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: ReadOptions) -> tuple[dict[str, torch.Tensor], ReadStats]:
+def read_tensors(
+    root: Path, fmt: str, items: tuple[TensorPlan, ...], options: ReadOptions
+) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Reads every item's slice into a fresh contiguous tensor on ``options.device``.
 
     Items are read in file and byte-offset order by a bounded pool of threads; each slice is converted
@@ -299,14 +312,29 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
         if options.fadvise:
             _advise(root, items)
     else:
-        logger.warning("%s holds .bin weights: each rank maps whole files, slice-only reads are impossible for that format", root)
+        logger.warning(
+            "%s holds .bin weights: each rank maps whole files, slice-only reads are impossible for that format", root
+        )
         source = PickleSource(root)
     ordered = sorted(items, key=lambda item: (item.info.file, item.info.begin, item.key))
-    ring = StagingRing(2 * options.num_threads, STAGING_BUFFER_BYTES, cuda_copy(torch.cuda.Stream(options.device)), pin=True) if options.device.type == "cuda" else None
+    ring = (
+        StagingRing(
+            2 * options.num_threads, STAGING_BUFFER_BYTES, cuda_copy(torch.cuda.Stream(options.device)), pin=True
+        )
+        if options.device.type == "cuda"
+        else None
+    )
     budget = ByteBudget(options.max_inflight_bytes)
     out: dict[str, torch.Tensor] = {}
     zero_copied: list[str] = []  # list.append is atomic under the GIL
-    bar = tqdm(total=sum(item.read_bytes for item in ordered), unit="B", unit_scale=True, desc="tp_loader", delay=1.0, disable=not options.progress)
+    bar = tqdm(
+        total=sum(item.read_bytes for item in ordered),
+        unit="B",
+        unit_scale=True,
+        desc="tp_loader",
+        delay=1.0,
+        disable=not options.progress,
+    )
 
     def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
         with budget.hold(item.nbytes):
@@ -317,7 +345,12 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
                 wanted = target_dtype(item.info.dtype, options.dtype)
                 # one range of one stored tensor is a view of the mapping: contiguous rows, or a
                 # strided column shard (a matmul takes it as is; a packed shard needs a copy)
-                single_view = isinstance(source, MappedSource) and len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None
+                single_view = (
+                    isinstance(source, MappedSource)
+                    and len(item.slice.ranges) <= 1
+                    and not item.info.segments
+                    and item.scale is None
+                )
                 kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)
                 if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
                     local = piece
@@ -332,7 +365,12 @@ def read_tensors(root: Path, fmt: str, items: tuple[TensorPlan, ...], options: R
             except TPLoaderError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any read failure is reported with its file and key
-                raise ReadError(f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}", file=str(root / item.info.file), key=item.key, hint="The file may be truncated or corrupt: re-download it") from None
+                raise ReadError(
+                    f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}",
+                    file=str(root / item.info.file),
+                    key=item.key,
+                    hint="The file may be truncated or corrupt: re-download it",
+                ) from None
         return item.key, local, item.read_bytes
 
     read = 0

@@ -8,7 +8,6 @@ from typing import Any
 
 from .convert import Conversion
 from .plan import LoadPlan, Mismatch
-from .read import ReadStats
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,12 @@ class LoadReport:
     @property
     def clean(self) -> bool:
         """No missing, unexpected or mismatched keys, and no tied pair stored with different values."""
-        return not (self.missing_keys or self.unexpected_keys or self.mismatched_keys or any(t.identical is False for t in self.ties))
+        return not (
+            self.missing_keys
+            or self.unexpected_keys
+            or self.mismatched_keys
+            or any(t.identical is False for t in self.ties)
+        )
 
     @property
     def seconds(self) -> float:
@@ -107,15 +111,32 @@ class LoadReport:
             "",
             f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'read s':>7}  {'total s':>7}",
         ]
-        lines += [f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {r.read_seconds:>7.3f}  {r.seconds:>7.3f}" for r in self.ranks]
+        lines += [
+            f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {r.read_seconds:>7.3f}  {r.seconds:>7.3f}"
+            for r in self.ranks
+        ]
         sections = [
             ("missing keys", list(self.missing_keys)),
-            ("unexpected keys (loaded replicated)", [k + (" (no plan rule)" if k in self.unmatched_keys else "") for k in self.unexpected_keys]),
+            (
+                "unexpected keys (loaded replicated)",
+                [k + (" (no plan rule)" if k in self.unmatched_keys else "") for k in self.unexpected_keys],
+            ),
             ("mismatched keys (not loaded)", [m.describe() for m in self.mismatched_keys]),
-            ("ties", [f"{t.target} -> {t.source} (stored: {t.stored}" + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER") + ")" for t in self.ties]),
+            (
+                "ties",
+                [
+                    f"{t.target} -> {t.source} (stored: {t.stored}"
+                    + ("" if t.identical is None else ", identical" if t.identical else ", VALUES DIFFER")
+                    + ")"
+                    for t in self.ties
+                ],
+            ),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
             ("plan rules that matched nothing", list(self.unused_rules)),
-            ("conversions", [f"{c.target} <- {', '.join(c.sources)} ({c.op}; {c.placement})" for c in self.conversions]),
+            (
+                "conversions",
+                [f"{c.target} <- {', '.join(c.sources)} ({c.op}; {c.placement})" for c in self.conversions],
+            ),
         ]
         for title, rows in sections:
             if rows:
@@ -123,7 +144,9 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def build_report(plan: LoadPlan, *, dtype: str | None, device: str, ranks: list[RankReport], tie_equal: list[list[bool]]) -> LoadReport:
+def build_report(
+    plan: LoadPlan, *, dtype: str | None, device: str, ranks: list[RankReport], tie_equal: list[list[bool]]
+) -> LoadReport:
     """Builds the report from this rank's plan (identical on every rank) and every rank's accounting.
 
     Args:
@@ -164,7 +187,11 @@ def format_plans(plans: list[LoadPlan]) -> str:
     """What every rank of a planned load would read, one line per stored tensor: style, stored shape,
     placement and each rank's piece (``--dry-run``)."""
     first = plans[0]
-    lines = [f"tp_loader dry run: {first.model}", f"  plan {first.plan_name}, world size {first.world_size}, no tensor data read", ""]
+    lines = [
+        f"tp_loader dry run: {first.model}",
+        f"  plan {first.plan_name}, world size {first.world_size}, no tensor data read",
+        "",
+    ]
     for items in zip(*(p.tensors for p in plans)):
         item = items[0]
         piece = item.slice
@@ -173,9 +200,16 @@ def format_plans(plans: list[LoadPlan]) -> str:
             ranks = "whole on every rank"
         else:
             ranks = " ".join("+".join(f"{a}:{b}" for a, b in i.slice.ranges) for i in items)
-        lines.append(f"  {item.key}  {item.style} {list(item.info.shape)} {placement}  {ranks}" + (f"  ({piece.note})" if piece.note else ""))
+        lines.append(
+            f"  {item.key}  {item.style} {list(item.info.shape)} {placement}  {ranks}"
+            + (f"  ({piece.note})" if piece.note else "")
+        )
     lines += ["", "  bytes per rank: " + ", ".join(_size(p.read_bytes) for p in plans)]
-    for title, keys in (("missing keys", first.missing), ("unexpected keys (replicated)", first.unexpected), ("mismatched keys (not loaded)", [m.describe() for m in first.mismatched])):
+    for title, keys in (
+        ("missing keys", first.missing),
+        ("unexpected keys (replicated)", first.unexpected),
+        ("mismatched keys (not loaded)", [m.describe() for m in first.mismatched]),
+    ):
         if keys:
             lines += [f"  {title}: {', '.join(keys)}"]
     return "\n".join(lines)

@@ -79,15 +79,28 @@ def resolve_source(
         return path.resolve()
     text = os.fspath(source)
     if path.exists():
-        raise ModelNotFoundError(f"model source {text!r} is a file, not a checkpoint directory", file=text, hint="Pass the directory that holds config.json and the weights")
+        raise ModelNotFoundError(
+            f"model source {text!r} is a file, not a checkpoint directory",
+            file=text,
+            hint="Pass the directory that holds config.json and the weights",
+        )
     if not looks_like_repo_id(text):
-        raise ModelNotFoundError(f"model directory {text!r} does not exist", file=text, hint="Check the path, or pass a Hub repository id such as 'org/name'")
+        raise ModelNotFoundError(
+            f"model directory {text!r} does not exist",
+            file=text,
+            hint="Check the path, or pass a Hub repository id such as 'org/name'",
+        )
     return _snapshot(text, revision=revision, cache_dir=cache_dir, fetch=fetch)
 
 
 def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None, fetch: bool) -> Path:
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     offline = not fetch or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     last: Exception | None = None
@@ -98,13 +111,24 @@ def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLik
                     repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline
                 )
             )
-        except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
+        except (
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+            HfHubHTTPError,
+            OSError,
+            ValueError,
+        ) as exc:
             last = exc
             continue
         if any(folder.glob(patterns[1])):
             return folder
     where = "the local Hub cache" if offline else "the Hub"
-    hint = "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE" if offline else "Check the repository id, the revision and your token"
+    hint = (
+        "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE"
+        if offline
+        else "Check the repository id, the revision and your token"
+    )
     raise ModelNotFoundError(
         f"model {repo_id!r} (revision {revision or 'main'}) has no safetensors or .bin weights in {where}: {last}",
         file=repo_id,
@@ -120,7 +144,10 @@ def find_weights(root: Path) -> WeightFiles:
     Raises:
         CheckpointError: no weights, or an index file that cannot be parsed.
     """
-    for fmt, index_name, single in (("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE), ("pickle", PICKLE_INDEX, PICKLE_SINGLE)):
+    for fmt, index_name, single in (
+        ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
+        ("pickle", PICKLE_INDEX, PICKLE_SINGLE),
+    ):
         if (root / index_name).is_file():
             weight_map = read_weight_map(root, index_name)
             return WeightFiles(root, fmt, tuple(dict.fromkeys(weight_map.values())), index_name, weight_map)
@@ -149,11 +176,21 @@ def read_weight_map(root: Path, index_name: str) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot parse index file: {exc}", file=str(path), hint="Re-download or regenerate the index") from None
+        raise CheckpointError(
+            f"cannot parse index file: {exc}", file=str(path), hint="Re-download or regenerate the index"
+        ) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointError("index file has no 'weight_map' of key → file name", file=str(path), hint="Re-download or regenerate the index")
-    first_key = {name: key for key, name in reversed(weight_map.items())}  # each file checked once, named by its first key
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            "index file has no 'weight_map' of key → file name",
+            file=str(path),
+            hint="Re-download or regenerate the index",
+        )
+    first_key = {
+        name: key for key, name in reversed(weight_map.items())
+    }  # each file checked once, named by its first key
     for name, key in first_key.items():
         check_inside(root, name, file=str(path), key=key)
     return weight_map
@@ -181,7 +218,12 @@ def check_inside(root: Path, name: str, *, file: str, key: str | None = None) ->
         target = (root / name).resolve()
         outside = base != target and base not in target.parents
     if outside:
-        raise CheckpointError(f"weight file {name!r} lies outside the model directory", file=file, key=key, hint="Weight files must lie inside the model directory (no absolute paths, '..' or symlinks pointing out)")
+        raise CheckpointError(
+            f"weight file {name!r} lies outside the model directory",
+            file=file,
+            key=key,
+            hint="Weight files must lie inside the model directory (no absolute paths, '..' or symlinks pointing out)",
+        )
 
 
 def read_config(root: Path) -> dict:
@@ -194,9 +236,15 @@ def read_config(root: Path) -> dict:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError("config.json is missing", file=str(path), hint="A Hugging Face checkpoint needs its config.json beside the weights") from None
+        raise CheckpointError(
+            "config.json is missing",
+            file=str(path),
+            hint="A Hugging Face checkpoint needs its config.json beside the weights",
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"cannot parse config.json: {exc}", file=str(path), hint="Fix or re-download config.json") from None
+        raise CheckpointError(
+            f"cannot parse config.json: {exc}", file=str(path), hint="Fix or re-download config.json"
+        ) from None
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", file=str(path), hint="Fix or re-download config.json")
     return config

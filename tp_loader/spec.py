@@ -14,10 +14,11 @@ import importlib.resources
 import operator
 import os
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from .convert import ConverterSpec, parse_converters
 from .errors import CheckpointError, PlanError, TPLoaderError
@@ -134,20 +135,30 @@ def load_spec(path: str | os.PathLike[str], mode: str | None = None) -> PlanSpec
         if mode is not None:
             if mode not in modes:
                 known = ", ".join(sorted(modes)) or "none"
-                raise PlanError(f"plan {data.get('name', path.stem)!r} has no mode {mode!r}; its modes: {known}", file=str(path), hint="Pass one of the plan's modes, or no mode")
+                raise PlanError(
+                    f"plan {data.get('name', path.stem)!r} has no mode {mode!r}; its modes: {known}",
+                    file=str(path),
+                    hint="Pass one of the plan's modes, or no mode",
+                )
             data = merge_plan_data(data, modes[mode])
         return _build_spec(path, {**data, "mode": mode, "modes": sorted(modes)})
     except PlanError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise PlanError(f"malformed plan file: {type(exc).__name__}: {exc}", file=str(path), hint="See docs/plan-format.md for the format") from None
+        raise PlanError(
+            f"malformed plan file: {type(exc).__name__}: {exc}",
+            file=str(path),
+            hint="See docs/plan-format.md for the format",
+        ) from None
 
 
 def _read_toml_file(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except FileNotFoundError:
-        raise PlanError("plan file does not exist", file=str(path), hint="Pass a built-in plan name or a path to a .toml plan") from None
+        raise PlanError(
+            "plan file does not exist", file=str(path), hint="Pass a built-in plan name or a path to a .toml plan"
+        ) from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
 
@@ -160,7 +171,9 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         return data
     parent_path = builtin_plan_paths().get(parent_name) or path.parent / str(parent_name)
     if parent_path in seen or parent_path == path:
-        raise PlanError(f"plan extends itself through {parent_name!r}", file=str(path), hint="Break the cycle of 'extends'")
+        raise PlanError(
+            f"plan extends itself through {parent_name!r}", file=str(path), hint="Break the cycle of 'extends'"
+        )
     return merge_plan_data(_read_toml(parent_path, seen + (path,)), data)
 
 
@@ -169,12 +182,21 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
     the child's rules come first (so they win), its converters run after the parent's, and a child's
     tensor entry replaces the parent's with the same key; ``drop_tensors`` and ``drop_rules`` remove
     the parent's entries with those keys and patterns."""
-    merged = {**parent, **{k: v for k, v in child.items() if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")}}
+    merged = {
+        **parent,
+        **{
+            k: v
+            for k, v in child.items()
+            if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")
+        },
+    }
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
-    merged["rules"] = list(child.get("rules", [])) + [r for r in parent.get("rules", []) if r["pattern"] not in child.get("drop_rules", [])]
+    merged["rules"] = list(child.get("rules", [])) + [
+        r for r in parent.get("rules", []) if r["pattern"] not in child.get("drop_rules", [])
+    ]
     tensors = {t["key"]: t for t in parent.get("tensors", []) if t["key"] not in child.get("drop_tensors", [])}
     tensors.update({t["key"]: t for t in child.get("tensors", [])})
     merged["tensors"] = list(tensors.values())
@@ -183,19 +205,35 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
 
 def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
     heads = {
-        name: HeadGroup(name, str(group["num_heads"]), str(group["head_dim"]), bool(group.get("replicate_when_fewer", False)))
+        name: HeadGroup(
+            name, str(group["num_heads"]), str(group["head_dim"]), bool(group.get("replicate_when_fewer", False))
+        )
         for name, group in data.get("heads", {}).items()
     }
     rules = tuple(
-        Rule(str(r["pattern"]), str(r["style"]), r.get("heads"), tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])), bool(r.get("transposed", False)))
+        Rule(
+            str(r["pattern"]),
+            str(r["style"]),
+            r.get("heads"),
+            tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])),
+            bool(r.get("transposed", False)),
+        )
         for r in data.get("rules", [])
     )
     for rule in rules:
         if (rule.style == "packed") != bool(rule.parts):
-            raise PlanError(f"rule {rule.pattern!r}: style 'packed' needs parts, and only 'packed' takes them", file=str(path), hint="Give a packed rule parts = [{size = ..., heads = ...}, ...]")
+            raise PlanError(
+                f"rule {rule.pattern!r}: style 'packed' needs parts, and only 'packed' takes them",
+                file=str(path),
+                hint="Give a packed rule parts = [{size = ..., heads = ...}, ...]",
+            )
         for _, part_heads in rule.parts:
             if part_heads is not None and part_heads not in heads:
-                raise PlanError(f"rule {rule.pattern!r} has a part with head group {part_heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
+                raise PlanError(
+                    f"rule {rule.pattern!r} has a part with head group {part_heads!r}, which [heads] does not define",
+                    file=str(path),
+                    hint="Define it under [heads]",
+                )
         if rule.style not in STYLES:
             raise PlanError(
                 f"rule {rule.pattern!r} names unknown style {rule.style!r}; known styles: {', '.join(sorted(STYLES))}",
@@ -203,8 +241,14 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
                 hint="Use a known style or add one to tp_loader.styles",
             )
         if rule.heads is not None and rule.heads not in heads:
-            raise PlanError(f"rule {rule.pattern!r} names head group {rule.heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
-    tensors = tuple(ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when")) for t in data.get("tensors", []))
+            raise PlanError(
+                f"rule {rule.pattern!r} names head group {rule.heads!r}, which [heads] does not define",
+                file=str(path),
+                hint="Define it under [heads]",
+            )
+    tensors = tuple(
+        ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when")) for t in data.get("tensors", [])
+    )
     ties = tuple(TieSpec(str(t["source"]), str(t["target"]), str(t.get("when", "True"))) for t in data.get("ties", []))
     spec = PlanSpec(
         name=str(data.get("name", path.stem)),
@@ -225,11 +269,19 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
     )
     for conv in spec.converters:
         if conv.heads is not None and conv.heads not in heads:
-            raise PlanError(f"converter {conv.describe} names head group {conv.heads!r}, which [heads] does not define", file=str(path), hint="Define it under [heads]")
+            raise PlanError(
+                f"converter {conv.describe} names head group {conv.heads!r}, which [heads] does not define",
+                file=str(path),
+                hint="Define it under [heads]",
+            )
     for tensor in spec.tensors:
         probe = tensor.key.replace("{layer}", "0").replace("{expert}", "0")
         if spec.match(probe) is None:
-            raise PlanError(f"expected tensor {tensor.key!r} is matched by no rule", file=str(path), hint="Add a rule that covers it")
+            raise PlanError(
+                f"expected tensor {tensor.key!r} is matched by no rule",
+                file=str(path),
+                hint="Add a rule that covers it",
+            )
     for tie in spec.ties:
         source, target = spec.match(tie.source), spec.match(tie.target)
         if source is None or target is None or (source.style, source.heads) != (target.style, target.heads):
@@ -256,7 +308,11 @@ def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str, mode:
             return load_spec(builtin[text], mode)
         if text.endswith(".toml") or os.sep in text:
             return load_spec(text, mode)
-        raise PlanError(f"unknown plan {text!r}; built-in plans: {', '.join(sorted(builtin))}", file=model, hint="Pass a built-in plan name or a path to a .toml plan")
+        raise PlanError(
+            f"unknown plan {text!r}; built-in plans: {', '.join(sorted(builtin))}",
+            file=model,
+            hint="Pass a built-in plan name or a path to a .toml plan",
+        )
     heads = {name: _plan_header(path) for name, path in sorted(builtin.items())}
     model_type = config.get("model_type")
     architectures = config.get("architectures") or []
@@ -280,7 +336,9 @@ def _plan_header(path: Path) -> tuple[list[str], list[str]]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(f"cannot read plan file: {exc}", file=str(path), hint="Reinstall tp_loader or fix the file") from None
+        raise PlanError(
+            f"cannot read plan file: {exc}", file=str(path), hint="Reinstall tp_loader or fix the file"
+        ) from None
     found = re.search(r"^\s*\[", text, flags=re.MULTILINE)
     try:
         data = tomllib.loads(text[: found.start()] if found else text)
@@ -289,7 +347,13 @@ def _plan_header(path: Path) -> tuple[list[str], list[str]]:
     return list(data.get("model_types", [])), list(data.get("architectures", []))
 
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+}
 _COMPARE = {
     ast.Eq: operator.eq,
     ast.NotEq: operator.ne,
@@ -313,7 +377,9 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
     try:
         tree = _parse(expression)
     except SyntaxError:
-        raise PlanError(f"bad expression {expression!r} in {where}", hint="Use config names, integers and + - * // %") from None
+        raise PlanError(
+            f"bad expression {expression!r} in {where}", hint="Use config names, integers and + - * // %"
+        ) from None
     try:
         return _eval(tree.body, values, expression, where)
     except TPLoaderError:
@@ -321,7 +387,9 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
         used = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values})
         shown = ", ".join(f"{name}={values[name]!r}" for name in used)
-        raise CheckpointError(f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json") from None
+        raise CheckpointError(
+            f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -329,7 +397,9 @@ def _parse(expression: str) -> ast.Expression:
     return ast.parse(expression, mode="eval")
 
 
-def evaluate_size(expression: str, values: dict[str, Any], *, where: str, minimum: int = 0, maximum: int = 2**48) -> int:
+def evaluate_size(
+    expression: str, values: dict[str, Any], *, where: str, minimum: int = 0, maximum: int = 2**48
+) -> int:
     """Evaluates an expression that must be a whole number in ``[minimum, maximum]`` (a size or a count).
 
     Raises:
@@ -337,12 +407,20 @@ def evaluate_size(expression: str, values: dict[str, Any], *, where: str, minimu
     """
     value = evaluate(expression, values, where=where)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise CheckpointError(f"config gives {where} = {value!r} ({expression}), not a whole number in [{minimum}, {maximum}]", hint="Fix config.json")
+        raise CheckpointError(
+            f"config gives {where} = {value!r} ({expression}), not a whole number in [{minimum}, {maximum}]",
+            hint="Fix config.json",
+        )
     return value
 
 
 def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) -> Any:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float, bool, str)) or isinstance(node, ast.Constant) and node.value is None:
+    if (
+        isinstance(node, ast.Constant)
+        and isinstance(node.value, (int, float, bool, str))
+        or isinstance(node, ast.Constant)
+        and node.value is None
+    ):
         return node.value
     if isinstance(node, (ast.List, ast.Tuple)):
         return [_eval(e, values, expression, where) for e in node.elts]
@@ -350,10 +428,16 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
         if node.id in ("True", "False", "None"):
             return {"True": True, "False": False, "None": None}[node.id]
         if node.id not in values:
-            raise CheckpointError(f"config.json has no {node.id!r}, which the plan needs for {where}", key=node.id, hint=f"Add {node.id} to config.json")
+            raise CheckpointError(
+                f"config.json has no {node.id!r}, which the plan needs for {where}",
+                key=node.id,
+                hint=f"Add {node.id} to config.json",
+            )
         return values[node.id]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](_eval(node.left, values, expression, where), _eval(node.right, values, expression, where))
+        return _BINARY[type(node.op)](
+            _eval(node.left, values, expression, where), _eval(node.right, values, expression, where)
+        )
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return not _eval(node.operand, values, expression, where)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -362,8 +446,13 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
         results = (_eval(v, values, expression, where) for v in node.values)
         return all(results) if isinstance(node.op, ast.And) else any(results)
     if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _COMPARE:
-        return _COMPARE[type(node.ops[0])](_eval(node.left, values, expression, where), _eval(node.comparators[0], values, expression, where))
-    raise PlanError(f"expression {expression!r} in {where} uses an unsupported construct", hint="Use config names, integers, + - * // %, comparisons, not/and/or")
+        return _COMPARE[type(node.ops[0])](
+            _eval(node.left, values, expression, where), _eval(node.comparators[0], values, expression, where)
+        )
+    raise PlanError(
+        f"expression {expression!r} in {where} uses an unsupported construct",
+        hint="Use config names, integers, + - * // %, comparisons, not/and/or",
+    )
 
 
 def config_values(spec: PlanSpec, config: dict) -> dict[str, Any]:

@@ -35,7 +35,9 @@ class StagingRing:
     """
 
     def __init__(self, num_buffers: int, buffer_bytes: int, copy: CopyFn, *, pin: bool = False) -> None:
-        self._buffers = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(max(1, num_buffers))]
+        self._buffers = [
+            torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(max(1, num_buffers))
+        ]
         self._pending: list[Event | None] = [None] * len(self._buffers)
         self._free = list(range(len(self._buffers)))
         self._cond = threading.Condition()

@@ -70,7 +70,14 @@ def chunk_range(size: int, world_size: int, rank: int) -> tuple[int, int]:
     return start, min(start + step, size)
 
 
-def replicate(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def replicate(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     return Slice(None, global_shape=shape)
 
 
@@ -85,23 +92,48 @@ def _shard(dim: int, shape: tuple[int, ...], heads: Heads | None, world_size: in
         return Slice(dim, (chunk_range(shape[dim], world_size, rank),), shape)
     n, hd = heads.num_heads, heads.head_dim
     if shape[dim] != n * hd:
-        raise ShardingError(f"dim {dim} has size {shape[dim]}, not {n} {heads.name} heads x {hd}", hint="The plan applies a head group to a tensor that is not made of those heads: fix its rule")
+        raise ShardingError(
+            f"dim {dim} has size {shape[dim]}, not {n} {heads.name} heads x {hd}",
+            hint="The plan applies a head group to a tensor that is not made of those heads: fix its rule",
+        )
     if n % world_size == 0:
         per_rank = n // world_size * hd
         return Slice(dim, ((rank * per_rank, (rank + 1) * per_rank),), shape)
     if heads.replicate_when_fewer and n < world_size and world_size % n == 0:
         head = rank * n // world_size
         global_shape = shape[:dim] + (world_size * hd,) + shape[dim + 1 :]
-        return Slice(dim, ((head * hd, (head + 1) * hd),), global_shape, f"{n} {heads.name} heads replicated {world_size // n}x over {world_size} ranks")
-    raise ShardingError(f"{n} {heads.name} heads cannot be split over {world_size} ranks", hint="Use a world size that divides the head count")
+        return Slice(
+            dim,
+            ((head * hd, (head + 1) * hd),),
+            global_shape,
+            f"{n} {heads.name} heads replicated {world_size // n}x over {world_size} ranks",
+        )
+    raise ShardingError(
+        f"{n} {heads.name} heads cannot be split over {world_size} ranks",
+        hint="Use a world size that divides the head count",
+    )
 
 
-def colwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def colwise(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     """Output features sharded (dim 0; dim 1 of a transposed weight), for a weight and its bias alike."""
     return _shard(_out_dim(shape, transposed), shape, heads, world_size, rank)
 
 
-def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def rowwise(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     """Input features sharded (dim 1; dim 0 of a transposed weight); a 1-D bias is replicated (it is
     added once, after the reduction)."""
     if len(shape) < 2:
@@ -109,39 +141,75 @@ def rowwise(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: 
     return _shard(0 if transposed else 1, shape, heads, world_size, rank)
 
 
-def vocab(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def vocab(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     """Embedding or LM head rows (the vocabulary, dim 0) sharded; uneven vocabularies allowed."""
     return _shard(0, shape, None, world_size, rank)
 
 
-def experts(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def experts(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     """Expert parallelism: stacked experts ``[experts, ...]`` divided whole among the ranks (dim 0,
     ``torch.chunk`` over the experts, so uneven counts work); a rank reads only its experts."""
     return _shard(0, shape, None, world_size, rank)
 
 
-def packed(shape: tuple[int, ...], heads: Heads | None, world_size: int, rank: int, parts: tuple[Part, ...] = (), transposed: bool = False) -> Slice:
+def packed(
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    world_size: int,
+    rank: int,
+    parts: tuple[Part, ...] = (),
+    transposed: bool = False,
+) -> Slice:
     """A fused projection (``qkv_proj``, ``gate_up_proj``, GPT-2's ``c_attn``): parts stacked on the
     output dim, each sharded on its own (on head boundaries, KV heads replicated when fewer than
     ranks); this rank's shard is its piece of every part, concatenated. The DTensor is ``Shard`` of
     that rank-major regrouping."""
     dim = _out_dim(shape, transposed)
     if sum(p.size for p in parts) != shape[dim]:
-        raise ShardingError(f"dim {dim} has size {shape[dim]} but the plan's parts add up to {sum(p.size for p in parts)}", hint="Fix the parts' sizes in the plan")
+        raise ShardingError(
+            f"dim {dim} has size {shape[dim]} but the plan's parts add up to {sum(p.size for p in parts)}",
+            hint="Fix the parts' sizes in the plan",
+        )
     ranges, notes, offset = [], [], 0
     for part in parts:
         if part.heads is None and part.size % world_size:
-            raise ShardingError(f"a fused part of {part.size} rows cannot be split evenly over {world_size} ranks", hint="Use a world size that divides every part")
+            raise ShardingError(
+                f"a fused part of {part.size} rows cannot be split evenly over {world_size} ranks",
+                hint="Use a world size that divides every part",
+            )
         piece = _shard(0, (part.size,), part.heads, world_size, rank)
         ranges.append((offset + piece.start, offset + piece.stop))
         notes += [piece.note] if piece.note else []
         offset += part.size
     local_rows = sum(b - a for a, b in ranges)
-    note = "; ".join([f"fused parts {[p.size for p in parts]} regrouped rank by rank", *notes]) if world_size > 1 else None
+    note = (
+        "; ".join([f"fused parts {[p.size for p in parts]} regrouped rank by rank", *notes]) if world_size > 1 else None
+    )
     return Slice(dim, tuple(ranges), shape[:dim] + (world_size * local_rows,) + shape[dim + 1 :], note)
 
 
-def block_slice(piece: Slice, weight_shape: tuple[int, ...], scale_shape: tuple[int, ...], block: tuple[int, int], *, covering: bool = False) -> Slice:
+def block_slice(
+    piece: Slice,
+    weight_shape: tuple[int, ...],
+    scale_shape: tuple[int, ...],
+    block: tuple[int, int],
+    *,
+    covering: bool = False,
+) -> Slice:
     """The slice of a block-fp8 weight's scale tensor (one entry per ``block`` of the weight) that
     goes with the weight's ``piece``.
 

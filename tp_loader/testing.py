@@ -32,11 +32,19 @@ class RankError:
     wire: dict | None
 
 
-def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, conn: Any, env: dict[str, str]) -> None:
+def _worker(
+    rank: int, world_size: int, init_file: str, fn: Callable, args: tuple, conn: Any, env: dict[str, str]
+) -> None:
     os.environ.update(env)
     code = 0
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=60),
+        )
         out: tuple = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
         to_wire = getattr(exc, "to_wire", None)
@@ -52,7 +60,14 @@ def _worker(rank: int, world_size: int, init_file: str, fn: Callable, args: tupl
         os._exit(code)
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 120.0, env: dict[str, str] | None = None, allow_lost: bool = False) -> list[tuple[str, Any]]:
+def run_ranks(
+    world_size: int,
+    fn: Callable,
+    *args: Any,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    allow_lost: bool = False,
+) -> list[tuple[str, Any]]:
     """Runs ``fn`` on ``world_size`` forked gloo ranks; returns each rank's outcome in rank order.
 
     With ``allow_lost``, a rank that exits or hangs without reporting yields ``("lost", None)``.
