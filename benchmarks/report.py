@@ -17,7 +17,8 @@ def _cases(rows: list[dict]) -> list[str]:
 
 def table(rows: list[dict]) -> list[str]:
     lines = [
-        "| case | system | median s | GB/s per rank | × raw read | peak anon MB (max rank) | shard MB (max rank) | bytes read per rank (MB) |",
+        "| case | system | median s | GB/s per rank | × raw read "
+        "| peak anon MB (max rank) | shard MB (max rank) | bytes read per rank (MB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for case in _cases(rows):
@@ -32,7 +33,8 @@ def table(rows: list[dict]) -> list[str]:
                 else "not reported"
             )
             lines.append(
-                f"| {case} | {system} | {row['median_s']:.3f} | {shard / 1e9 / row['median_s']:.2f} | {ratio} | {row['peak_anon_bytes'] / MB:.0f} | {shard / MB:.0f} | {read} |"
+                f"| {case} | {system} | {row['median_s']:.3f} | {shard / 1e9 / row['median_s']:.2f} | {ratio} "
+                f"| {row['peak_anon_bytes'] / MB:.0f} | {shard / MB:.0f} | {read} |"
             )
     return lines
 
@@ -50,7 +52,8 @@ def targets(result: dict) -> list[str]:
             ratio = by["tp_loader"]["median_s"] / by["raw read"]["median_s"]
             check(
                 ratio <= 1.25,
-                f"{case}: tp_loader {by['tp_loader']['median_s']:.3f} s = {ratio:.2f}× the raw-read limit (target ≤ 1.25×)",
+                f"{case}: tp_loader {by['tp_loader']['median_s']:.3f} s = {ratio:.2f}× the raw-read limit "
+                "(target ≤ 1.25×)",
             )
         if "tp_loader" in by:
             row = by["tp_loader"]
@@ -61,13 +64,15 @@ def targets(result: dict) -> list[str]:
             )
             check(
                 worst <= 0,
-                f"{case}: tp_loader peak anonymous memory {row['peak_anon_bytes'] / MB:.0f} MB vs shard {max(row['shard_bytes']) / MB:.0f} MB × 1.1 + 150 MB",
+                f"{case}: tp_loader peak anonymous memory {row['peak_anon_bytes'] / MB:.0f} MB "
+                f"vs shard {max(row['shard_bytes']) / MB:.0f} MB × 1.1 + 150 MB",
             )
         if "tp_loader" in by and "raw read" in by and by["raw read"]["bytes_read"][0] is not None:
             off = max(abs(a - b) / b for a, b in zip(by["tp_loader"]["bytes_read"], by["raw read"]["bytes_read"]))
             check(
                 off <= 0.01,
-                f"{case}: tp_loader bytes read per rank within {off:.2%} of the raw read's preadv count (shard + replicated; target ≤ 1%)",
+                f"{case}: tp_loader bytes read per rank within {off:.2%} of the raw read's preadv count "
+                "(shard + replicated; target ≤ 1%)",
             )
     tp2 = _rows(result["tp"], "TP2")
     for ours in ("tp_loader", "tp_loader zero-copy"):
@@ -85,7 +90,9 @@ def targets(result: dict) -> list[str]:
         (r2, slope), (raw_r2, raw_slope) = fits["tp_loader"], fits["raw read"]
         check(
             r2 >= 0.98,
-            f"sweep at TP{result['sweep_tp']}: tp_loader load time is linear in checkpoint size (R² = {r2:.3f}, {slope:.3f} s per GB; the raw read on the same machine: R² = {raw_r2:.3f}, {raw_slope:.3f} s per GB)",
+            f"sweep at TP{result['sweep_tp']}: tp_loader load time is linear in checkpoint size "
+            f"(R² = {r2:.3f}, {slope:.3f} s per GB; "
+            f"the raw read on the same machine: R² = {raw_r2:.3f}, {raw_slope:.3f} s per GB)",
         )
     return out
 
@@ -108,7 +115,8 @@ def _linear_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}, torch {m['torch']}; "
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Linux {m['kernel']}, "
+        f"Python {m['python']}, torch {m['torch']}; "
         f"gloo on CPU, warm page cache; {result['reps']} repetitions, medians; run {result['started']}.",
         "",
         "Load time vs tensor-parallel degree (0.98 GB bf16 Llama-shaped checkpoint, 4 files):",

@@ -42,7 +42,11 @@ def write(root: Path, tensors: dict[str, torch.Tensor], num_files: int = 1) -> P
 def plan_file(root: Path, converters: str, targets: dict[str, tuple[int, ...]], style: str) -> Path:
     """A plan that applies ``converters`` and shards every target with ``style``."""
     tensors = "\n".join(f'[[tensors]]\nkey = "{key}"\nshape = {list(shape)}\n' for key, shape in targets.items())
-    text = f'name = "toy"\nlayers = "num_hidden_layers"\nexperts = "num_experts"\n[heads.q]\nnum_heads = "6"\nhead_dim = "{HEAD_DIM}"\n\n{converters}\n[[rules]]\npattern = "**"\nstyle = "{style}"\n\n{tensors}'
+    text = (
+        'name = "toy"\nlayers = "num_hidden_layers"\nexperts = "num_experts"\n'
+        f'[heads.q]\nnum_heads = "6"\nhead_dim = "{HEAD_DIM}"\n\n{converters}\n'
+        f'[[rules]]\npattern = "**"\nstyle = "{style}"\n\n{tensors}'
+    )
     path = root / "plan.toml"
     path.write_text(text)
     return path
@@ -97,7 +101,11 @@ def test_chunk_target_shards_equal_chunking_the_whole_tensor_then_sharding(
     converted = {
         f"l.{i}.{n}": t for i in range(2) for n, t in zip("qkv", torch.split(fused[f"l.{i}.qkv"], list(sizes)))
     }
-    conv = f'[[converters]]\nop = "chunk"\nsource = "l.{{layer}}.qkv"\ntargets = ["l.{{layer}}.q", "l.{{layer}}.k", "l.{{layer}}.v"]\nsizes = {[str(s) for s in sizes]}\n'
+    conv = (
+        '[[converters]]\nop = "chunk"\nsource = "l.{layer}.qkv"\n'
+        'targets = ["l.{layer}.q", "l.{layer}.k", "l.{layer}.v"]\n'
+        f"sizes = {[str(s) for s in sizes]}\n"
+    )
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style)
 
@@ -110,7 +118,10 @@ def test_concatenate_target_shards_equal_concatenating_the_whole_tensors_then_sh
     split = {f"l.{i}.{n}": rows(s, 6, seed=10 * i + j) for i in range(2) for j, (n, s) in enumerate(zip("qkv", sizes))}
     root = write(tmp_path / "ckpt", split, num_files=2)
     converted = {f"l.{i}.qkv": torch.cat([split[f"l.{i}.{n}"] for n in "qkv"]) for i in range(2)}
-    conv = '[[converters]]\nop = "concatenate"\nsources = ["l.{layer}.q", "l.{layer}.k", "l.{layer}.v"]\ntarget = "l.{layer}.qkv"\n'
+    conv = (
+        '[[converters]]\nop = "concatenate"\n'
+        'sources = ["l.{layer}.q", "l.{layer}.k", "l.{layer}.v"]\ntarget = "l.{layer}.qkv"\n'
+    )
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style)
 
@@ -124,7 +135,10 @@ def test_merged_experts_shard_equal_stacking_every_expert_then_sharding(
     experts = {f"l.{i}.experts.{e}.w": rows(*shape, seed=10 * i + e) for i in range(2) for e in range(3)}
     root = write(tmp_path / "ckpt", experts, num_files=3)
     converted = {f"l.{i}.experts.w": torch.stack([experts[f"l.{i}.experts.{e}.w"] for e in range(3)]) for i in range(2)}
-    conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    conv = (
+        '[[converters]]\nop = "merge_modulelist"\n'
+        'source = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    )
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style)
 
@@ -132,7 +146,10 @@ def test_merged_experts_shard_equal_stacking_every_expert_then_sharding(
 def test_expert_parallel_rank_reads_only_its_own_experts_bytes(tmp_path: Path) -> None:
     experts = {f"l.{i}.experts.{e}.w": rows(4, 6, seed=10 * i + e) for i in range(2) for e in range(3)}
     root = write(tmp_path / "ckpt", experts)
-    conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    conv = (
+        '[[converters]]\nop = "merge_modulelist"\n'
+        'source = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    )
     plan = plan_file(tmp_path, conv, {f"l.{i}.experts.w": (3, 4, 6) for i in range(2)}, "colwise")
     checkpoint = index_checkpoint(find_weights(root))
     stored = checkpoint.tensors
@@ -163,7 +180,10 @@ def test_split_experts_shard_equal_unstacking_then_sharding(tmp_path: Path, styl
     stacked = {f"l.{i}.experts.w": rows(3, *shape, seed=i) for i in range(2)}
     root = write(tmp_path / "ckpt", stacked)
     converted = {f"l.{i}.experts.{e}.w": stacked[f"l.{i}.experts.w"][e] for i in range(2) for e in range(3)}
-    conv = '[[converters]]\nop = "split_modulelist"\nsource = "l.{layer}.experts.w"\ntarget = "l.{layer}.experts.{expert}.w"\n'
+    conv = (
+        '[[converters]]\nop = "split_modulelist"\n'
+        'source = "l.{layer}.experts.w"\ntarget = "l.{layer}.experts.{expert}.w"\n'
+    )
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style)
 
@@ -182,17 +202,22 @@ def test_permute_for_rope_matches_transformers_llama_conversion() -> None:
 def test_rope_permuted_shards_equal_permuting_the_whole_tensor_then_sharding(
     tmp_path: Path, style: str, direction: str, reader: str
 ) -> None:
-    """24 rows of 6 heads at world sizes 1-4 (world 4 cuts heads when colwise), weight and bias, through every reader."""
+    """24 rows of 6 heads at world sizes 1-4 (world 4 cuts heads when colwise), weight and bias,
+    through every reader."""
     stored = {"q.weight": rows(6 * HEAD_DIM, 5), "q.bias": rows(6 * HEAD_DIM, seed=1)}
     root = write(tmp_path / "ckpt", stored)
     converted = {k: permute_for_rope(v, HEAD_DIM, to_half=direction == "to_half") for k, v in stored.items()}
-    conv = f'[[converters]]\nop = "permute_for_rope"\nsource = "q.weight"\nheads = "q"\ndirection = "{direction}"\n[[converters]]\nop = "permute_for_rope"\nsource = "q.bias"\nheads = "q"\ndirection = "{direction}"\n'
+    conv = (
+        f'[[converters]]\nop = "permute_for_rope"\nsource = "q.weight"\nheads = "q"\ndirection = "{direction}"\n'
+        f'[[converters]]\nop = "permute_for_rope"\nsource = "q.bias"\nheads = "q"\ndirection = "{direction}"\n'
+    )
     plan = plan_file(tmp_path, conv, {k: tuple(v.shape) for k, v in converted.items()}, style)
     assert_tp_equals_convert_then_shard(root, plan, converted, style, reader=reader)
 
 
 def test_rope_shard_that_cuts_a_head_reads_the_whole_heads_and_says_so(tmp_path: Path) -> None:
-    """24 rows over 5 ranks is 5 rows each, cutting 4-row heads: still exact, with a note and the extra bytes counted."""
+    """24 rows over 5 ranks is 5 rows each, cutting 4-row heads: still exact,
+    with a note and the extra bytes counted."""
     stored = {"q.weight": rows(6 * HEAD_DIM, 5)}
     root = write(tmp_path / "ckpt", stored)
     converted = {"q.weight": permute_for_rope(stored["q.weight"], HEAD_DIM, to_half=True)}
@@ -215,7 +240,8 @@ def test_chunk_then_rope_then_rename_chain_reports_its_op_chain(tmp_path: Path, 
     q, k, v = torch.split(fused["attn.qkv"], [24, 8, 8])
     converted = {"model.q": permute_for_rope(q, HEAD_DIM, to_half=True), "model.k": k, "model.v": v}
     conv = (
-        '[[converters]]\nop = "chunk"\nsource = "attn.qkv"\ntargets = ["attn.q", "attn.k", "attn.v"]\nsizes = ["24", "8", "8"]\n'
+        '[[converters]]\nop = "chunk"\nsource = "attn.qkv"\n'
+        'targets = ["attn.q", "attn.k", "attn.v"]\nsizes = ["24", "8", "8"]\n'
         '[[converters]]\nop = "permute_for_rope"\nsource = "attn.q"\nheads = "q"\n'
         '[[converters]]\nop = "rename"\npattern = "^attn\\\\."\nreplacement = "model."\n'
     )
@@ -241,7 +267,10 @@ def test_chunk_then_rope_then_rename_chain_reports_its_op_chain(tmp_path: Path, 
 def test_merge_with_an_expert_missing_names_the_missing_key(tmp_path: Path) -> None:
     experts = {f"l.{i}.experts.{e}.w": rows(4, 6) for i in range(2) for e in range(3) if (i, e) != (1, 2)}
     root = write(tmp_path / "ckpt", experts)
-    conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    conv = (
+        '[[converters]]\nop = "merge_modulelist"\n'
+        'source = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    )
     plan = plan_file(tmp_path, conv, {f"l.{i}.experts.w": (3, 4, 6) for i in range(2)}, "colwise")
     with pytest.raises(
         CheckpointError, match="merge_modulelist converter needs it beside l.1.experts.0.w, but the checkpoint lacks it"
@@ -253,7 +282,10 @@ def test_merge_with_an_expert_missing_names_the_missing_key(tmp_path: Path) -> N
 def test_merge_of_experts_with_different_shapes_is_refused(tmp_path: Path) -> None:
     experts = {f"l.0.experts.{e}.w": rows(4 + (e == 1), 6) for e in range(3)}
     root = write(tmp_path / "ckpt", experts)
-    conv = '[[converters]]\nop = "merge_modulelist"\nsource = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    conv = (
+        '[[converters]]\nop = "merge_modulelist"\n'
+        'source = "l.{layer}.experts.{expert}.w"\ntarget = "l.{layer}.experts.w"\n'
+    )
     plan = plan_file(tmp_path, conv, {"l.{layer}.experts.w": (3, 4, 6)}, "colwise")
     with pytest.raises(
         CheckpointError,

@@ -30,7 +30,8 @@ def test_indivisible_heads_fail_on_every_rank_naming_the_world_sizes_that_work(m
     kind, wire = _same_error_everywhere(run_ranks(3, _load, root, timeout=TIMEOUT_S))
     assert kind == "ShardingError"
     assert str(tp_loader.errors.from_wire(wire)) == (
-        f"model {root} (4 kv heads, 12 q heads) cannot be sharded over 3 ranks [rank=0]. World sizes that work: 1, 2, 4, 12"
+        f"model {root} (4 kv heads, 12 q heads) cannot be sharded over 3 ranks [rank=0]. "
+        "World sizes that work: 1, 2, 4, 12"
     )
 
 
@@ -66,9 +67,9 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
     kind, wire = _same_error_everywhere(run_ranks(2, _load, root, str(plan), timeout=TIMEOUT_S))
     assert kind == "PlanError"
     assert wire["file"] == str(plan)
-    assert (
-        wire["message"]
-        == "rule 'model.norm.weight' names unknown style 'diagonal'; known styles: colwise, experts, packed, replicate, rowwise, vocab"
+    assert wire["message"] == (
+        "rule 'model.norm.weight' names unknown style 'diagonal'; "
+        "known styles: colwise, experts, packed, replicate, rowwise, vocab"
     )
 
 

@@ -153,7 +153,11 @@ model_types = ["phi3"]
 [[converters]]
 op = "chunk"
 source = "model.layers.{layer}.self_attn.qkv_proj.weight"
-targets = ["model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight", "model.layers.{layer}.self_attn.v_proj.weight"]
+targets = [
+    "model.layers.{layer}.self_attn.q_proj.weight",
+    "model.layers.{layer}.self_attn.k_proj.weight",
+    "model.layers.{layer}.self_attn.v_proj.weight",
+]
 sizes = ["num_attention_heads * head_dim", "num_key_value_heads * head_dim", "num_key_value_heads * head_dim"]
 
 [[converters]]
@@ -263,7 +267,11 @@ model_types = ["llama"]
 
 [[converters]]
 op = "concatenate"
-sources = ["model.layers.{layer}.self_attn.q_proj.weight", "model.layers.{layer}.self_attn.k_proj.weight", "model.layers.{layer}.self_attn.v_proj.weight"]
+sources = [
+    "model.layers.{layer}.self_attn.q_proj.weight",
+    "model.layers.{layer}.self_attn.k_proj.weight",
+    "model.layers.{layer}.self_attn.v_proj.weight",
+]
 target = "model.layers.{layer}.self_attn.qkv_proj.weight"
 
 [[converters]]

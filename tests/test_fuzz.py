@@ -64,7 +64,7 @@ def _check_outcome(root: Path, **kwargs: object) -> str:
         return "refused"
     truth = _truth(root)
     assert truth is not None, "tp_loader loaded files that safetensors itself refuses"
-    # a tied pair is one tensor: the source when it is stored (a stored target that differs is reported), else the target
+    # a tied pair is one tensor: the source when stored (a stored target that differs is reported), else the target
     stored_side = {t.target: t.source if t.stored in ("source", "both") else t.target for t in result.report.ties}
     stored_side.update({t.source: t.source if t.stored in ("source", "both") else t.target for t in result.report.ties})
     for key, tensor in result.state_dict.items():

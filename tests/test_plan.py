@@ -97,7 +97,8 @@ def test_every_builtin_plan_loads_and_auto_selects_by_model_type_then_architectu
 def test_extending_plan_overrides_tensor_entries_and_puts_its_rules_first(tmp_path: Path) -> None:
     plan = tmp_path / "mine.toml"
     plan.write_text(
-        'extends = "llama"\nname = "mine"\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n[[tensors]]\nkey = "model.norm.weight"\nshape = ["hidden_size * 2"]\n'
+        'extends = "llama"\nname = "mine"\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n'
+        '[[tensors]]\nkey = "model.norm.weight"\nshape = ["hidden_size * 2"]\n'
     )
     spec = load_spec(plan)
     assert spec.name == "mine"
@@ -184,7 +185,8 @@ def test_head_rule_on_a_tensor_not_made_of_those_heads_is_an_error_not_a_wrong_s
 def test_expected_tensor_that_no_rule_covers_in_a_later_layer_is_a_plan_error(tmp_path: Path) -> None:
     plan = tmp_path / "layer0.toml"
     plan.write_text(
-        '[[rules]]\npattern = "model.layers.0.w"\nstyle = "colwise"\n[[tensors]]\nkey = "model.layers.{layer}.w"\nshape = ["4"]\n'
+        '[[rules]]\npattern = "model.layers.0.w"\nstyle = "colwise"\n'
+        '[[tensors]]\nkey = "model.layers.{layer}.w"\nshape = ["4"]\n'
     )
     infos = {f"model.layers.{i}.w": TensorInfo(f"model.layers.{i}.w", "f", torch.float32, (4,)) for i in range(2)}
     with pytest.raises(PlanError, match="the plan expects this tensor but no rule gives it a style") as info:

@@ -75,7 +75,8 @@ def coalesce(ranges: Iterable[ByteRange], max_length: int | None = None) -> list
         if last is not None and last.file == current.file:
             if current.offset < last.end:
                 raise ValueError(
-                    f"byte ranges overlap or are out of order in {current.file}: [{last.offset}, {last.end}) then [{current.offset}, {current.end})"
+                    f"byte ranges overlap or are out of order in {current.file}: "
+                    f"[{last.offset}, {last.end}) then [{current.offset}, {current.end})"
                 )
             if current.offset == last.end and (max_length is None or last.length + current.length <= max_length):
                 merged[-1] = ByteRange(last.file, last.offset, last.length + current.length)

@@ -108,7 +108,10 @@ def _check(spec: ConverterSpec) -> str | None:
             return f"bad regex: {exc}"
         return None
     if spec.op == "chunk" and (len(spec.sources) != 1 or len(spec.targets) != len(spec.sizes)):
-        return f"has {len(spec.targets)} targets but {len(spec.sizes)} sizes (chunk takes one source and one size per target)"
+        return (
+            f"has {len(spec.targets)} targets but {len(spec.sizes)} sizes "
+            "(chunk takes one source and one size per target)"
+        )
     if spec.op != "chunk" and spec.sizes:
         return "only chunk takes sizes"
     if spec.op in ("concatenate", "merge_modulelist", "permute_for_rope") and len(spec.targets) != 1:
@@ -224,7 +227,7 @@ def apply_converters(
             sources = [key for template in conv.sources for key, _ in expand(template, num_layers, num_experts, at)]
             present = [key for key in sources if key in state.tensors]
             if not present:
-                continue  # nothing of this converter here (a dense layer of a MoE model, say): the plan reports what is missing
+                continue  # none of this converter here (a MoE model's dense layer, say): the plan reports the gap
             if len(present) < len(sources):
                 absent = next(key for key in sources if key not in state.tensors)
                 raise CheckpointError(
@@ -261,7 +264,8 @@ def _chunk(
     rows = [sizes[s] for s in conv.sizes]
     if not source.shape or sum(rows) != source.shape[0]:
         raise CheckpointError(
-            f"chunk converter: the stored tensor has shape {list(source.shape)}, but its targets' sizes add up to {sum(rows)} rows",
+            f"chunk converter: the stored tensor has shape {list(source.shape)}, "
+            f"but its targets' sizes add up to {sum(rows)} rows",
             file=source.file,
             key=source.key,
             hint="The plan's sizes and the config disagree with this checkpoint",
@@ -292,7 +296,8 @@ def _concatenate(
         inner = other.shape[1:] if lead == 0 else other.shape
         if other.dtype != first.dtype or not other.shape or inner != (first.shape[1:] if lead == 0 else first.shape):
             raise CheckpointError(
-                f"{conv.op} converter: {other.key} is {other.dtype} {list(other.shape)} but {first.key} is {first.dtype} {list(first.shape)}; they cannot be joined along dim 0",
+                f"{conv.op} converter: {other.key} is {other.dtype} {list(other.shape)} "
+                f"but {first.key} is {first.dtype} {list(first.shape)}; they cannot be joined along dim 0",
                 file=other.file,
                 key=other.key,
                 hint="The checkpoint does not have the layout this plan's converter expects",
@@ -334,7 +339,8 @@ def _split(
     _no_segments(source, conv)
     if len(source.shape) < 2 or source.shape[0] != num_experts:
         raise CheckpointError(
-            f"split_modulelist converter: the stored tensor has shape {list(source.shape)}, not [{num_experts} experts, ...]",
+            f"split_modulelist converter: the stored tensor has shape {list(source.shape)}, "
+            f"not [{num_experts} experts, ...]",
             file=source.file,
             key=source.key,
             hint="The config's expert count and the checkpoint disagree",
@@ -366,7 +372,8 @@ def _permute(
     head_dim = head_dims[str(conv.heads)]
     if not source.shape or source.shape[0] % head_dim or head_dim % 2:
         raise CheckpointError(
-            f"permute_for_rope converter: {source.shape[0] if source.shape else 0} rows are not whole {conv.heads} heads of an even size {head_dim}",
+            f"permute_for_rope converter: {source.shape[0] if source.shape else 0} rows "
+            f"are not whole {conv.heads} heads of an even size {head_dim}",
             file=source.file,
             key=source.key,
             hint="The plan applies the rotary permutation to a tensor that is not made of those heads",
@@ -385,7 +392,8 @@ def _permute(
 def _no_segments(info: TensorInfo, conv: ConverterSpec) -> TensorInfo:
     if info.segments:
         raise PlanError(
-            f"converter {conv.describe} consumes {info.key}, which an earlier converter assembled from several pieces; this op cannot follow that one",
+            f"converter {conv.describe} consumes {info.key}, which an earlier converter assembled "
+            "from several pieces; this op cannot follow that one",
             key=info.key,
             hint="Reorder the plan's converters (chunk and permute first, then concatenate or merge)",
         )

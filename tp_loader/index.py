@@ -290,7 +290,8 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         raise CheckpointError(
-            f"refused or could not read the .bin file with weights_only=True: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            "refused or could not read the .bin file with weights_only=True: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
             file=str(path),
             hint="tp_loader never executes code from checkpoints; convert the model to safetensors",
         ) from None

@@ -232,7 +232,8 @@ def block_slice(
         if a < b and (a % size or (b % size and b != weight_shape[dim])):
             raise ShardingError(
                 f"the shard [{a}, {b}) of dim {dim} cuts the weight's {block[0]}x{block[1]} fp8 scale blocks",
-                hint="Load with a wider dtype (dtype=bfloat16) to dequantize each slice on load, or use a world size whose shards fall on block boundaries",
+                hint="Load with a wider dtype (dtype=bfloat16) to dequantize each slice on load, "
+                "or use a world size whose shards fall on block boundaries",
             )
         ranges.append((a // size, -(-b // size)) if a < b else (a // size, a // size))
     return Slice(dim, tuple(ranges), global_shape)
