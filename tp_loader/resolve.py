@@ -11,6 +11,9 @@ import json
 import logging
 import os
 import re
+import shlex
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,8 +52,25 @@ class WeightFiles:
 
 
 def looks_like_repo_id(source: str) -> bool:
-    """Whether ``source`` has the shape of a Hub repository id (``name`` or ``org/name``)."""
-    return bool(_REPO_ID.match(source)) and not source.startswith((".", "/")) and ".." not in source
+    """Whether ``source`` is taken for a Hub repository id rather than a local path.
+
+    A Hub id has the shape ``org/name`` (or ``name`` for the Hub's oldest models). A string that starts
+    with ``.``, ``/`` or ``~``, or whose parent directory exists here (``models/typo`` where ``models/``
+    exists), is a path, so a mistyped path is reported as a missing directory instead of being looked
+    up on the Hub.
+
+    Args:
+        source: the model source as the user gave it.
+
+    Returns:
+        ``True`` when ``source`` should be fetched from the Hub.
+    """
+    return _shaped_like_repo_id(source) and ("/" not in source or not Path(source).parent.is_dir())
+
+
+def _shaped_like_repo_id(source: str) -> bool:
+    """Whether ``source`` reads ``org/name`` (or a bare ``name``, as ``gpt2``) and does not start like a path."""
+    return bool(_REPO_ID.match(source)) and ".." not in source and not source.startswith(".")
 
 
 def resolve_source(
@@ -63,7 +83,7 @@ def resolve_source(
     """Returns the local directory that holds the checkpoint ``source``.
 
     Args:
-        source: a local directory or a Hub repository id.
+        source: a local directory or a Hub repository id (see :func:`looks_like_repo_id`).
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory (default: huggingface_hub's).
         fetch: whether this process may download; when ``False`` only the local cache is used.
@@ -72,7 +92,10 @@ def resolve_source(
         The directory with ``config.json`` and the weights.
 
     Raises:
-        ModelNotFoundError: ``source`` is neither a directory nor a repository that can be had.
+        ModelNotFoundError: ``source`` is neither a directory nor a repository that can be had: the path does
+            not exist, the repository is not in the cache while offline, the Hub cannot be reached, or the
+            repository or revision does not exist there (each with its own message and the command to run).
+        CheckpointError: the Hub cache cannot be written (permissions, disk space).
     """
     path = Path(source).expanduser()
     if path.is_dir():
@@ -85,55 +108,231 @@ def resolve_source(
             hint="Pass the directory that holds config.json and the weights",
         )
     if not looks_like_repo_id(text):
+        parent = os.fspath(Path(text).parent)
         raise ModelNotFoundError(
             f"model directory {text!r} does not exist",
             file=text,
-            hint="Check the path, or pass a Hub repository id such as 'org/name'",
+            hint=(
+                f"Check the path; it is not looked up on the Hub because the directory {parent!r} exists here"
+                if _shaped_like_repo_id(text)
+                else "Check the path, or pass a Hub repository id such as 'org/name'"
+            ),
         )
     return _snapshot(text, revision=revision, cache_dir=cache_dir, fetch=fetch)
 
 
-def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None, fetch: bool) -> Path:
-    import huggingface_hub
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+@dataclass(frozen=True)
+class _HubRequest:
+    """One Hub repository at one revision in one cache, as the error messages name it."""
 
-    offline = not fetch or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-    last: Exception | None = None
+    repo_id: str
+    revision: str | None
+    cache_dir: str | os.PathLike[str] | None
+
+    @property
+    def model(self) -> str:
+        return f"model {self.repo_id!r} (revision {self.revision or 'main'})"
+
+    @property
+    def cache(self) -> str:
+        from huggingface_hub import constants
+
+        return os.fspath(Path(self.cache_dir).expanduser()) if self.cache_dir is not None else constants.HF_HUB_CACHE
+
+    @property
+    def endpoint(self) -> str:
+        from huggingface_hub import constants
+
+        return constants.ENDPOINT
+
+    @property
+    def command(self) -> str:
+        """The ``hf`` command that downloads this repository into this cache."""
+        words = ["hf", "download", self.repo_id]
+        if self.revision is not None:
+            words += ["--revision", self.revision]
+        if self.cache_dir is not None:
+            words += ["--cache-dir", self.cache]
+        return shlex.join(words)
+
+
+def _offline_by_env() -> bool:
+    """Whether HF_HUB_OFFLINE is set now, or was when huggingface_hub was imported."""
+    from huggingface_hub import constants
+
+    now = os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+    return now or bool(constants.HF_HUB_OFFLINE)
+
+
+def _snapshot(repo_id: str, *, revision: str | None, cache_dir: str | os.PathLike[str] | None, fetch: bool) -> Path:
+    """Fetches (or, offline, finds in the cache) config.json and the weights of a Hub repository: safetensors
+    first, else ``.bin``.
+
+    Raises:
+        ModelNotFoundError: see :func:`_hub_error` for the cases; or the repository has no weights.
+        CheckpointError: the cache could not be written.
+    """
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    incomplete_type = getattr(hub_errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 2
+    request = _HubRequest(repo_id, revision, cache_dir)
+    env_offline = _offline_by_env()
+    offline = not fetch or env_offline
+    incomplete: Exception | None = None
     for patterns in (_SAFETENSORS_PATTERNS, _PICKLE_PATTERNS):
         try:
             folder = Path(
                 huggingface_hub.snapshot_download(
-                    repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=patterns, local_files_only=offline
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=patterns,
+                    local_files_only=offline,
                 )
             )
-        except (
-            LocalEntryNotFoundError,
-            RepositoryNotFoundError,
-            RevisionNotFoundError,
-            HfHubHTTPError,
-            OSError,
-            ValueError,
-        ) as exc:
-            last = exc
+        except incomplete_type as exc:  # cached without some of these files: the .bin patterns may still be whole
+            incomplete = exc
             continue
+        except Exception as exc:
+            error = _hub_error(request, exc, offline=offline, env_offline=env_offline)
+            if error is None:
+                raise
+            raise error from exc
         if any(folder.glob(patterns[1])):
             return folder
-    where = "the local Hub cache" if offline else "the Hub"
-    hint = (
-        "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE"
-        if offline
-        else "Check the repository id, the revision and your token"
-    )
+    if incomplete is not None:
+        error = _hub_error(request, incomplete, offline=offline, env_offline=env_offline, partly=True)
+        raise (error or incomplete) from incomplete
+    if offline:
+        raise ModelNotFoundError(
+            f"{request.model} in the local Hub cache {request.cache} has no safetensors or .bin weights",
+            file=repo_id,
+            hint=f"Download the weights with `{request.command}`",
+        )
     raise ModelNotFoundError(
-        f"model {repo_id!r} (revision {revision or 'main'}) has no safetensors or .bin weights in {where}: {last}",
+        f"{request.model} on the Hub at {request.endpoint} has no safetensors or .bin weights",
         file=repo_id,
-        hint=hint,
+        hint="Check the repository id and revision: tp_loader needs *.safetensors (or *.bin) files beside config.json",
     )
+
+
+def _hub_error(
+    request: _HubRequest, exc: BaseException, *, offline: bool, env_offline: bool, partly: bool = False
+) -> CheckpointError | None:
+    """The error to raise for a failed ``snapshot_download``, judged by the whole exception chain (the Hub
+    client wraps the cause, e.g. a refused connection inside ``LocalEntryNotFoundError``).
+
+    Args:
+        request: the repository, revision and cache.
+        exc: what ``snapshot_download`` raised.
+        offline: downloads were off (``fetch=False`` or HF_HUB_OFFLINE).
+        env_offline: downloads were off because of HF_HUB_OFFLINE.
+        partly: the cache holds the revision but not all of its weight files.
+
+    Returns:
+        A :class:`ModelNotFoundError` (or a :class:`CheckpointError` for a local I/O failure), or ``None`` for an
+        exception that is not about reaching the repository (a bug to re-raise as it is).
+    """
+    from huggingface_hub import errors as hub_errors
+
+    chain = _exception_chain(exc)
+
+    def first(types: type[BaseException] | tuple[type[BaseException], ...]) -> BaseException | None:
+        return next((e for e in chain if isinstance(e, types)), None)
+
+    model, cache, endpoint, command, repo_id = (
+        request.model,
+        request.cache,
+        request.endpoint,
+        request.command,
+        request.repo_id,
+    )
+    in_cache = f"is only partly in the local Hub cache {cache}" if partly else f"is not in the local Hub cache {cache}"
+    if first(hub_errors.GatedRepoError):
+        return ModelNotFoundError(
+            f"{model} is a gated repository on the Hub at {endpoint}, and no token with access to it was sent",
+            file=repo_id,
+            hint=f"Request access at {endpoint}/{repo_id}, log in as a user who has it (`hf auth login`, "
+            f"or set HF_TOKEN), then run `{command}`",
+        )
+    if first(hub_errors.RepositoryNotFoundError):
+        return ModelNotFoundError(
+            f"{model} was not found on the Hub at {endpoint}: no such repository, or it is private and no valid "
+            "token was sent",
+            file=repo_id,
+            hint=f"Check the repository id; for a private repository log in (`hf auth login`, or set HF_TOKEN), "
+            f"then run `{command}`",
+        )
+    if first(hub_errors.RevisionNotFoundError):
+        return ModelNotFoundError(
+            f"revision {request.revision or 'main'!r} of model {repo_id!r} was not found on the Hub at {endpoint} "
+            "(the repository exists)",
+            file=repo_id,
+            hint=f"Check the branch, tag or commit name, then run `{command}`",
+        )
+    if first(hub_errors.OfflineModeIsEnabled) or (offline and first(hub_errors.LocalEntryNotFoundError)):
+        reason = "HF_HUB_OFFLINE is set" if env_offline else "fetch=False: this process only reads the cache"
+        return ModelNotFoundError(
+            f"{model} {in_cache}, and downloads are off ({reason})",
+            file=repo_id,
+            hint=f"Run `{command}` where the Hub is reachable"
+            + (", or unset HF_HUB_OFFLINE to let tp_loader download it" if env_offline else ""),
+        )
+    cause = first(_network_error_types())
+    if cause is not None:
+        return ModelNotFoundError(
+            f"cannot reach the Hub at {endpoint} for {model} ({type(cause).__name__}: {cause}), and it {in_cache}",
+            file=repo_id,
+            hint=f"Check the network, proxy and HF_ENDPOINT settings, then retry; or run `{command}` where the Hub "
+            "is reachable",
+        )
+    cause = first(hub_errors.HfHubHTTPError)
+    if cause is not None:
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        return ModelNotFoundError(
+            f"the Hub at {endpoint} could not serve {model} (HTTP {status}), and it {in_cache}",
+            file=repo_id,
+            hint=f"Check your token (`hf auth whoami`) and retry later; or run `{command}` where the Hub serves it",
+        )
+    if first(hub_errors.HFValidationError):
+        return ModelNotFoundError(
+            f"{repo_id!r} is not a valid Hub repository id: {exc}",
+            file=repo_id,
+            hint="Pass a local checkpoint directory, or a Hub repository id such as 'org/name'",
+        )
+    if isinstance(exc, OSError):
+        return CheckpointError(
+            f"fetching {model} from the Hub at {endpoint} into the cache {cache} failed: {type(exc).__name__}: {exc}",
+            file=repo_id,
+            hint="Check that the cache directory is writable and has free space, then retry",
+        )
+    return None
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes (explicit, else implicit), outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+    return chain
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean the Hub could not be reached: the socket's own, and the transport errors of
+    whichever HTTP client huggingface_hub has imported (httpx2 in huggingface_hub 2, httpx in 1, requests
+    before)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError, socket.gaierror]
+    for module, names in (
+        ("httpx2", ("TransportError",)),
+        ("httpx", ("TransportError",)),
+        ("requests", ("ConnectionError", "Timeout")),
+    ):
+        loaded = sys.modules.get(module)
+        types += [getattr(loaded, name) for name in names if isinstance(getattr(loaded, name, None), type)]
+    return tuple(types)
 
 
 def find_weights(root: Path) -> WeightFiles:
