@@ -274,7 +274,7 @@ def test_uncached_hub_id_offline_raises_model_not_found_on_every_rank(tmp_path: 
     )
     assert error.type == "ModelNotFoundError"
     assert error.message.startswith(
-        "model 'org/absent' (revision main) has no safetensors or .bin weights in the local Hub cache"
+        "model 'org/absent' (revision main) is not in the local Hub cache"
     )
 
 

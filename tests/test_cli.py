@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-import torch
 from conftest import llama_config
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -84,24 +85,56 @@ def test_python_dash_m_in_one_process_prints_the_table(make_checkpoint) -> None:
     root = make_checkpoint()
     done = subprocess.run([sys.executable, "-m", "tp_loader", str(root)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert f"tp_loader: {root}" in done.stdout
-    assert "plan llama, world size 1" in done.stdout
-    assert torch.__version__
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"tp_loader: {root}"
+    assert (
+        lines[1] == "  plan llama (keys prefixed 'model.', heads: causal_lm), world size 1, dtype as stored, device cpu"
+    )
+    headline = r"  21 tensors, 199\.31 KiB: read in \d+\.\d\d s, \d+\.\d\d s in all \(slowest rank\)"
+    assert re.fullmatch(headline, lines[2])
 
 
-def test_dry_run_plans_any_world_size_without_a_process_group_or_reading_data(make_checkpoint) -> None:
+def test_version_is_the_packages(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "tp_loader", "--version"], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, f"tp-loader {tp_loader.__version__}\n")
+    assert tp_loader.__version__ == importlib.metadata.version("tp_loader")
+
+
+def test_dry_run_prints_every_ranks_pieces_in_aligned_columns(make_checkpoint) -> None:
     root = make_checkpoint(llama_config(num_key_value_heads=2))
     done = subprocess.run(
         [sys.executable, "-m", "tp_loader", str(root), "--dry-run", "4"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert "  plan llama, world size 4, no tensor data read" in lines
-    assert (
-        "  model.layers.0.self_attn.k_proj.weight  colwise [8, 48] Shard(0)  0:4 0:4 4:8 4:8  (2 kv heads replicated 2x over 4 ranks)"
-        in lines
+    assert lines[1] == (
+        "  plan llama (keys prefixed 'model.', heads: causal_lm), world size 4, dtype as stored; "
+        "no process group, no tensor data read"
     )
-    assert "  model.embed_tokens.weight  vocab [101, 48] Shard(0)  0:26 26:52 52:78 78:101" in lines
+    rows = {line.split()[0]: line for line in lines if line.startswith("  model.") or line.startswith("  lm_head")}
+    assert rows["model.layers.0.self_attn.k_proj.weight"].split() == [
+        "model.layers.0.self_attn.k_proj.weight",
+        "colwise",
+        "16x48",
+        "Shard(0)",
+        "4x48",
+        "4x48",
+        "4x48",
+        "4x48",
+    ]
+    assert rows["model.embed_tokens.weight"].split()[1:] == [
+        "vocab",
+        "101x48",
+        "Shard(0)",
+        "26x48",
+        "26x48",
+        "26x48",
+        "23x48",
+    ]
+    assert rows["model.norm.weight"].split()[1:] == ["replicate", "48", "Replicate()", "whole", "on", "every", "rank"]
+    columns = {line.index("Shard(0)") for line in rows.values() if "Shard(0)" in line}
+    assert len(columns) == 1, "the placement column is aligned"
+    assert "    model.layers.0.self_attn.k_proj.weight: 2 kv heads replicated 2x over 4 ranks" in lines
     failed = subprocess.run(
         [sys.executable, "-m", "tp_loader", str(root), "--dry-run", "3"], capture_output=True, text=True, timeout=120
     )

@@ -74,18 +74,24 @@ def gpt2_forward(w: dict, input_ids: torch.Tensor) -> torch.Tensor:
     return gpt2_hidden(x, w, lambda t: t) @ w["transformer.wte.weight"].T
 
 
-def _check_gpt2(rank: int, world_size: int, root: Path) -> tuple[float, int, int, bool]:
+def _check_gpt2(rank: int, world_size: int, root: Path, prefix: str) -> tuple[float, int, int, bool]:
     result = tp_loader.load(root)
+    assert result.report.prefix == prefix
+    assert set(result.state_dict) == {prefix + k.removeprefix("transformer.") for k in gpt2_tensors(CONFIG)} | {
+        "lm_head.weight"
+    }, "keys come back as the checkpoint stores them"
+    assert result.state_dict["lm_head.weight"] is result.state_dict[prefix + "wte.weight"]
     stored = {k.removeprefix("transformer."): v for k, v in gpt2_tensors(CONFIG).items()}
     full = {"transformer." + k: v for k, v in stored.items()}
-    local = {k: v.to_local() for k, v in result.state_dict.items()}
-    assert set(local) == set(full) | {"lm_head.weight"}
+    local = {
+        (k if k == "lm_head.weight" else "transformer." + k.removeprefix(prefix)): v.to_local()
+        for k, v in result.state_dict.items()
+    }
     expected_bytes = 0
     for key, tensor in full.items():
         want = expected_gpt2_shard(key, tensor, world_size, rank)
         assert torch.equal(local[key], want), key
         expected_bytes += want.numel() * want.element_size()
-    assert result.state_dict["lm_head.weight"] is result.state_dict["transformer.wte.weight"]
     input_ids = torch.tensor([0, 5, 17, 42, 3, 99, 64, 7])
     x = (
         vocab_parallel_embed(local["transformer.wte.weight"], input_ids, CONFIG["vocab_size"], world_size, rank)
@@ -104,7 +110,7 @@ def test_gpt2_transposed_shards_are_exact_and_forward_matches_the_unsharded_forw
     tmp_path: Path, world_size: int, prefix: str
 ) -> None:
     root = write_checkpoint(tmp_path / "gpt2", CONFIG, gpt2_tensors(CONFIG, prefix=prefix))
-    for error, bytes_read, expected_bytes, clean in values(run_ranks(world_size, _check_gpt2, root)):
+    for error, bytes_read, expected_bytes, clean in values(run_ranks(world_size, _check_gpt2, root, prefix)):
         assert error <= 1e-5
         assert bytes_read == expected_bytes
         assert clean

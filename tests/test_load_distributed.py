@@ -176,13 +176,13 @@ def _tie_with_rank1_deciding_differently(rank: int, world_size: int, root: Path)
     from tp_loader.plan import TieDecision
 
     if rank == 1:
-        real = tp_loader.loader.make_plan
+        real = tp_loader.loader.plan_rank
 
         def disagreeing(*args, **kwargs):
             plan = real(*args, **kwargs)
             return dataclasses.replace(plan, ties=tuple(TieDecision(t.source, t.target, "neither") for t in plan.ties))
 
-        tp_loader.loader.make_plan = disagreeing
+        tp_loader.loader.plan_rank = disagreeing
     result = tp_loader.load(root)
     return result.report.ties, result.state_dict["lm_head.weight"] is result.state_dict["model.embed_tokens.weight"]
 

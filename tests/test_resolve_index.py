@@ -78,10 +78,13 @@ def test_hub_revision_that_is_not_cached_is_a_clear_not_found_error_offline(
     _hub_cache(tmp_path / "hub", "org/tiny-llama", make_checkpoint())
     with pytest.raises(
         ModelNotFoundError,
-        match=r"model 'org/tiny-llama' \(revision v2\) has no safetensors or .bin weights in the local Hub cache",
+        match=r"model 'org/tiny-llama' \(revision v2\) is not in the local Hub cache",
     ) as info:
         tp_loader.load("org/tiny-llama", cache_dir=tmp_path / "hub", revision="v2")
-    assert info.value.hint == "Download it first (huggingface-cli download) or unset HF_HUB_OFFLINE"
+    assert info.value.hint == (
+        f"Run `hf download org/tiny-llama --revision v2 --cache-dir {tmp_path / 'hub'}` where the Hub is reachable, "
+        "or unset HF_HUB_OFFLINE to let tp_loader download it"
+    )
 
 
 def test_path_that_does_not_exist_is_not_mistaken_for_a_repo_id(tmp_path: Path) -> None:
@@ -146,7 +149,7 @@ def test_single_weight_file_symlinked_out_of_the_model_directory_is_refused(make
         find_weights(root)
 
 
-def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_size(
+def test_report_lists_unexpected_keys_loaded_replicated_and_one_warning_counts_them(
     make_checkpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = make_checkpoint(extra={"model.rotary_emb.inv_freq": torch.arange(4, dtype=torch.float32)})
@@ -155,8 +158,30 @@ def test_report_lists_unexpected_keys_loaded_replicated_and_warns_with_their_siz
     assert result.report.unexpected_keys == ("model.rotary_emb.inv_freq",)
     assert result.report.unmatched_keys == ("model.rotary_emb.inv_freq",)
     assert torch.equal(result.state_dict["model.rotary_emb.inv_freq"], torch.arange(4, dtype=torch.float32))
-    assert "model.rotary_emb.inv_freq (16 B, no plan rule)" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root} with plan llama: 1 unexpected (loaded replicated): model.rotary_emb.inv_freq"
+    ]
+    assert "model.rotary_emb.inv_freq (no plan rule)" in result.report.format_table()
     assert not result.report.clean
+
+
+def test_many_unexpected_keys_give_one_short_warning_and_a_cut_table_with_everything_in_json(
+    make_checkpoint, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = {f"model.extra.{i}": torch.zeros(1) for i in range(40)}
+    root = make_checkpoint(extra=extra)
+    with caplog.at_level(logging.WARNING, logger="tp_loader"):
+        result = tp_loader.load(root)
+    [record] = caplog.records
+    assert record.getMessage() == (
+        f"{root} with plan llama: 40 unexpected (loaded replicated): model.extra.0, model.extra.1, model.extra.10, …"
+    )
+    table = result.report.format_table()
+    assert "  unexpected keys (loaded replicated) (40):" in table
+    assert table.count("(no plan rule)") == 10
+    assert "    … 30 more: all in the JSON report (--report) and at -v" in table
+    assert result.report.format_table(full=True).count("(no plan rule)") == 40
+    assert len(json.loads(result.report.to_json())["unexpected_keys"]) == 40
 
 
 def test_report_json_round_trips_every_field(make_checkpoint, tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """tp_loader: load Hugging Face checkpoints straight into tensor-parallel DTensor shards."""
 
+from ._version import __version__
+from .dryrun import plan_load
 from .errors import (
+    ArgumentError,
     CheckpointError,
     DistributedError,
     ModelNotFoundError,
@@ -11,13 +14,17 @@ from .errors import (
     TPLoaderError,
 )
 from .loader import LoadResult, load
-from .report import LoadReport
+from .report import LoadReport, PlanSummary
 
 __all__ = [
+    "__version__",
     "load",
+    "plan_load",
     "LoadResult",
     "LoadReport",
+    "PlanSummary",
     "TPLoaderError",
+    "ArgumentError",
     "CheckpointError",
     "ModelNotFoundError",
     "PlanError",
@@ -26,4 +33,3 @@ __all__ = [
     "ReadError",
     "DistributedError",
 ]
-__version__ = "0.1.0"

@@ -6,80 +6,95 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch.distributed as dist
 
+from ._version import __version__
 from .env import launch_env
 from .errors import TPLoaderError
 
 logger = logging.getLogger("tp_loader")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, exiting with 1 like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tp-loader",
         description="Load a Hugging Face checkpoint into tensor-parallel shards on every rank "
         "(run under torchrun --nproc-per-node N). Without MODEL, loads a small demo checkpoint.",
     )
-    parser.add_argument(
-        "model",
-        nargs="?",
+    add = parser.add_argument
+    add("model", nargs="?", default=None, help="checkpoint directory or Hub repository id (default: the demo)")
+    add("--plan", default="auto", help="built-in plan name or path to a plan file (default: auto, from config.json)")
+    add("--mode", default=None, help="one of the plan's modes, e.g. ep (MoE plans: whole experts per rank)")
+    add(
+        "--dtype",
         default=None,
-        help="checkpoint directory or Hub repository id (default: the demo checkpoint)",
+        help="convert floating-point tensors to float32 (fp32), bfloat16 (bf16) or float16 (fp16, half); "
+        "an fp8 dtype keeps fp8 weights as stored (default: every tensor as stored)",
     )
-    parser.add_argument(
-        "--plan", default="auto", help="built-in plan name or path to a plan file (default: auto, from config.json)"
+    add("--device", default=None, help="cpu, cuda (cuda:LOCAL_RANK) or cuda:N (default: cuda when present, else cpu)")
+    add("--report", type=Path, default=None, metavar="PATH", help="write the load report as JSON to PATH (rank 0)")
+    add("--strict", action="store_true", help="fail on missing, unexpected or mismatched keys")
+    add(
+        "--allow-unmatched",
+        action="store_true",
+        help="load even when most of the checkpoint's bytes are tensors the plan does not expect (replicated)",
     )
-    parser.add_argument(
-        "--mode", default=None, help="one of the plan's modes, e.g. ep (MoE plans: whole experts per rank)"
-    )
-    parser.add_argument(
-        "--dtype", default=None, help="convert floating-point tensors to this dtype, e.g. bfloat16 (default: as stored)"
-    )
-    parser.add_argument(
-        "--device", default=None, help="device for the shards (default: cuda:LOCAL_RANK when CUDA is present, else cpu)"
-    )
-    parser.add_argument(
-        "--report", type=Path, default=None, metavar="PATH", help="write the load report as JSON to PATH (rank 0)"
-    )
-    parser.add_argument("--strict", action="store_true", help="fail on missing, unexpected or mismatched keys")
-    parser.add_argument(
+    add(
         "--dry-run",
         type=int,
         default=None,
         metavar="WORLD_SIZE",
-        help="plan every rank of WORLD_SIZE and print what each would read; no process group, no tensor data read",
+        help="plan every rank of WORLD_SIZE and print what each would read and hold; no process group, "
+        "no tensor data read",
     )
-    parser.add_argument(
+    add(
         "--zero-copy",
         action="store_true",
         default=None,
-        help="on CPU, keep contiguous shards as views of the file mapping instead of copying them",
+        help="on CPU, keep shards as views of the file mapping instead of copying them (column shards as "
+        "strided views)",
     )
-    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit")
-    parser.add_argument("--cache-dir", default=None, help="Hub cache directory")
+    add("--revision", default=None, help="Hub branch, tag or commit")
+    add("--cache-dir", default=None, help="Hub cache directory")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug details and list every key")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command; returns the exit code (0 on success)."""
+    """Runs the command; returns the exit code (0 on success, 1 on any error).
+
+    Every rank that fails prints its error, so that a launcher that stops the job at the first exit
+    never swallows it: rank 0 the full message, other ranks one line.
+    """
+    rank = _rank()
     args = build_parser().parse_args(argv)
-    rank = launch_env().rank
     level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(
         level=level if rank == 0 else max(level, logging.ERROR), format="%(levelname)s %(name)s: %(message)s"
     )
-    from .loader import load
-
-    code = 0
-    if args.dry_run is not None:
-        return _dry_run(args)
     try:
+        if args.dry_run is not None:
+            if rank == 0:
+                _dry_run(args)
+            return 0
+        from .loader import load
+
         result = load(
             args.model,
             dtype=args.dtype,
@@ -87,24 +102,48 @@ def main(argv: Sequence[str] | None = None) -> int:
             plan=args.plan,
             mode=args.mode,
             strict=args.strict,
+            allow_unmatched=args.allow_unmatched,
+            report=args.report,
             revision=args.revision,
             cache_dir=args.cache_dir,
             progress=not args.quiet,
             zero_copy=args.zero_copy,
         )
-        if rank == 0:
-            if not args.quiet:
-                print(result.report.format_table(), flush=True)
-            if args.report is not None:
-                args.report.parent.mkdir(parents=True, exist_ok=True)
-                args.report.write_text(result.report.to_json())
+        if rank == 0 and not args.quiet:
+            print(result.report.format_table(full=args.verbose), flush=True)
     except TPLoaderError as exc:
-        if rank == 0 or exc.rank == rank:
-            print(f"tp_loader: error: {exc}", file=sys.stderr, flush=True)
-        code = 1
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return code
+        _print_error(exc, rank)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _rank() -> int:
+    """This process's rank for printing, from the launcher's variables (0 when they are unreadable)."""
+    try:
+        return launch_env().rank
+    except TPLoaderError:
+        return 0
+
+
+def _print_error(exc: TPLoaderError, rank: int) -> None:
+    """Rank 0 prints the whole message; any other rank one line, after a moment, so that rank 0 has
+    printed before a launcher that stops the job at the first exit stops it."""
+    if rank == 0:
+        print(f"tp_loader: error: {exc}", file=sys.stderr, flush=True)
+        return
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if len(line) > MAX_LINE:
+        line = line[:MAX_LINE] + "…"
+    print(f"tp_loader: error on rank {rank}: {type(exc).__name__}: {line}", file=sys.stderr, flush=True)
+    time.sleep(OTHER_RANKS_DELAY_S)
+
+
+#: How long a failing rank other than 0 waits before exiting, and how long its line may be.
+OTHER_RANKS_DELAY_S = 0.5
+MAX_LINE = 300
 
 
 def run() -> None:
@@ -116,40 +155,26 @@ def run() -> None:
     os._exit(code)
 
 
-def _dry_run(args: argparse.Namespace) -> int:
-    """Indexes the headers and plans every rank of ``--dry-run N`` in this one process."""
-    from .demo import ensure_demo
-    from .env import settings
-    from .index import index_checkpoint
-    from .loader import normalise_dtype, wants_dequantize
-    from .plan import make_plan
-    from .report import format_plans
-    from .resolve import find_weights, resolve_source
-    from .spec import select_spec
+def _dry_run(args: argparse.Namespace) -> None:
+    """``--dry-run N``: prints every rank's plan (rank 0 only) and writes its JSON to ``--report``."""
+    from .arguments import check_writable
+    from .dryrun import plan_load
 
-    try:
-        if args.dry_run < 1:
-            raise TPLoaderError(
-                f"--dry-run needs a world size of at least 1, got {args.dry_run}",
-                hint="Pass the number of tensor-parallel ranks",
-            )
-        root = (
-            ensure_demo(settings(1).demo_dir)
-            if args.model is None
-            else resolve_source(args.model, revision=args.revision, cache_dir=args.cache_dir)
-        )
-        checkpoint = index_checkpoint(find_weights(root))
-        spec = select_spec(args.plan, checkpoint.config, model=str(root), mode=args.mode)
-        dequantize = wants_dequantize(normalise_dtype(args.dtype))
-        print(
-            format_plans(
-                [
-                    make_plan(checkpoint, spec, args.dry_run, rank, model=str(root), dequantize=dequantize)
-                    for rank in range(args.dry_run)
-                ]
-            )
-        )
-    except TPLoaderError as exc:
-        print(f"tp_loader: error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if args.report is not None:
+        check_writable(args.report, what="report")
+    summary = plan_load(
+        args.model,
+        world_size=args.dry_run,
+        dtype=args.dtype,
+        plan=args.plan,
+        mode=args.mode,
+        strict=args.strict,
+        allow_unmatched=args.allow_unmatched,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+    )
+    if not args.quiet:
+        print(summary.format_table(full=args.verbose), flush=True)
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(summary.to_json())

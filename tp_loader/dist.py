@@ -167,8 +167,9 @@ def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None, *, sta
     try:
         dist.all_gather_object(gathered, sent, group=ctx.group)
     except Exception as exc:  # noqa: BLE001 - a lost peer or a timeout surfaces here
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DistributedError(
-            f"lost contact with the other ranks after stage '{stage}' (waited at most {ctx.timeout_s:g} s): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            f"lost contact with the other ranks after stage '{stage}' (waited at most {ctx.timeout_s:g} s): {cause}",
             rank=ctx.rank,
             hint="Another rank died, hung or failed outside tp_loader; see its log. TP_LOADER_TIMEOUT_S sets the wait",
         ) from None

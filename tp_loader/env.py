@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
-from .errors import TPLoaderError
+from .errors import ArgumentError
 
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_MAX_INFLIGHT_BYTES = 512 * 1024 * 1024
@@ -65,7 +66,7 @@ def _int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise TPLoaderError(
+        raise ArgumentError(
             f"environment variable {name}={raw!r} is not an integer", hint=f"Set {name} to a whole number or unset it"
         ) from None
 
@@ -84,29 +85,49 @@ def launch_env() -> LaunchEnv:
     )
 
 
+def _default_threads(local_world_size: int) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, local_world_size)))
+
+
+def _demo_dir() -> str:
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("TP_LOADER_DEMO_DIR") or os.path.join(cache_home, "tp_loader", "demo")
+
+
+def default_settings(local_world_size: int) -> Settings:
+    """The tunables' defaults, ignoring ``TP_LOADER_*``: what a load uses to reach the other ranks and
+    tell them about a bad setting."""
+    threads = _default_threads(local_world_size)
+    return Settings(threads, DEFAULT_MAX_INFLIGHT_BYTES, DEFAULT_TIMEOUT_S, progress=False, demo_dir=_demo_dir())
+
+
 def settings(local_world_size: int) -> Settings:
     """Reads the ``TP_LOADER_*`` tunables now.
 
     Args:
         local_world_size: ranks sharing this node, among which the CPUs are divided.
+
+    Raises:
+        ArgumentError: a variable that is set to something other than what it takes, naming it.
     """
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    default_threads = max(1, min(8, cpus // max(1, local_world_size)))
+    default_threads = _default_threads(local_world_size)
     timeout_raw = os.environ.get("TP_LOADER_TIMEOUT_S", "")
     try:
         timeout_s = float(timeout_raw) if timeout_raw else DEFAULT_TIMEOUT_S
+        if not math.isfinite(timeout_s) or timeout_s <= 0:
+            raise ValueError(timeout_raw)
     except ValueError:
-        raise TPLoaderError(
-            f"environment variable TP_LOADER_TIMEOUT_S={timeout_raw!r} is not a number",
+        raise ArgumentError(
+            f"environment variable TP_LOADER_TIMEOUT_S={timeout_raw!r} is not a positive number of seconds",
             hint="Set it to seconds, e.g. 300",
         ) from None
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Settings(
         num_threads=max(1, _int("TP_LOADER_NUM_THREADS", default_threads)),
         max_inflight_bytes=max(1, _int("TP_LOADER_MAX_INFLIGHT_BYTES", DEFAULT_MAX_INFLIGHT_BYTES)),
         timeout_s=timeout_s,
         progress=_flag("TP_LOADER_PROGRESS", True),
-        demo_dir=os.environ.get("TP_LOADER_DEMO_DIR") or os.path.join(cache_home, "tp_loader", "demo"),
+        demo_dir=_demo_dir(),
         reader=_choice("TP_LOADER_READER", ("mmap", "safetensors", "pread")),
         fadvise=_flag("TP_LOADER_FADVISE", False),
         zero_copy=_flag("TP_LOADER_ZERO_COPY", False),
@@ -121,7 +142,7 @@ def _flag(name: str, default: bool) -> bool:
 def _choice(name: str, allowed: tuple[str, ...]) -> str:
     raw = os.environ.get(name, "").strip() or allowed[0]
     if raw not in allowed:
-        raise TPLoaderError(
+        raise ArgumentError(
             f"environment variable {name}={raw!r} is not one of {', '.join(allowed)}",
             hint=f"Set {name} to one of them or unset it",
         )

@@ -69,6 +69,10 @@ class TPLoaderError(Exception):
         }
 
 
+class ArgumentError(TPLoaderError, ValueError):
+    """An argument or environment setting is invalid (caught before any process group or I/O)."""
+
+
 class CheckpointError(TPLoaderError, ValueError):
     """The checkpoint's files are missing, malformed or inconsistent."""
 
@@ -101,6 +105,7 @@ _TYPES: dict[str, type[TPLoaderError]] = {
     cls.__name__: cls
     for cls in (
         TPLoaderError,
+        ArgumentError,
         CheckpointError,
         ModelNotFoundError,
         PlanError,

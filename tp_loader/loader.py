@@ -16,16 +16,16 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
+from .arguments import FP8_DTYPES, Fingerprint, check_writable, dtype_name, normalise_device, normalise_dtype
 from .demo import ensure_demo
 from .dist import Context, agree, host_name, make_context, open_control_group, run_agreed
-from .errors import DistributedError, StrictLoadError, TPLoaderError
+from .errors import ArgumentError, DistributedError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
-from .plan import LoadPlan, make_plan
+from .plan import LoadPlan, plan_rank
 from .read import ReadOptions, read_tensors
 from .report import LoadReport, RankReport, build_report
 from .resolve import find_weights, resolve_source
-from .spec import select_spec
 from .tie import apply_ties, local_tie_equality
 
 logger = logging.getLogger("tp_loader")
@@ -56,6 +56,8 @@ def load(
     plan: str | os.PathLike[str] = "auto",
     mode: str | None = None,
     strict: bool = False,
+    allow_unmatched: bool = False,
+    report: str | os.PathLike[str] | None = None,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -65,18 +67,23 @@ def load(
 
     Call it on every rank. Under torchrun without a process group it initializes one (gloo on CPU,
     nccl on CUDA); with ``mesh`` it uses the caller's 1-D mesh; in a plain process it loads everything
-    as plain tensors.
+    as plain tensors. Every argument is checked, and compared across ranks, before any file is read.
 
     Args:
         model: a checkpoint directory or a Hub repository id; ``None`` loads the demo checkpoint.
-        dtype: convert floating-point tensors to this dtype (``None``: as stored).
-        device: where to place shards (default: the mesh's device, else ``cuda:LOCAL_RANK`` or CPU).
+        dtype: convert floating-point tensors to float32, bfloat16 or float16 (names such as ``"bf16"``
+            work too); an fp8 dtype keeps fp8 weights as stored; ``None`` keeps every tensor as stored.
+        device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK``) or ``"cuda:N"`` (default: the mesh's device,
+            else ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU).
         mesh: a 1-D device mesh over the tensor-parallel ranks.
         plan: ``"auto"`` (by config.json), a built-in plan name, or a path to a plan file.
         mode: one of the plan's modes, merged over it: ``"ep"`` in the MoE plans loads stacked
             experts divided whole among the ranks (expert parallelism) instead of sharding every
             expert (the default, tensor-parallel experts).
         strict: raise when keys are missing, unexpected or mismatched, before reading any tensor data.
+        allow_unmatched: load even when most of the checkpoint's bytes are in tensors the plan does not
+            expect (replicated on every rank); by default that is a :class:`PlanError`.
+        report: rank 0 writes the report as JSON to this path (checked for writability first).
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory.
         progress: show a progress bar on rank 0 for long loads.
@@ -90,55 +97,96 @@ def load(
         The :class:`LoadResult`.
 
     Raises:
-        TPLoaderError: any failure on any rank, raised identically on every rank.
+        TPLoaderError: any failure on any rank, raised identically on every rank (an
+            :class:`ArgumentError` for a bad argument, a :class:`DistributedError` when ranks pass
+            different arguments).
     """
     start = time.perf_counter()
     launch = envmod.launch_env()
-    settings = envmod.settings(launch.local_world_size)
+    error: TPLoaderError | None = None
+    wanted: torch.dtype | None = None
+    target: torch.device | None = None
+    try:
+        settings = envmod.settings(launch.local_world_size)
+        wanted = normalise_dtype(dtype)
+        target = normalise_device(device, launch.local_rank)
+    except TPLoaderError as exc:  # agreed below, once the ranks can talk
+        error = exc
+        settings = envmod.default_settings(launch.local_world_size)
     if zero_copy is not None:
         settings = dataclasses.replace(settings, zero_copy=zero_copy)
-    wanted = normalise_dtype(dtype)
-    ctx = open_control_group(make_context(mesh, device, launch, settings))
-    return _load(
-        ctx,
-        model,
-        wanted,
-        plan=plan,
-        mode=mode,
-        strict=strict,
-        revision=revision,
-        cache_dir=cache_dir,
-        progress=progress and settings.progress,
-        settings=settings,
-        start=start,
+    ctx = open_control_group(make_context(mesh, target, launch, settings))
+    arguments = Fingerprint(
+        dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, ctx.device.type
     )
+
+    def check() -> tuple[str, Fingerprint]:
+        if error is not None:
+            raise error
+        if report is not None and ctx.rank == 0:
+            check_writable(report, what="report")
+        return host_name(), arguments
+
+    _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
+    _refuse_differing_arguments(arguments, [fingerprint for _, fingerprint in seen], ctx.rank)
+    hosts = [host for host, _ in seen]
+    options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
+    result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start)
+    if report is not None:
+        _write_report(ctx, result.report, Path(report))
+    return result
+
+
+@dataclass(frozen=True)
+class _LoadOptions:
+    plan: str | os.PathLike[str]
+    mode: str | None
+    strict: bool
+    allow_unmatched: bool
+    revision: str | None
+    cache_dir: str | os.PathLike[str] | None
+    progress: bool
+
+
+def _refuse_differing_arguments(mine: Fingerprint, every: list[Fingerprint], rank: int) -> None:
+    differing = [r for r, theirs in enumerate(every) if theirs != every[0]]
+    if differing:
+        what = "; ".join(every[differing[0]].differences(every[0]))
+        raise DistributedError(
+            f"ranks {differing} passed different arguments than rank 0 ({what})",
+            rank=rank,
+            hint="Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy and "
+            "device type on every rank",
+        )
 
 
 def _load(
     ctx: Context,
     model: str | os.PathLike[str] | None,
     wanted: torch.dtype | None,
+    hosts: list[str],
+    options: _LoadOptions,
     *,
-    plan: str | os.PathLike[str],
-    mode: str | None,
-    strict: bool,
-    revision: str | None,
-    cache_dir: str | os.PathLike[str] | None,
-    progress: bool,
     settings: envmod.Settings,
     start: float,
 ) -> LoadResult:
-
-    root = _resolve(ctx, model, revision=revision, cache_dir=cache_dir, demo_dir=settings.demo_dir)
+    root = _resolve(
+        ctx, model, hosts, revision=options.revision, cache_dir=options.cache_dir, demo_dir=settings.demo_dir
+    )
 
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
         checkpoint = index_checkpoint(find_weights(root))
-        spec = select_spec(plan, checkpoint.config, model=str(root), mode=mode)
-        load_plan = make_plan(
-            checkpoint, spec, ctx.world_size, ctx.rank, model=str(root), dequantize=wants_dequantize(wanted)
+        load_plan = plan_rank(
+            checkpoint,
+            ctx.world_size,
+            ctx.rank,
+            plan=options.plan,
+            mode=options.mode,
+            model=str(root),
+            dtype=wanted,
+            strict=options.strict,
+            allow_unmatched=options.allow_unmatched,
         )
-        if strict:
-            _refuse_key_problems(load_plan)
         return checkpoint, load_plan
 
     # every rank's fingerprint, and rank 0's tie decisions, which every rank then uses
@@ -157,19 +205,19 @@ def _load(
     if ctx.rank == 0:
         _warn_key_problems(load_plan)
 
-    options = ReadOptions(
-        wanted,
+    read_options = ReadOptions(
+        None if wanted in FP8_DTYPES else wanted,
         ctx.device,
         settings.num_threads,
         settings.max_inflight_bytes,
-        progress=progress and ctx.rank == 0,
+        progress=options.progress and ctx.rank == 0,
         reader=settings.reader,
         fadvise=settings.fadvise,
         zero_copy=settings.zero_copy,
     )
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(
-            ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, options)
+            ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, read_options)
         )
     state_dict = place(local, load_plan.tensors, ctx.mesh)
     apply_ties(state_dict, load_plan.ties)
@@ -182,13 +230,19 @@ def _load(
     ]
     report = build_report(
         load_plan,
-        dtype=_dtype_name(wanted),
+        dtype=dtype_name(wanted),
         device=ctx.device.type,
         ranks=ranks,
         tie_equal=[eq for _, eq, _ in gathered],
     )
     if ctx.rank == 0:
-        logger.info("loaded %d tensors from %s in %.2f s", report.num_tensors, report.model, report.seconds)
+        logger.info(
+            "loaded %d tensors from %s: read in %.2f s, %.2f s in all (slowest rank)",
+            report.num_tensors,
+            report.model,
+            report.read_seconds,
+            report.seconds,
+        )
         for tie in report.ties:
             if tie.identical is False:
                 logger.warning(
@@ -200,9 +254,26 @@ def _load(
     return LoadResult(state_dict, report, ctx.mesh)
 
 
+def _write_report(ctx: Context, report: LoadReport, path: Path) -> None:
+    """Rank 0 writes the report; a failure is every rank's error."""
+
+    def write() -> None:
+        if ctx.rank == 0:
+            try:
+                path.expanduser().parent.mkdir(parents=True, exist_ok=True)
+                path.expanduser().write_text(report.to_json())
+            except OSError as exc:
+                raise ArgumentError(
+                    f"cannot write the report: {exc}", file=str(path), hint="Pass a path in a writable directory"
+                ) from None
+
+    run_agreed(ctx, "write report", write)
+
+
 def _resolve(
     ctx: Context,
     model: str | os.PathLike[str] | None,
+    hosts: list[str],
     *,
     revision: str | None,
     cache_dir: str | os.PathLike[str] | None,
@@ -210,7 +281,6 @@ def _resolve(
 ) -> Path:
     """Resolves the source; the first rank of each node fetches (download or demo generation) while
     the node's other ranks wait, then look only at what is local."""
-    hosts = agree(ctx, None, host_name(), stage="start")
     fetcher = hosts.index(hosts[ctx.rank]) == ctx.rank
 
     def fetch(allowed: bool) -> Path:
@@ -223,53 +293,25 @@ def _resolve(
     return root
 
 
-def _refuse_key_problems(load_plan: LoadPlan) -> None:
-    """``strict=True``: any missing, unexpected or mismatched key is an error, raised before reading."""
-    problems = {
-        "missing": list(load_plan.missing),
-        "unexpected": list(load_plan.unexpected),
-        "mismatched": [m.describe() for m in load_plan.mismatched],
-    }
-    if any(problems.values()):
-        summary = "; ".join(
-            f"{len(v)} {k}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}" for k, v in problems.items() if v
-        )
-        raise StrictLoadError(
-            f"strict load of {load_plan.model} refused: {summary}",
-            hint="Fix the checkpoint or the plan, or load with strict=False to see the full report",
-        )
-
-
 def _warn_key_problems(load_plan: LoadPlan) -> None:
-    """Names every missing, unexpected (with its size) and mismatched key, and every plan rule that
-    matched nothing, in one warning each."""
-    if load_plan.unexpected:
-        sizes = {t.key: t.info.nbytes for t in load_plan.tensors}
-        listed = ", ".join(
-            f"{k} ({sizes[k]} B{', no plan rule' if k in load_plan.unmatched else ''})" for k in load_plan.unexpected
-        )
-        logger.warning(
-            "%d unexpected keys in %s are loaded replicated: %s", len(load_plan.unexpected), load_plan.model, listed
-        )
-    if load_plan.missing:
-        logger.warning(
-            "%d keys missing from %s: %s", len(load_plan.missing), load_plan.model, ", ".join(load_plan.missing)
-        )
-    if load_plan.unused_rules:
-        logger.warning(
-            "plan %s has rules that match no key of %s: %s",
-            load_plan.plan_name,
-            load_plan.model,
-            ", ".join(load_plan.unused_rules),
-        )
-    if load_plan.mismatched:
-        listed = ", ".join(m.describe() for m in load_plan.mismatched)
-        logger.warning(
-            "%d keys of %s contradict the config and are not loaded: %s",
-            len(load_plan.mismatched),
-            load_plan.model,
-            listed,
-        )
+    """One warning that counts the missing, unexpected and mismatched keys and the plan rules that
+    matched nothing, naming the first few of each; the full lists are in the report (its table and
+    JSON) and at debug level."""
+    problems = [
+        ("unexpected (loaded replicated)", load_plan.unexpected),
+        ("missing", load_plan.missing),
+        ("mismatched (not loaded)", tuple(m.describe() for m in load_plan.mismatched)),
+        ("plan rules matching nothing", load_plan.unused_rules),
+    ]
+    found = [(title, keys) for title, keys in problems if keys]
+    if not found:
+        return
+    summary = "; ".join(
+        f"{len(keys)} {title}: {', '.join(keys[:3])}{', …' if len(keys) > 3 else ''}" for title, keys in found
+    )
+    logger.warning("%s with plan %s: %s", load_plan.model, load_plan.plan_name, summary)
+    for title, keys in found:
+        logger.debug("%s, all %d: %s", title, len(keys), ", ".join(keys))
 
 
 class _intra_op_threads:
@@ -285,23 +327,3 @@ class _intra_op_threads:
 
     def __exit__(self, *exc: object) -> None:
         torch.set_num_threads(self._saved)
-
-
-def wants_dequantize(dtype: torch.dtype | None) -> bool:
-    """Whether a requested dtype means block-fp8 weights are dequantized on load (any wider float)."""
-    return dtype is not None and dtype.is_floating_point and dtype.itemsize > 1
-
-
-def normalise_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise TPLoaderError(
-            f"unknown dtype {dtype!r}", hint="Use a torch dtype name such as bfloat16, float16 or float32"
-        )
-    return value
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
+from .arguments import FP8_DTYPES, dtype_name
 from .convert import Conversion, SegmentRead, apply_converters, expand, segment_reads
-from .errors import CheckpointError, PlanError, ShardingError
+from .errors import ArgumentError, CheckpointError, PlanError, ShardingError, StrictLoadError
 from .index import Checkpoint, TensorInfo
-from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size
+from .prefix import detect_prefix, present_groups, with_prefix
+from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size, select_spec
 from .styles import STYLES, Heads, Part, Slice, block_slice, head_world_sizes
 
 MAX_LAYERS = 100_000
@@ -92,7 +95,8 @@ class TieDecision:
 
 @dataclass(frozen=True)
 class LoadPlan:
-    """Everything one rank will do, decided before any tensor data is read."""
+    """Everything one rank will do, decided before any tensor data is read. ``prefix`` is the prefix of
+    the checkpoint's base-model keys, ``groups`` the plan's task heads and optional modules it has."""
 
     model: str
     plan_name: str
@@ -107,6 +111,8 @@ class LoadPlan:
     notes: dict[str, str] = field(default_factory=dict)
     unused_rules: tuple[str, ...] = ()
     conversions: tuple[Conversion, ...] = ()
+    prefix: str = ""
+    groups: tuple[str, ...] = ()
 
     @property
     def read_bytes(self) -> int:
@@ -114,8 +120,68 @@ class LoadPlan:
         return sum(t.read_bytes for t in self.tensors)
 
 
+def plan_rank(
+    checkpoint: Checkpoint,
+    world_size: int,
+    rank: int,
+    *,
+    plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
+    model: str,
+    dtype: torch.dtype | None = None,
+    strict: bool = False,
+    allow_unmatched: bool = False,
+) -> LoadPlan:
+    """Selects the plan for ``checkpoint`` and plans ``rank`` of ``world_size``: what :func:`tp_loader.load`
+    does on every rank and :func:`tp_loader.plan_load` for every rank, before any tensor data is read.
+
+    Raises:
+        ArgumentError: an fp8 ``dtype`` for a checkpoint that stores no weights in it.
+        StrictLoadError: ``strict`` and keys are missing, unexpected or mismatched.
+        PlanError, ShardingError, CheckpointError: as :func:`make_plan` and :func:`select_spec`.
+    """
+    if dtype in FP8_DTYPES and not any(info.dtype == dtype for info in checkpoint.tensors.values()):
+        raise ArgumentError(
+            f"dtype {dtype_name(dtype)} keeps fp8 weights as stored, but {model} stores none in it",
+            key="dtype",
+            hint="tp_loader does not quantize: pass float32, bfloat16 or float16, or no dtype",
+        )
+    spec = select_spec(plan, checkpoint.config, model=model, mode=mode)
+    dequantize = dtype is not None and dtype not in FP8_DTYPES
+    load_plan = make_plan(
+        checkpoint, spec, world_size, rank, model=model, dequantize=dequantize, allow_unmatched=allow_unmatched
+    )
+    if strict:
+        refuse_key_problems(load_plan)
+    return load_plan
+
+
+def refuse_key_problems(load_plan: LoadPlan) -> None:
+    """``strict=True``: any missing, unexpected or mismatched key is an error, raised before reading."""
+    problems = {
+        "missing": list(load_plan.missing),
+        "unexpected": list(load_plan.unexpected),
+        "mismatched": [m.describe() for m in load_plan.mismatched],
+    }
+    if any(problems.values()):
+        summary = "; ".join(
+            f"{len(v)} {k}: {', '.join(v[:5])}{' …' if len(v) > 5 else ''}" for k, v in problems.items() if v
+        )
+        raise StrictLoadError(
+            f"strict load of {load_plan.model} refused: {summary}",
+            hint="Fix the checkpoint or the plan, or load with strict=False to see the full report",
+        )
+
+
 def make_plan(
-    checkpoint: Checkpoint, spec: PlanSpec, world_size: int, rank: int, *, model: str, dequantize: bool = False
+    checkpoint: Checkpoint,
+    spec: PlanSpec,
+    world_size: int,
+    rank: int,
+    *,
+    model: str,
+    dequantize: bool = False,
+    allow_unmatched: bool = False,
 ) -> LoadPlan:
     """Plans the load of ``checkpoint`` for ``rank`` of ``world_size``.
 
@@ -127,6 +193,11 @@ def make_plan(
         model: the model's name for messages.
         dequantize: block-fp8 weights are dequantized on load (the caller asked for a wider dtype):
             each rank reads its slice and the scale blocks covering it, and scales are not loaded.
+        allow_unmatched: load a checkpoint even when most of its bytes are tensors the plan does not
+            expect (they load replicated); otherwise that is a :class:`PlanError`.
+
+    The plan's keys are first fitted to the checkpoint's prefix (:mod:`tp_loader.prefix`), and only
+    the task heads the checkpoint has are expected.
 
     Returns:
         The :class:`LoadPlan`, tensors in file and byte-offset order.
@@ -135,13 +206,15 @@ def make_plan(
         ShardingError: a head group cannot be split over ``world_size``, or (without ``dequantize``)
             a shard boundary cuts a block-fp8 weight's scale blocks.
         CheckpointError: the config lacks a value the plan needs.
-        PlanError: a plan expression is malformed.
+        PlanError: a plan expression is malformed, or most bytes are unexpected (see ``allow_unmatched``).
     """
+    spec = with_prefix(spec, detect_prefix(spec, checkpoint.tensors))
+    groups = present_groups(spec, checkpoint.config, checkpoint.tensors)
     try:
         values = config_values(spec, checkpoint.config)
         num_layers = _count(spec, spec.layers, "{layer}", values, "number of layers")
         num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
-        expected = _expected_shapes(spec, values, num_layers, num_experts)
+        expected = _expected_shapes(spec, values, num_layers, num_experts, groups)
         heads = {
             name: Heads(
                 name,
@@ -220,13 +293,15 @@ def make_plan(
         spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors
     }
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
-    ties = _decide_ties(spec, values, tensors)
+    ties = _decide_ties(spec, values, tensors, groups)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in stored and k not in covered)
     notes.update({t.key: t.slice.note for t in tensors if t.slice.note})
     notes.update({t.key: widened for t in tensors if (widened := _widened_note(t))})
     placed = {t.key: f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}" for t in tensors}
     conversions = tuple(dataclasses.replace(c, placement=placed.get(c.target, "not loaded")) for c in conversions)
+    if not allow_unmatched:
+        _refuse_unmatched(spec, stored, unexpected, model)
     return LoadPlan(
         model,
         spec.name,
@@ -241,6 +316,8 @@ def make_plan(
         notes,
         unused_rules,
         conversions,
+        spec.prefix,
+        groups,
     )
 
 
@@ -268,10 +345,15 @@ def _convert(
     return apply_converters(checkpoint.tensors, spec.converters, sizes, head_dims, num_layers, num_experts)
 
 
-def _expected_shapes(spec: PlanSpec, values: dict, num_layers: int, num_experts: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor the config implies; a ``when`` is evaluated per layer, with ``layer`` set."""
+def _expected_shapes(
+    spec: PlanSpec, values: dict, num_layers: int, num_experts: int, groups: tuple[str, ...]
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor the config implies (those of a group only when the checkpoint has the group); a
+    ``when`` is evaluated per layer, with ``layer`` set."""
     expected: dict[str, tuple[int, ...]] = {}
     for tensor in spec.tensors:
+        if tensor.group is not None and tensor.group not in groups:
+            continue
         shape = tuple(evaluate_size(d, values, where=f"shape of {tensor.key}") for d in tensor.shape)
         for layer in range(num_layers) if "{layer}" in tensor.key else [None]:
             scope = values if layer is None else {**values, "layer": layer}
@@ -298,10 +380,16 @@ def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: i
     )
 
 
-def _decide_ties(spec: PlanSpec, values: dict, tensors: list[TensorPlan]) -> tuple[TieDecision, ...]:
+def _decide_ties(
+    spec: PlanSpec, values: dict, tensors: list[TensorPlan], groups: tuple[str, ...]
+) -> tuple[TieDecision, ...]:
+    """Each tie that holds for this config and whose sides belong to groups the checkpoint has."""
     by_key = {t.key: t for t in tensors}
+    absent = {t.key for t in spec.tensors if t.group is not None and t.group not in groups}
     decisions = []
     for tie in spec.ties:
+        if tie.source in absent or tie.target in absent:
+            continue
         if not evaluate(tie.when, values, where=f"tie {tie.source} -> {tie.target}"):
             continue
         has_source, has_target = tie.source in by_key, tie.target in by_key
@@ -310,6 +398,35 @@ def _decide_ties(spec: PlanSpec, values: dict, tensors: list[TensorPlan]) -> tup
         ]
         decisions.append(TieDecision(tie.source, tie.target, stored))
     return tuple(decisions)
+
+
+#: Above this share of a checkpoint's bytes in tensors the plan does not expect, a load is refused.
+UNMATCHED_LIMIT = 0.5
+
+
+def _refuse_unmatched(spec: PlanSpec, stored: dict[str, TensorInfo], unexpected: list[str], model: str) -> None:
+    """Refuses a checkpoint most of whose bytes the plan does not expect: it would load replicated on
+    every rank, which is a wrong plan, a wrong ``model_type`` or keys the plan cannot fit, not a load."""
+    total = sum(info.nbytes for info in stored.values())
+    extra = sum(stored[key].nbytes for key in unexpected)
+    if not unexpected or extra <= UNMATCHED_LIMIT * total:
+        return
+    sample = sorted(unexpected, key=lambda k: -stored[k].nbytes)[:3]
+    plan_keys = [t.key for t in spec.tensors if t.group is None]
+    like = plan_keys[0].replace("{layer}", "0").replace("{expert}", "0") if plan_keys else "none"
+    roots = sorted({k.split(".", 1)[0] + "." for k in unexpected})
+    if spec.prefix and not any(k.startswith(spec.prefix) for k in unexpected):
+        cause = f"keys have no '{spec.prefix}' prefix (they start with {', '.join(repr(r) for r in roots[:4])})"
+    else:
+        cause = f"keys do not have the names plan {spec.name!r} expects (such as {like!r})"
+    raise PlanError(
+        f"{100 * extra / total:.0f}% of the bytes of {model} are in {len(unexpected)} of {len(stored)} tensors that "
+        f"plan {spec.name!r} does not expect (largest: {', '.join(sample)}): {cause}",
+        file=model,
+        key=sample[0],
+        hint="Pass the plan that fits this checkpoint (plan=NAME or a .toml path), fix config.json's model_type, "
+        "or pass allow_unmatched=True (--allow-unmatched) to load them replicated on every rank",
+    )
 
 
 def _widened_note(item: TensorPlan) -> str | None:
@@ -399,7 +516,8 @@ def _place_scales(
                     "block-fp8 weight has no stored scale, so it cannot be dequantized",
                     file=item.info.file,
                     key=item.key,
-                    hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, or load without dtype to keep fp8",
+                    hint=f"The checkpoint lacks {item.key + SCALE_SUFFIX}: re-download it, "
+                    "or load without dtype to keep fp8",
                 )
             out.append(item)
             continue
@@ -407,7 +525,8 @@ def _place_scales(
         want = tuple(-(-d // b) for d, b in zip(item.info.shape, block))
         if scale.shape != want:
             raise CheckpointError(
-                f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}",
+                f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} "
+                f"in {block[0]}x{block[1]} blocks needs {list(want)}",
                 file=scale.file,
                 key=scale_key,
                 hint="The checkpoint's scales do not match its weights or config.json's weight_block_size",
@@ -415,9 +534,8 @@ def _place_scales(
         if dequantize and item.info.dtype in FP8:
             covering = block_slice(item.slice, item.info.shape, scale.shape, block, covering=True)
             out.append(dataclasses.replace(item, scale=TensorPlan(scale, covering, "scale", None), block=block))
-            notes[item.key] = (
-                f"dequantized on load from {str(item.info.dtype).removeprefix('torch.')} with {scale_key} ({block[0]}x{block[1]} blocks)"
-            )
+            stored_as = str(item.info.dtype).removeprefix("torch.")
+            notes[item.key] = f"dequantized on load from {stored_as} with {scale_key} ({block[0]}x{block[1]} blocks)"
             continue
         try:
             piece = block_slice(item.slice, item.info.shape, scale.shape, block)

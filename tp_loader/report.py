@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._version import __version__
 from .convert import Conversion
 from .plan import LoadPlan, Mismatch
 
@@ -34,15 +35,29 @@ class RankReport:
 
 
 @dataclass(frozen=True)
-class LoadReport:
-    """The outcome of a load, the same object on every rank.
+class Placement:
+    """How one loaded tensor is placed: its style, the DTensor's global shape and placement, its stored
+    dtype, and (in a dry run, which plans every rank) each rank's local shape."""
+
+    key: str
+    style: str
+    shape: tuple[int, ...]
+    placement: str
+    dtype: str
+    local_shapes: tuple[tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyAccount:
+    """What a load does with the checkpoint's keys: the part that a load report and a dry run share.
 
     Attributes:
         model: the checkpoint directory.
         plan: the plan's name.
         world_size: tensor-parallel degree.
         dtype: requested dtype (``None``: as stored).
-        device: device type shards were placed on.
+        prefix: the prefix of the checkpoint's base-model keys (``""``: a base model saved alone).
+        groups: the plan's task heads and optional modules the checkpoint has (``causal_lm``, ``pooler``).
         num_tensors: stored tensors loaded (tied aliases not counted).
         missing_keys: tensors the config and plan imply that the checkpoint lacks.
         unexpected_keys: stored tensors the config and plan do not imply (loaded replicated).
@@ -50,16 +65,18 @@ class LoadReport:
         mismatched_keys: stored tensors whose shape contradicts the config (not loaded).
         ties: tied pairs.
         notes: key → remark on how it was placed (for example KV heads replicated).
-        ranks: per-rank accounting, in rank order.
         unused_rules: plan rule patterns that matched no stored or expected key (likely typos).
         conversions: for every target tensor a converter made, its stored source keys, op chain and placement.
+        placements: every loaded tensor's placement, in load order.
+        version: the tp_loader version.
     """
 
     model: str
     plan: str
     world_size: int
     dtype: str | None
-    device: str
+    prefix: str
+    groups: tuple[str, ...]
     num_tensors: int
     missing_keys: tuple[str, ...]
     unexpected_keys: tuple[str, ...]
@@ -67,9 +84,10 @@ class LoadReport:
     mismatched_keys: tuple[Mismatch, ...]
     ties: tuple[TieReport, ...]
     notes: tuple[tuple[str, str], ...]
-    ranks: tuple[RankReport, ...]
-    unused_rules: tuple[str, ...] = ()
-    conversions: tuple[Conversion, ...] = ()
+    unused_rules: tuple[str, ...]
+    conversions: tuple[Conversion, ...]
+    placements: tuple[Placement, ...]
+    version: str
 
     @property
     def clean(self) -> bool:
@@ -81,45 +99,28 @@ class LoadReport:
             or any(t.identical is False for t in self.ties)
         )
 
-    @property
-    def seconds(self) -> float:
-        """Wall time of the slowest rank."""
-        return max(r.seconds for r in self.ranks)
-
-    @property
-    def bytes_read(self) -> int:
-        """Bytes read by all ranks together."""
-        return sum(r.bytes_read for r in self.ranks)
-
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of every field."""
         data = asdict(self)
         data["notes"] = dict(self.notes)
         data["clean"] = self.clean
-        data["seconds"] = self.seconds
         return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def format_table(self) -> str:
-        """A human-readable summary, as rank 0 prints it."""
-        lines = [
-            f"tp_loader: {self.model}",
-            f"  plan {self.plan}, world size {self.world_size}, dtype {self.dtype or 'as stored'}, device {self.device}",
-            f"  {self.num_tensors} tensors, {_size(self.bytes_read)} read in {self.seconds:.2f} s (slowest rank)",
-            "",
-            f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'read s':>7}  {'total s':>7}",
-        ]
-        lines += [
-            f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {r.read_seconds:>7.3f}  {r.seconds:>7.3f}"
-            for r in self.ranks
-        ]
+    def _headline(self) -> str:
+        prefix = f"keys prefixed {self.prefix!r}" if self.prefix else "keys without prefix"
+        heads = f", heads: {', '.join(self.groups)}" if self.groups else ""
+        return f"  plan {self.plan} ({prefix}{heads}), world size {self.world_size}, dtype {self.dtype or 'as stored'}"
+
+    def _sections(self, full: bool) -> list[str]:
+        unmatched = set(self.unmatched_keys)
         sections = [
             ("missing keys", list(self.missing_keys)),
             (
                 "unexpected keys (loaded replicated)",
-                [k + (" (no plan rule)" if k in self.unmatched_keys else "") for k in self.unexpected_keys],
+                [k + (" (no plan rule)" if k in unmatched else "") for k in self.unexpected_keys],
             ),
             ("mismatched keys (not loaded)", [m.describe() for m in self.mismatched_keys]),
             (
@@ -138,10 +139,115 @@ class LoadReport:
                 [f"{c.target} <- {', '.join(c.sources)} ({c.op}; {c.placement})" for c in self.conversions],
             ),
         ]
+        lines: list[str] = []
         for title, rows in sections:
             if rows:
-                lines += ["", f"  {title}:"] + [f"    {row}" for row in rows]
-        return "\n".join(lines)
+                shown = rows if full or len(rows) <= MAX_ROWS else rows[:MAX_ROWS]
+                lines += ["", f"  {title} ({len(rows)}):"] + [f"    {row}" for row in shown]
+                if len(shown) < len(rows):
+                    lines.append(f"    … {len(rows) - len(shown)} more: all in the JSON report (--report) and at -v")
+        return lines
+
+
+#: Rows of each key list that a table shows unless asked for all of them.
+MAX_ROWS = 10
+
+
+@dataclass(frozen=True)
+class LoadReport(KeyAccount):
+    """The outcome of a load, the same object on every rank (see :class:`KeyAccount` for the keys).
+
+    Attributes:
+        device: device type shards were placed on.
+        ranks: per-rank accounting, in rank order.
+    """
+
+    device: str
+    ranks: tuple[RankReport, ...]
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the slowest rank, from the call to the report."""
+        return max(r.seconds for r in self.ranks)
+
+    @property
+    def read_seconds(self) -> float:
+        """Time the slowest reader took to read its shards."""
+        return max(r.read_seconds for r in self.ranks)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read by all ranks together."""
+        return sum(r.bytes_read for r in self.ranks)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict()
+        data["seconds"] = self.seconds
+        data["read_seconds"] = self.read_seconds
+        return data
+
+    def format_table(self, *, full: bool = False) -> str:
+        """A human-readable summary, as rank 0 prints it; key lists are cut to :data:`MAX_ROWS` rows
+        unless ``full``."""
+        lines = [
+            f"tp_loader: {self.model}",
+            self._headline() + f", device {self.device}",
+            f"  {self.num_tensors} tensors, {_size(self.bytes_read)}: read in {self.read_seconds:.2f} s, "
+            f"{self.seconds:.2f} s in all (slowest rank)",
+            "",
+            f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'read s':>7}  {'total s':>7}",
+        ]
+        lines += [
+            f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {r.read_seconds:>7.3f}  {r.seconds:>7.3f}"
+            for r in self.ranks
+        ]
+        return "\n".join(lines + self._sections(full))
+
+
+def placements(plan: LoadPlan, local_shapes: list[list[tuple[int, ...]]] | None = None) -> tuple[Placement, ...]:
+    """Every tensor's placement under ``plan`` (with each rank's local shape when given, per rank in
+    plan order)."""
+    out = []
+    for i, item in enumerate(plan.tensors):
+        placement = "Replicate()" if item.slice.dim is None else f"Shard({item.slice.dim})"
+        shapes = tuple(per_rank[i] for per_rank in local_shapes) if local_shapes else ()
+        dtype = str(item.info.dtype).removeprefix("torch.")
+        out.append(Placement(item.key, item.style, tuple(item.slice.global_shape), placement, dtype, shapes))
+    return tuple(out)
+
+
+def key_account(plan: LoadPlan, *, dtype: str | None, tie_equal: list[list[bool]] | None = None) -> dict[str, Any]:
+    """The :class:`KeyAccount` fields of ``plan`` (identical on every rank), as keyword arguments.
+
+    Args:
+        tie_equal: per rank, for each tie stored on both sides, whether that rank's shards were equal
+            (``None``: not known, as in a dry run).
+    """
+    both = [t for t in plan.ties if t.stored == "both"]
+    identical = (
+        {(t.source, t.target): all(per_rank[i] for per_rank in tie_equal) for i, t in enumerate(both)}
+        if tie_equal is not None
+        else {}
+    )
+    return dict(
+        model=plan.model,
+        plan=plan.plan_name,
+        world_size=plan.world_size,
+        dtype=dtype,
+        prefix=plan.prefix,
+        groups=plan.groups,
+        num_tensors=len(plan.tensors) - sum(t.stored == "both" for t in plan.ties),
+        missing_keys=plan.missing,
+        unexpected_keys=plan.unexpected,
+        unmatched_keys=plan.unmatched,
+        mismatched_keys=plan.mismatched,
+        ties=tuple(TieReport(t.source, t.target, t.stored, identical.get((t.source, t.target))) for t in plan.ties),
+        notes=tuple(sorted(plan.notes.items())),
+        unused_rules=plan.unused_rules,
+        conversions=plan.conversions,
+        placements=placements(plan),
+        version=__version__,
+    )
 
 
 def build_report(
@@ -152,26 +258,7 @@ def build_report(
     Args:
         tie_equal: per rank, for each tie stored on both sides, whether that rank's shards were equal.
     """
-    both = [t for t in plan.ties if t.stored == "both"]
-    identical = {(t.source, t.target): all(per_rank[i] for per_rank in tie_equal) for i, t in enumerate(both)}
-    ties = tuple(TieReport(t.source, t.target, t.stored, identical.get((t.source, t.target))) for t in plan.ties)
-    return LoadReport(
-        model=plan.model,
-        plan=plan.plan_name,
-        world_size=plan.world_size,
-        dtype=dtype,
-        device=device,
-        num_tensors=len(plan.tensors) - sum(t.stored == "both" for t in plan.ties),
-        missing_keys=plan.missing,
-        unexpected_keys=plan.unexpected,
-        unmatched_keys=plan.unmatched,
-        mismatched_keys=plan.mismatched,
-        ties=ties,
-        notes=tuple(sorted(plan.notes.items())),
-        ranks=tuple(ranks),
-        unused_rules=plan.unused_rules,
-        conversions=plan.conversions,
-    )
+    return LoadReport(**key_account(plan, dtype=dtype, tie_equal=tie_equal), device=device, ranks=tuple(ranks))
 
 
 def _size(nbytes: int) -> str:
@@ -183,33 +270,59 @@ def _size(nbytes: int) -> str:
     return f"{nbytes} B"
 
 
-def format_plans(plans: list[LoadPlan]) -> str:
-    """What every rank of a planned load would read, one line per stored tensor: style, stored shape,
-    placement and each rank's piece (``--dry-run``)."""
-    first = plans[0]
-    lines = [
-        f"tp_loader dry run: {first.model}",
-        f"  plan {first.plan_name}, world size {first.world_size}, no tensor data read",
-        "",
-    ]
-    for items in zip(*(p.tensors for p in plans)):
-        item = items[0]
-        piece = item.slice
-        placement = "Replicate()" if piece.dim is None else f"Shard({piece.dim})"
-        if piece.dim is None:
-            ranks = "whole on every rank"
-        else:
-            ranks = " ".join("+".join(f"{a}:{b}" for a, b in i.slice.ranges) for i in items)
-        lines.append(
-            f"  {item.key}  {item.style} {list(item.info.shape)} {placement}  {ranks}"
-            + (f"  ({piece.note})" if piece.note else "")
-        )
-    lines += ["", "  bytes per rank: " + ", ".join(_size(p.read_bytes) for p in plans)]
-    for title, keys in (
-        ("missing keys", first.missing),
-        ("unexpected keys (replicated)", first.unexpected),
-        ("mismatched keys (not loaded)", [m.describe() for m in first.mismatched]),
-    ):
-        if keys:
-            lines += [f"  {title}: {', '.join(keys)}"]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank of a dry run would do.
+
+    Attributes:
+        rank: the rank.
+        bytes_read: bytes it would read (its slices, plus widened reads and scale blocks).
+        num_tensors: tensors it would hold.
+        shard_bytes: bytes of its shards in the target dtype.
+        peak_bytes: an upper bound on the memory its load holds at once: the shards plus the reads in
+            flight (at most ``TP_LOADER_MAX_INFLIGHT_BYTES``).
+    """
+
+    rank: int
+    bytes_read: int
+    num_tensors: int
+    shard_bytes: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class PlanSummary(KeyAccount):
+    """A dry run: every rank planned in one process, with no process group and no tensor data read.
+    Its JSON is a load report's keys with ``ranks`` holding :class:`RankPlan` rows, and each
+    placement carrying every rank's local shape."""
+
+    ranks: tuple[RankPlan, ...]
+
+    def format_table(self, *, full: bool = False) -> str:
+        """The dry run as text: per-rank totals, then one aligned row per tensor with every rank's
+        piece (``start:stop`` along the sharded dim)."""
+        lines = [
+            f"tp_loader dry run: {self.model}",
+            self._headline() + "; no process group, no tensor data read",
+            "",
+            f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'shards':>12}  {'peak at most':>12}",
+        ]
+        lines += [
+            f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {_size(r.shard_bytes):>12}  "
+            f"{_size(r.peak_bytes):>12}"
+            for r in self.ranks
+        ]
+        rows = [
+            (p.key, p.style, "x".join(map(str, p.shape)) or "scalar", p.placement, _pieces(p)) for p in self.placements
+        ]
+        header = ("key", "style", "shape", "placement", "local shape per rank")
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+        lines += ["", "  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  " + header[4]]
+        lines += ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4] for row in rows]
+        return "\n".join(lines + self._sections(full))
+
+
+def _pieces(placement: Placement) -> str:
+    if placement.placement == "Replicate()":
+        return "whole on every rank"
+    return " ".join("x".join(map(str, shape)) for shape in placement.local_shapes)

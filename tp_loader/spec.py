@@ -9,6 +9,7 @@ See ``docs/plan-format.md`` for the format.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import importlib.resources
 import operator
@@ -20,6 +21,7 @@ from typing import Any
 
 import tomllib
 
+from .aliases import with_aliases
 from .convert import ConverterSpec, parse_converters
 from .errors import CheckpointError, PlanError, TPLoaderError
 from .styles import STYLES
@@ -58,11 +60,23 @@ class HeadGroup:
 @dataclass(frozen=True)
 class ExpectedTensor:
     """A tensor the config implies: ``key`` may contain ``{layer}`` and ``{expert}``; ``shape`` holds
-    expressions; ``when`` may use ``layer`` (dense and sparse layers of one model)."""
+    expressions; ``when`` may use ``layer`` (dense and sparse layers of one model); ``group`` names the
+    task head (or optional module) the tensor belongs to, expected only when that group is present."""
 
     key: str
     shape: tuple[str, ...]
     when: str | None = None
+    group: str | None = None
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """A task head or optional module (``lm_head``, a classifier, BERT's pooler): its tensors are
+    expected when the config's ``architectures`` match one of ``architectures`` (globs such as
+    ``*ForCausalLM``) or when the checkpoint stores any of them."""
+
+    name: str
+    architectures: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,8 @@ class PlanSpec:
     experts: str = "0"
     mode: str | None = None
     modes: tuple[str, ...] = ()
+    prefix: str = ""
+    groups: dict[str, TensorGroup] = dataclasses.field(default_factory=dict)
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -177,19 +193,19 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return merge_plan_data(_read_toml(parent_path, seen + (path,)), data)
 
 
+_MERGED = ("defaults", "heads", "groups", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")
+
+
 def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     """``child`` over ``parent``: scalars and ``ties`` replace, ``defaults``/``heads``/``modes`` merge,
-    the child's rules come first (so they win), its converters run after the parent's, and a child's
+    ``groups`` merge, the child's rules come first (so they win), its converters run after the parent's, and a child's
     tensor entry replaces the parent's with the same key; ``drop_tensors`` and ``drop_rules`` remove
     the parent's entries with those keys and patterns."""
     merged = {
         **parent,
-        **{
-            k: v
-            for k, v in child.items()
-            if k not in ("defaults", "heads", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")
-        },
+        **{k: v for k, v in child.items() if k not in _MERGED},
     }
+    merged["groups"] = {**parent.get("groups", {}), **child.get("groups", {})}
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
@@ -197,8 +213,10 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
     merged["rules"] = list(child.get("rules", [])) + [
         r for r in parent.get("rules", []) if r["pattern"] not in child.get("drop_rules", [])
     ]
-    tensors = {t["key"]: t for t in parent.get("tensors", []) if t["key"] not in child.get("drop_tensors", [])}
-    tensors.update({t["key"]: t for t in child.get("tensors", [])})
+    # one key may be expected by several groups (``score.weight`` of two classification heads)
+    dropped = child.get("drop_tensors", [])
+    tensors = {(t["key"], t.get("group")): t for t in parent.get("tensors", []) if t["key"] not in dropped}
+    tensors.update({(t["key"], t.get("group")): t for t in child.get("tensors", [])})
     merged["tensors"] = list(tensors.values())
     return merged
 
@@ -246,9 +264,21 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
                 file=str(path),
                 hint="Define it under [heads]",
             )
+    groups = {
+        name: TensorGroup(name, tuple(str(a) for a in group.get("architectures", [])))
+        for name, group in data.get("groups", {}).items()
+    }
     tensors = tuple(
-        ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when")) for t in data.get("tensors", [])
+        ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when"), t.get("group"))
+        for t in data.get("tensors", [])
     )
+    for tensor in tensors:
+        if tensor.group is not None and tensor.group not in groups:
+            raise PlanError(
+                f"tensor {tensor.key!r} names group {tensor.group!r}, which [groups] does not define",
+                file=str(path),
+                hint="Define it under [groups] with the architectures that have it",
+            )
     ties = tuple(TieSpec(str(t["source"]), str(t["target"]), str(t.get("when", "True"))) for t in data.get("ties", []))
     spec = PlanSpec(
         name=str(data.get("name", path.stem)),
@@ -266,6 +296,8 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         experts=str(data.get("experts", "0")),
         mode=data.get("mode"),
         modes=tuple(data.get("modes", ())),
+        prefix=str(data.get("prefix", "")),
+        groups=groups,
     )
     for conv in spec.converters:
         if conv.heads is not None and conv.heads not in heads:
@@ -367,8 +399,9 @@ _COMPARE = {
 
 
 def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
-    """Evaluates a plan expression over config values: names, numbers, ``+ - * // %``, comparisons
-    (``in`` included, for config lists), ``not``/``and``/``or``. Nothing else (no calls, no attributes).
+    """Evaluates a plan expression over config values: names, numbers, ``+ - * // %`` on whole numbers,
+    comparisons (``in`` included, for config lists), ``not``/``and``/``or`` and ``len(name)``. Nothing
+    else (no other calls, no attributes).
 
     Raises:
         CheckpointError: the config lacks a name the expression uses.
@@ -386,7 +419,7 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
         raise
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
         used = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values})
-        shown = ", ".join(f"{name}={values[name]!r}" for name in used)
+        shown = ", ".join(f"{name}={short_repr(values[name])}" for name in used)
         raise CheckpointError(
             f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json"
         ) from None
@@ -408,7 +441,7 @@ def evaluate_size(
     value = evaluate(expression, values, where=where)
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
         raise CheckpointError(
-            f"config gives {where} = {value!r} ({expression}), not a whole number in [{minimum}, {maximum}]",
+            f"config gives {where} = {short_repr(value)} ({expression}), not a whole number in [{minimum}, {maximum}]",
             hint="Fix config.json",
         )
     return value
@@ -435,9 +468,19 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
             )
         return values[node.id]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        return _BINARY[type(node.op)](
-            _eval(node.left, values, expression, where), _eval(node.right, values, expression, where)
-        )
+        left, right = _eval(node.left, values, expression, where), _eval(node.right, values, expression, where)
+        for operand in (left, right):  # never str * int: a config string must not become a huge string
+            if isinstance(operand, bool) or not isinstance(operand, int):
+                raise TypeError(f"arithmetic needs whole numbers, got {short_repr(operand)}")
+        return _BINARY[type(node.op)](left, right)
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "len"
+        and len(node.args) == 1
+        and not node.keywords
+    ):
+        return len(_eval(node.args[0], values, expression, where))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
         return not _eval(node.operand, values, expression, where)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -451,14 +494,31 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
         )
     raise PlanError(
         f"expression {expression!r} in {where} uses an unsupported construct",
-        hint="Use config names, integers, + - * // %, comparisons, not/and/or",
+        hint="Use config names, integers, + - * // %, comparisons, not/and/or, len(name)",
     )
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with the full length stated when cut (config values
+    end up in error messages that every rank gathers)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's int-to-string digit limit
+        return f"<integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
 def config_values(spec: PlanSpec, config: dict) -> dict[str, Any]:
-    """The config's values with the plan's defaults filled in for names the config lacks (or sets to null)."""
-    values = {k: v for k, v in config.items() if v is not None}
+    """The config's values, then names the config lacks (or sets to null) filled in: first from their
+    aliases (:data:`tp_loader.aliases.CONFIG_ALIASES`: ``num_local_experts`` for ``num_experts``, ``n_embd``
+    for ``hidden_size``, ...), then from the plan's defaults. A default that needs a name the config
+    lacks is left out, so that only an expression that uses it fails, naming that name."""
+    values = with_aliases({k: v for k, v in config.items() if v is not None})
     for name, expression in spec.defaults.items():
         if name not in values:
-            values[name] = evaluate(expression, values, where=f"default {name}")
+            try:
+                values[name] = evaluate(expression, values, where=f"default {name}")
+            except CheckpointError as exc:
+                if exc.key is None:
+                    raise
     return values

@@ -1,0 +1,100 @@
+"""A dry run: plan every rank of a load in one process, reading headers only.
+
+Runs the first stages of a load (resolve, index, plan) once per rank, without a process group and
+without reading tensor data, and sums up what each rank would read and hold.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import env as envmod
+from .arguments import FP8_DTYPES, dtype_name, normalise_dtype
+from .demo import ensure_demo
+from .errors import ArgumentError
+from .index import index_checkpoint
+from .plan import LoadPlan, plan_rank
+from .read import target_dtype
+from .report import PlanSummary, RankPlan, key_account, placements
+from .resolve import find_weights, resolve_source
+
+
+def plan_load(
+    model: str | os.PathLike[str] | None = None,
+    *,
+    world_size: int,
+    dtype: torch.dtype | str | None = None,
+    plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
+    strict: bool = False,
+    allow_unmatched: bool = False,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> PlanSummary:
+    """Plans a load over ``world_size`` ranks without loading: which bytes each rank would read, how
+    each tensor would be placed, each rank's local shapes and memory. No process group is created and
+    no tensor data is read (only headers, config.json and the index), so it runs on a laptop for any
+    world size.
+
+    Args:
+        model: a checkpoint directory or a Hub repository id; ``None`` plans the demo checkpoint.
+        world_size: the number of tensor-parallel ranks to plan for.
+        dtype, plan, mode, strict, allow_unmatched, revision, cache_dir: as for :func:`tp_loader.load`,
+            and checked the same way (``strict`` refuses key problems here as a load would).
+
+    Returns:
+        The :class:`PlanSummary`; ``to_json()`` gives a load report's schema with placements.
+
+    Raises:
+        TPLoaderError: what :func:`tp_loader.load` would raise before reading tensor data.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ArgumentError(
+            f"world_size must be a whole number of ranks of at least 1, got {world_size!r}",
+            key="world_size",
+            hint="Pass the number of tensor-parallel ranks",
+        )
+    wanted = normalise_dtype(dtype)
+    settings = envmod.settings(1)
+    if model is None:
+        root = ensure_demo(settings.demo_dir)
+    else:
+        root = resolve_source(model, revision=revision, cache_dir=cache_dir)
+    checkpoint = index_checkpoint(find_weights(root))
+    plans = [
+        plan_rank(
+            checkpoint,
+            world_size,
+            rank,
+            plan=plan,
+            mode=mode,
+            model=str(root),
+            dtype=wanted,
+            strict=strict,
+            allow_unmatched=allow_unmatched,
+        )
+        for rank in range(world_size)
+    ]
+    keep = None if wanted in FP8_DTYPES else wanted
+    ranks = tuple(_rank_plan(p, keep, settings.max_inflight_bytes) for p in plans)
+    local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
+    account = key_account(plans[0], dtype=dtype_name(wanted))
+    account["placements"] = placements(plans[0], local_shapes)
+    return PlanSummary(**account, ranks=ranks)
+
+
+def _rank_plan(load_plan: LoadPlan, dtype: torch.dtype | None, max_inflight_bytes: int) -> RankPlan:
+    shard_bytes = sum(
+        math.prod(item.local_shape) * target_dtype(item.info.dtype, dtype).itemsize for item in load_plan.tensors
+    )
+    read_bytes = load_plan.read_bytes
+    return RankPlan(
+        load_plan.rank,
+        read_bytes,
+        len(load_plan.tensors),
+        shard_bytes,
+        shard_bytes + min(max_inflight_bytes, read_bytes),
+    )
