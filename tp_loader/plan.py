@@ -214,6 +214,7 @@ def make_plan(
         values = config_values(spec, checkpoint.config)
         num_layers = _count(spec, spec.layers, "{layer}", values, "number of layers")
         num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
+        _check_key_budget(spec, num_layers, num_experts, len(checkpoint.tensors))
         expected = _expected_shapes(spec, values, num_layers, num_experts, groups)
         heads = {
             name: Heads(
@@ -329,6 +330,29 @@ def _count(spec: PlanSpec, expression: str, placeholder: str, values: dict, wher
         if any(placeholder in key for key in keys)
         else 0
     )
+
+
+#: The most keys a plan may expect or convert, as a multiple of the stored keys, plus slack: a config
+#: whose layer and expert counts multiply past it cannot describe the checkpoint at hand.
+KEY_BUDGET_FACTOR = 4
+KEY_BUDGET_SLACK = 10_000
+
+
+def _check_key_budget(spec: PlanSpec, num_layers: int, num_experts: int, num_stored: int) -> None:
+    """Refuses, before expanding any template, a config that would make the plan name more keys than
+    the budget (layers x experts of a few thousand each is 10^7 keys or more, minutes and gigabytes)."""
+    templates = [t.key for t in spec.tensors] + [k for c in spec.converters for k in (*c.sources, *c.targets)]
+    planned = sum(
+        (num_layers if "{layer}" in key else 1) * (num_experts if "{expert}" in key else 1) for key in templates
+    )
+    budget = KEY_BUDGET_FACTOR * num_stored + KEY_BUDGET_SLACK
+    if planned > budget:
+        raise CheckpointError(
+            f"config gives {num_layers} layers ({spec.layers}) and {num_experts} experts ({spec.experts}): plan "
+            f"{spec.name!r} would name {planned} keys, more than {budget} for a checkpoint of {num_stored} tensors",
+            key=spec.layers if num_experts <= 1 else spec.experts,
+            hint="Fix these counts in config.json: they cannot describe this checkpoint",
+        )
 
 
 def _convert(
