@@ -273,9 +273,7 @@ def test_uncached_hub_id_offline_raises_model_not_found_on_every_rank(tmp_path: 
         )
     )
     assert error.type == "ModelNotFoundError"
-    assert error.message.startswith(
-        "model 'org/absent' (revision main) is not in the local Hub cache"
-    )
+    assert error.message.startswith("model 'org/absent' (revision main) is not in the local Hub cache")
 
 
 def test_config_contradicting_shapes_without_strict_loads_the_rest_and_reports_the_same_mismatches_everywhere(

@@ -15,11 +15,10 @@ import importlib.resources
 import operator
 import os
 import re
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .aliases import with_aliases
 from .convert import ConverterSpec, parse_converters
