@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+#: Longest message an error keeps (every rank gathers it; config values can be huge).
+MAX_MESSAGE = 1500
+
 
 class TPLoaderError(Exception):
     """Base class of every error tp_loader raises.
@@ -30,7 +33,7 @@ class TPLoaderError(Exception):
         rank: int | None = None,
         hint: str | None = None,
     ) -> None:
-        self.message = message
+        self.message = short_text(message, MAX_MESSAGE)
         self.file = file
         self.key = key
         self.rank = rank
@@ -128,7 +131,22 @@ def as_loader_error(exc: BaseException, rank: int) -> TPLoaderError:
     if isinstance(exc, TPLoaderError):
         return exc.with_rank(rank)
     return TPLoaderError(
-        f"unexpected {type(exc).__name__}: {exc}",
+        f"unexpected {type(exc).__name__}: {short_text(str(exc))}",
         rank=rank,
         hint="This is likely a bug in tp_loader; please report it with the traceback logged on that rank",
     )
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters, with the full length stated when cut (config values
+    end up in error messages that every rank gathers)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's int-to-string digit limit
+        return f"<integer of {value.bit_length()} bits>"
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def short_text(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, with its full length stated when cut."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -7,18 +7,21 @@ validated against the file size before anything trusts them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
 import pickle
 import struct
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
-from .resolve import WeightFiles, read_config
+from .errors import CheckpointError, short_repr
+from .resolve import WeightFiles, check_regular, parse_json, read_config
 
 logger = logging.getLogger("tp_loader")
 
@@ -189,6 +192,7 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
     """
     path = root / name
     try:
+        check_regular(path, what="weight file")
         with open(path, "rb") as handle:
             size = handle.seek(0, 2)
             handle.seek(0)
@@ -210,12 +214,12 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
         raise CheckpointError(
             f"cannot read weight file: {exc}", file=str(path), hint="Check the file's permissions and the filesystem"
         ) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, f"header is not valid JSON ({exc})") from None
+    header = parse_json(raw, path, what="header", hint="The file is corrupt or truncated: re-download it")
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise _bad(path, "__metadata__ is not a map of strings to strings (safetensors refuses it too)")
     data_start = 8 + header_len
     data_size = size - data_start
     infos = [
@@ -238,19 +242,20 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
 def _parse_entry(path: Path, name: str, key: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, "header entry is not an object", key=key)
-    dtype = DTYPES.get(entry.get("dtype"))  # type: ignore[arg-type]
+    name_of_dtype = entry.get("dtype")
+    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
     if dtype is None:
-        raise _bad(path, f"unknown dtype {entry.get('dtype')!r}; known: {', '.join(DTYPES)}", key=key)
+        raise _bad(path, f"unknown dtype {short_repr(name_of_dtype)}; known: {', '.join(DTYPES)}", key=key)
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
-        raise _bad(path, f"shape {shape!r} is not a list of non-negative integers", key=key)
+        raise _bad(path, f"shape {short_repr(shape)} is not a list of non-negative integers", key=key)
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
         and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
     ):
-        raise _bad(path, f"data_offsets {offsets!r} is not a pair of integers", key=key)
+        raise _bad(path, f"data_offsets {short_repr(offsets)} is not a pair of integers", key=key)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _bad(
@@ -277,17 +282,30 @@ def read_pickle_header(root: Path, name: str) -> list[TensorInfo]:
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Memory-maps a ``.bin`` state dict with ``weights_only=True``.
+    """Memory-maps a ``.bin`` state dict with ``weights_only=True``, after checking that every storage
+    record of the zip archive holds exactly the bytes its tensors need (``torch.load`` with ``mmap``
+    does not: a record cut short would read the bytes after it).
 
     Raises:
-        CheckpointError: as :func:`read_pickle_header`.
+        CheckpointError: as :func:`read_pickle_header`, a legacy (non-zip) file, a record that does
+            not match its storage, or tensors that are sparse, quantized, on the meta device or of a
+            dtype tp_loader cannot shard.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        check_regular(path, what="weight file")
     except FileNotFoundError:
         raise CheckpointError(
             "weight file does not exist", file=str(path), hint="Re-download the checkpoint; the index names this file"
         ) from None
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            ".bin file is in torch's legacy (pre-1.6, non-zip) format, which cannot be memory-mapped or checked",
+            file=str(path),
+            hint="Re-save it with a current torch (torch.save) or convert the model to safetensors",
+        )
+    _check_records(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
         raise CheckpointError(
             "refused or could not read the .bin file with weights_only=True: "
@@ -303,7 +321,105 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
             file=str(path),
             hint="Convert the model to safetensors",
         )
+    for key, tensor in state.items():
+        kind = (
+            "sparse"
+            if tensor.layout != torch.strided
+            else "quantized"
+            if tensor.is_quantized
+            else "on the meta device"
+            if tensor.is_meta
+            else None
+            if tensor.dtype in _NAMES
+            else f"of dtype {tensor.dtype}"
+        )
+        if kind is not None:
+            raise CheckpointError(
+                f"tensor is {kind}, which tp_loader cannot shard",
+                file=str(path),
+                key=key,
+                hint="Convert the model to safetensors with dense tensors",
+            )
     return state
+
+
+class _StorageSizes(pickle.Unpickler):
+    """Reads a torch zip archive's ``data.pkl`` for its storage records only: every global becomes an
+    inert stand-in, so nothing from the file is executed; each persistent id
+    ``("storage", type, key, location, numel)`` is recorded."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(io.BytesIO(data))
+        self.storages: dict[str, tuple[str, int]] = {}
+
+    def find_class(self, module: str, name: str) -> object:
+        return _Inert(name)
+
+    def persistent_load(self, pid: object) -> object:
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, storage_type, key, _, numel = pid
+            self.storages[str(key)] = (getattr(storage_type, "name", ""), int(numel))
+        return None
+
+
+class _Inert:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: object, **kwargs: object) -> _Inert:
+        return self
+
+
+def _check_records(path: Path) -> None:
+    """Every storage record is stored uncompressed, lies inside the file, and holds exactly the bytes
+    of its storage (``numel`` elements of the storage type named in ``data.pkl``)."""
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+            names = archive.namelist()
+            pickled = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+            if len(pickled) != 1:
+                raise _bad_bin(path, f"has {len(pickled)} data.pkl records, not one")
+            prefix = pickled[0].removesuffix("data.pkl")
+            reader = _StorageSizes(archive.read(pickled[0]))
+            reader.load()
+            for key, (storage_type, numel) in reader.storages.items():
+                info = archive.getinfo(f"{prefix}data/{key}")
+                itemsize = _storage_itemsize(storage_type)
+                handle.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", handle.read(4))
+                begin = info.header_offset + 30 + name_len + extra_len
+                if info.compress_type != zipfile.ZIP_STORED or begin + info.file_size > size:
+                    raise _bad_bin(path, f"storage record {key} is compressed or runs past the end of the file")
+                if info.file_size != numel * itemsize:
+                    raise _bad_bin(
+                        path,
+                        f"storage record {key} holds {info.file_size} bytes, but data.pkl needs {numel} x "
+                        f"{itemsize} = {numel * itemsize}",
+                    )
+    except CheckpointError:
+        raise
+    except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError, struct.error) as exc:
+        raise _bad_bin(path, f"is a damaged zip archive ({short_repr(str(exc))})") from None
+    except RecursionError:
+        raise _bad_bin(path, "has a data.pkl that nests too deeply") from None
+
+
+def _storage_itemsize(storage_type: str) -> int:
+    """Bytes per element of a typed storage named in ``data.pkl`` (``FloatStorage``: 4)."""
+    storage = getattr(torch, storage_type, None) if storage_type.endswith("Storage") else None
+    if storage_type == "UntypedStorage":
+        return 1
+    with warnings.catch_warnings():  # typed storages are deprecated; their dtype is what data.pkl means
+        warnings.simplefilter("ignore")
+        dtype = getattr(storage, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown storage type {storage_type!r}")
+    return dtype.itemsize
+
+
+def _bad_bin(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f".bin file {what}", file=str(path), hint="The file is corrupt: re-download it")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -13,11 +13,12 @@ import os
 import re
 import shlex
 import socket
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, ModelNotFoundError
+from .errors import CheckpointError, ModelNotFoundError, short_text
 
 logger = logging.getLogger("tp_loader")
 
@@ -343,14 +344,20 @@ def find_weights(root: Path) -> WeightFiles:
     Raises:
         CheckpointError: no weights, or an index file that cannot be parsed.
     """
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise CheckpointError(
+            "the model directory cannot be listed or entered (no read or execute permission)",
+            file=str(root),
+            hint="Grant read and execute permission on the directory (chmod u+rx)",
+        )
     for fmt, index_name, single in (
         ("safetensors", SAFETENSORS_INDEX, SAFETENSORS_SINGLE),
         ("pickle", PICKLE_INDEX, PICKLE_SINGLE),
     ):
-        if (root / index_name).is_file():
+        if (root / index_name).exists():  # not is_file(): a FIFO or directory here is an error, not absent
             weight_map = read_weight_map(root, index_name)
             return WeightFiles(root, fmt, tuple(dict.fromkeys(weight_map.values())), index_name, weight_map)
-        if (root / single).is_file():
+        if (root / single).exists():
             check_inside(root, single, file=str(root / single))
             return WeightFiles(root, fmt, (single,))
         others = sorted(p.name for p in root.glob("*.safetensors")) if fmt == "safetensors" else []
@@ -373,10 +380,10 @@ def read_weight_map(root: Path, index_name: str) -> dict[str, str]:
     """
     path = root / index_name
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = read_json_file(path, what="index file", hint="Re-download or regenerate the index")
+    except FileNotFoundError:
         raise CheckpointError(
-            f"cannot parse index file: {exc}", file=str(path), hint="Re-download or regenerate the index"
+            "index file does not exist", file=str(path), hint="Re-download or regenerate the index"
         ) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not all(
@@ -404,17 +411,25 @@ def trusted_base(root: Path) -> Path:
 
 
 def check_inside(root: Path, name: str, *, file: str, key: str | None = None) -> None:
-    """Refuses a weight file name that is absolute, climbs out with ``..``, or is a symlink resolving
-    outside :func:`trusted_base`.
+    """Refuses a weight file name that is absolute, climbs out with ``..`` (``sub/../x`` stays inside
+    and is accepted), or is a symlink resolving outside :func:`trusted_base`.
 
     Raises:
-        CheckpointError: naming the offending entry.
+        CheckpointError: naming the offending entry (a symlink loop too).
     """
-    parts = Path(name).parts
-    outside = os.path.isabs(name) or ".." in parts or not parts
+    normal = os.path.normpath(name) if name else ""
+    outside = not name or os.path.isabs(name) or normal == ".." or normal.startswith(".." + os.sep)
     if not outside:
         base = trusted_base(root)
-        target = (root / name).resolve()
+        try:
+            target = (root / name).resolve()
+        except (RuntimeError, OSError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+            raise CheckpointError(
+                f"cannot resolve weight file {name!r}: {exc}",
+                file=file,
+                key=key,
+                hint="Fix the symlinks in the model directory",
+            ) from None
         outside = base != target and base not in target.parents
     if outside:
         raise CheckpointError(
@@ -425,24 +440,77 @@ def check_inside(root: Path, name: str, *, file: str, key: str | None = None) ->
         )
 
 
+def check_regular(path: Path, *, what: str) -> None:
+    """Refuses anything but a regular file before it is opened: opening a FIFO blocks until a writer
+    comes, which no timeout covers.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (callers say what is missing).
+        CheckpointError: ``path`` is a FIFO, socket, device or directory, a symlink loop, or unreadable.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot open the {what}: {exc}", file=str(path), hint="Fix the path") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"the {what} is not a regular file (a directory, FIFO, socket or device), so it is not read",
+            file=str(path),
+            hint="Replace it with the real file",
+        )
+
+
+def parse_json(raw: bytes, path: Path, *, what: str, hint: str) -> object:
+    """Parses JSON exactly as safetensors and transformers accept it: UTF-8 without a byte-order mark.
+
+    Raises:
+        CheckpointError: any other encoding, invalid JSON, nesting too deep, or integers too long to
+            convert, naming the file.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        problem = f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})"
+    except RecursionError:
+        problem = f"{what} nests too deeply"
+    except ValueError as exc:  # invalid JSON, a byte-order mark, an integer beyond the digit limit
+        problem = f"{what} is not valid JSON ({short_text(str(exc))})"
+    raise CheckpointError(f"cannot parse {what}: {problem}", file=str(path), hint=hint)
+
+
+def read_json_file(path: Path, *, what: str, hint: str) -> object:
+    """A regular file's JSON (see :func:`check_regular`, :func:`parse_json`).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError: as :func:`check_regular` and :func:`parse_json`, or a read error.
+    """
+    check_regular(path, what=what)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the {what}: {exc}", file=str(path), hint=hint) from None
+    return parse_json(raw, path, what=what, hint=hint)
+
+
 def read_config(root: Path) -> dict:
     """Reads ``config.json``.
 
     Raises:
-        CheckpointError: the file is missing or is not a JSON object.
+        CheckpointError: the file is missing, not a regular file, or not a JSON object.
     """
     path = root / CONFIG
     try:
-        config = json.loads(path.read_text())
+        config = read_json_file(path, what="config.json", hint="Fix or re-download config.json")
     except FileNotFoundError:
         raise CheckpointError(
             "config.json is missing",
             file=str(path),
             hint="A Hugging Face checkpoint needs its config.json beside the weights",
-        ) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"cannot parse config.json: {exc}", file=str(path), hint="Fix or re-download config.json"
         ) from None
     if not isinstance(config, dict):
         raise CheckpointError("config.json is not a JSON object", file=str(path), hint="Fix or re-download config.json")

@@ -22,7 +22,7 @@ from typing import Any
 
 from .aliases import with_aliases
 from .convert import ConverterSpec, parse_converters
-from .errors import CheckpointError, PlanError, TPLoaderError
+from .errors import CheckpointError, PlanError, TPLoaderError, short_repr
 from .styles import STYLES
 
 
@@ -495,16 +495,6 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
         f"expression {expression!r} in {where} uses an unsupported construct",
         hint="Use config names, integers, + - * // %, comparisons, not/and/or, len(name)",
     )
-
-
-def short_repr(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, with the full length stated when cut (config values
-    end up in error messages that every rank gathers)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int beyond Python's int-to-string digit limit
-        return f"<integer of {value.bit_length()} bits>"
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
 
 
 def config_values(spec: PlanSpec, config: dict) -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""Inputs that used to hang a job, load garbage or end in a raw traceback: each is a TPLoaderError
+naming the file, raised on every rank of a world-2 load, quickly and with a short message."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import llama_config, rewrite_header
+from safetensors import SafetensorError, safe_open
+
+import tp_loader
+from tp_loader.demo import llama_tensors
+from tp_loader.testing import run_ranks, same_error, values
+
+SHARD1 = "model-00001-of-00002.safetensors"
+
+
+def _load(rank: int, world_size: int, root: Path) -> int:
+    return len(tp_loader.load(root).state_dict)
+
+
+def _refused_on_every_rank(root: Path) -> tp_loader.testing.RankError:
+    start = time.monotonic()
+    error = same_error(run_ranks(2, _load, root, timeout=60))
+    assert time.monotonic() - start < 15
+    assert len(error.message) < 2048
+    return error
+
+
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+@pytest.mark.parametrize("name", [SHARD1, "model.safetensors.index.json", "config.json"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_without_opening_it(make_checkpoint, name: str) -> None:
+    root = make_checkpoint(num_shards=2)
+    _replace_with_fifo(root / name)
+    error = _refused_on_every_rank(root)
+    assert error.type == "CheckpointError"
+    assert error.wire["file"] == str(root / name)
+    assert "is not a regular file (a directory, FIFO, socket or device), so it is not read" in error.message
+
+
+def test_a_symlink_loop_as_a_weight_file_is_a_checkpoint_error(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    (root / SHARD1).unlink()
+    (root / SHARD1).symlink_to(root / SHARD1)
+    error = _refused_on_every_rank(root)
+    assert error.type == "CheckpointError"
+    assert error.message.startswith(f"cannot resolve weight file '{SHARD1}'")
+
+
+def test_an_index_entry_through_a_subdirectory_and_back_stays_inside_and_loads(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    (root / "sub").mkdir()
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: (f"sub/../{v}" if v == SHARD1 else v) for k, v in index["weight_map"].items()}
+    (root / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert values(run_ranks(2, _load, root)) == [21, 21]
+
+
+def _bom(raw: bytes) -> bytes:
+    return b"\xef\xbb\xbf" + raw
+
+
+def _utf16(raw: bytes) -> bytes:
+    return raw.decode().encode("utf-16")
+
+
+def _write_header(path: Path, transform: Callable[[bytes], bytes]) -> None:
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = transform(data[8 : 8 + length].rstrip(b" "))
+    # keep the data where it was: pad the new header with spaces to the old length (or move the data)
+    body = data[8 + length :]
+    padded = header.ljust(length, b" ") if len(header) <= length else header
+    path.write_bytes(struct.pack("<Q", len(padded)) + padded + body)
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [
+        (_bom, "cannot parse header: header is not valid JSON (Unexpected UTF-8 BOM"),
+        (_utf16, "cannot parse header: header is not UTF-8 (invalid start byte at byte 0)"),
+    ],
+    ids=["utf8-bom", "utf16"],
+)
+def test_headers_safetensors_refuses_are_refused_too(make_checkpoint, transform, message: str) -> None:
+    root = make_checkpoint()
+    _write_header(root / "model.safetensors", transform)
+    with pytest.raises(SafetensorError):
+        safe_open(str(root / "model.safetensors"), "pt")
+    error = _refused_on_every_rank(root)
+    assert (error.type, error.wire["file"]) == ("CheckpointError", str(root / "model.safetensors"))
+    assert error.message.startswith(message)
+
+
+def test_metadata_that_is_not_a_string_map_is_refused_as_safetensors_does(make_checkpoint) -> None:
+    root = make_checkpoint()
+    rewrite_header(root / "model.safetensors", lambda h: h.update({"__metadata__": {"format": 1}}))
+    with pytest.raises(SafetensorError):
+        safe_open(str(root / "model.safetensors"), "pt")
+    error = _refused_on_every_rank(root)
+    assert error.wire["message"] == (
+        "malformed safetensors header: __metadata__ is not a map of strings to strings (safetensors refuses it too)"
+    )
+
+
+def test_a_dtype_that_is_a_list_is_an_unknown_dtype(make_checkpoint) -> None:
+    root = make_checkpoint()
+    rewrite_header(root / "model.safetensors", lambda h: h["model.norm.weight"].update({"dtype": ["F32"]}))
+    error = _refused_on_every_rank(root)
+    assert error.message.startswith("malformed safetensors header: unknown dtype ['F32']; known: F64, F32")
+    assert error.wire["key"] == "model.norm.weight"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "cannot parse config.json: config.json nests too deeply"),
+        ('{"vocab_size": ' + "9" * 5000 + "}", "cannot parse config.json: config.json is not valid JSON (Exceeds"),
+    ],
+    ids=["deeply-nested", "5000-digit-integer"],
+)
+def test_config_json_that_breaks_the_parser_is_a_checkpoint_error(make_checkpoint, text: str, message: str) -> None:
+    root = make_checkpoint()
+    (root / "config.json").write_text(text)
+    error = _refused_on_every_rank(root)
+    assert (error.type, error.wire["file"]) == ("CheckpointError", str(root / "config.json"))
+    assert error.message.startswith(message)
+
+
+def _bin_checkpoint(root: Path, tensors: dict[str, torch.Tensor], **save: object) -> Path:
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(llama_config()))
+    torch.save(tensors, root / "pytorch_model.bin", **save)
+    return root
+
+
+def _shrink_record(path: Path, record: str, new_size: int) -> None:
+    """Makes one storage record of a torch zip archive claim fewer bytes (local and central headers)."""
+    raw = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(record))
+        struct.pack_into("<II", raw, archive.getinfo(name).header_offset + 18, new_size, new_size)
+    at = raw.find(b"PK\x01\x02")
+    while at != -1:
+        (name_len,) = struct.unpack_from("<H", raw, at + 28)
+        if bytes(raw[at + 46 : at + 46 + name_len]) == name.encode():
+            struct.pack_into("<II", raw, at + 20, new_size, new_size)
+        at = raw.find(b"PK\x01\x02", at + 4)
+    path.write_bytes(raw)
+
+
+def test_a_bin_record_cut_short_is_refused_where_torch_load_would_read_past_it(tmp_path: Path) -> None:
+    tensors = llama_tensors(llama_config())
+    root = _bin_checkpoint(tmp_path / "bin", tensors)
+    _shrink_record(root / "pytorch_model.bin", "data/0", 16)
+    torch.load(root / "pytorch_model.bin", weights_only=True, mmap=True)  # torch itself does not notice
+    error = _refused_on_every_rank(root)
+    assert (error.type, error.wire["file"]) == ("CheckpointError", str(root / "pytorch_model.bin"))
+    assert error.message.startswith(".bin file storage record 0 holds 16 bytes, but data.pkl needs")
+
+
+def test_a_legacy_non_zip_bin_is_refused_for_what_it_is(tmp_path: Path) -> None:
+    root = _bin_checkpoint(tmp_path / "bin", {"a": torch.zeros(2)}, _use_new_zipfile_serialization=False)
+    error = _refused_on_every_rank(root)
+    assert error.wire["message"] == (
+        ".bin file is in torch's legacy (pre-1.6, non-zip) format, which cannot be memory-mapped or checked"
+    )
+
+
+def test_a_sparse_tensor_in_a_bin_is_refused_when_indexing_before_any_read(tmp_path: Path) -> None:
+    tensors = {**llama_tensors(llama_config()), "extra": torch.eye(3).to_sparse()}
+    root = _bin_checkpoint(tmp_path / "bin", tensors)
+    error = _refused_on_every_rank(root)
+    assert (error.wire["message"], error.wire["key"]) == ("tensor is sparse, which tp_loader cannot shard", "extra")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-3", "soon"])
+def test_a_timeout_that_is_not_a_positive_number_names_the_variable(make_checkpoint, value: str) -> None:
+    error = same_error(run_ranks(2, _load, make_checkpoint(), env={"TP_LOADER_TIMEOUT_S": value}))
+    assert (error.type, error.wire["message"]) == (
+        "ArgumentError",
+        f"environment variable TP_LOADER_TIMEOUT_S={value!r} is not a positive number of seconds",
+    )
