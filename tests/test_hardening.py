@@ -193,3 +193,61 @@ def test_a_timeout_that_is_not_a_positive_number_names_the_variable(make_checkpo
         "ArgumentError",
         f"environment variable TP_LOADER_TIMEOUT_S={value!r} is not a positive number of seconds",
     )
+
+
+@pytest.mark.parametrize("case", ["read-only-parent", "file-in-the-way"])
+def test_a_demo_directory_that_cannot_be_made_names_the_variable_on_every_rank(tmp_path: Path, case: str) -> None:
+    if case == "read-only-parent":
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o500)
+        if os.access(parent, os.W_OK):  # root ignores permissions: a file as the parent fails for everyone
+            parent.chmod(0o700)
+            parent.rmdir()
+            parent.write_text("")
+        demo = parent / "demo"
+    else:
+        demo = tmp_path / "demo"
+        (tmp_path / "demo").write_text("not a directory")
+        demo = demo / "inner"
+    error = same_error(run_ranks(2, _load_demo, env={"TP_LOADER_DEMO_DIR": str(demo)}))
+    assert (error.type, error.wire["key"], error.wire["file"]) == ("ArgumentError", "TP_LOADER_DEMO_DIR", str(demo))
+    assert error.wire["message"].startswith(f"cannot generate the demo checkpoint in {demo}: ")
+
+
+def _load_demo(rank: int, world_size: int) -> int:
+    return len(tp_loader.load().state_dict)
+
+
+def _load_on_a_mesh_without_rank_1(rank: int, world_size: int, root: Path) -> str:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", torch.tensor([0]))
+    if rank == 0:
+        return f"{len(tp_loader.load(root, mesh=mesh).state_dict)} tensors"
+    try:
+        tp_loader.load(root, mesh=mesh)
+    except tp_loader.DistributedError as exc:
+        return exc.message
+    return "loaded"
+
+
+def test_a_rank_outside_the_mesh_it_passes_gets_a_distributed_error(make_checkpoint) -> None:
+    outcomes = values(run_ranks(2, _load_on_a_mesh_without_rank_1, make_checkpoint()))
+    assert outcomes == ["21 tensors", "this process (global rank 1) is not in the mesh it passed (ranks [0])"]
+
+
+def _two_threads_load_at_once(rank: int, world_size: int, root: Path) -> list[int]:
+    import threading
+
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(len(tp_loader.load(root).state_dict))) for _ in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return results
+
+
+def test_two_threads_loading_at_once_are_served_in_turn(make_checkpoint) -> None:
+    assert values(run_ranks(2, _two_threads_load_at_once, make_checkpoint(), timeout=90)) == [[21, 21], [21, 21]]

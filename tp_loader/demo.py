@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .errors import ArgumentError
+
 DEMO_CONFIG: dict = {
     "model_type": "llama",
     "architectures": ["LlamaForCausalLM"],
@@ -124,15 +126,29 @@ def ensure_demo(path: str | os.PathLike[str]) -> Path:
     root = Path(path)
     if (root / "config.json").is_file():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
+    except OSError as exc:
+        raise _demo_error(root, exc) from None
     try:
         write_checkpoint(staging, DEMO_CONFIG, llama_tensors(DEMO_CONFIG, seed=0), num_shards=2)
         try:
             staging.rename(root)
-        except OSError:
+        except OSError as exc:
             if not (root / "config.json").is_file():
-                raise
+                raise _demo_error(root, exc) from None
+    except OSError as exc:
+        raise _demo_error(root, exc) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return root
+
+
+def _demo_error(root: Path, exc: OSError) -> ArgumentError:
+    return ArgumentError(
+        f"cannot generate the demo checkpoint in {root}: {exc.strerror or exc}",
+        file=str(root),
+        key="TP_LOADER_DEMO_DIR",
+        hint="Set TP_LOADER_DEMO_DIR to a writable directory that does not exist yet (or holds the demo)",
+    )

@@ -73,6 +73,12 @@ def make_context(
                 hint="Pass mesh['tp'] (the tensor-parallel dimension)",
             )
         target = torch.device(device) if device is not None else _mesh_device(mesh)
+        if mesh.get_coordinate() is None:
+            raise DistributedError(
+                f"this process (global rank {dist.get_rank()}) is not in the mesh it passed "
+                f"(ranks {mesh.mesh.flatten().tolist()})",
+                hint="Call load with mesh= only on the mesh's own ranks, each passing the mesh it belongs to",
+            )
         return Context(mesh.get_local_rank(), mesh.size(), mesh, target, timeout_s=settings.timeout_s)
     target = torch.device(device) if device is not None else default_device(env)
     if not dist.is_initialized() and not env.launched:

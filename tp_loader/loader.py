@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,8 @@ def load(
     Call it on every rank. Under torchrun without a process group it initializes one (gloo on CPU,
     nccl on CUDA); with ``mesh`` it uses the caller's 1-D mesh; in a plain process it loads everything
     as plain tensors. Every argument is checked, and compared across ranks, before any file is read.
+    Loads in one process run one at a time: threads calling ``load`` together are served in turn (make
+    such calls in the same order on every rank).
 
     Args:
         model: a checkpoint directory or a Hub repository id; ``None`` loads the demo checkpoint.
@@ -101,6 +104,45 @@ def load(
             :class:`ArgumentError` for a bad argument, a :class:`DistributedError` when ranks pass
             different arguments).
     """
+    with _ONE_LOAD_AT_A_TIME:
+        return _checked_load(
+            model,
+            dtype=dtype,
+            device=device,
+            mesh=mesh,
+            plan=plan,
+            mode=mode,
+            strict=strict,
+            allow_unmatched=allow_unmatched,
+            report=report,
+            revision=revision,
+            cache_dir=cache_dir,
+            progress=progress,
+            zero_copy=zero_copy,
+        )
+
+
+#: Loads in one process run one at a time: each is a sequence of collectives on the loader's group, and
+#: two interleaved sequences would pair the wrong calls across ranks. Concurrent callers wait here.
+_ONE_LOAD_AT_A_TIME = threading.Lock()
+
+
+def _checked_load(
+    model: str | os.PathLike[str] | None,
+    *,
+    dtype: torch.dtype | str | None,
+    device: str | torch.device | None,
+    mesh: DeviceMesh | None,
+    plan: str | os.PathLike[str],
+    mode: str | None,
+    strict: bool,
+    allow_unmatched: bool,
+    report: str | os.PathLike[str] | None,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+    progress: bool,
+    zero_copy: bool | None,
+) -> LoadResult:
     start = time.perf_counter()
     launch = envmod.launch_env()
     error: TPLoaderError | None = None
