@@ -48,6 +48,11 @@ class LoadResult:
     mesh: DeviceMesh | None
 
 
+#: Loads in one process run one at a time: each is a sequence of collectives on the loader's group, and
+#: two interleaved sequences would pair the wrong calls across ranks. Concurrent callers wait here.
+_ONE_LOAD_AT_A_TIME = threading.Lock()
+
+
 def load(
     model: str | os.PathLike[str] | None = None,
     *,
@@ -105,78 +110,40 @@ def load(
             different arguments).
     """
     with _ONE_LOAD_AT_A_TIME:
-        return _checked_load(
-            model,
-            dtype=dtype,
-            device=device,
-            mesh=mesh,
-            plan=plan,
-            mode=mode,
-            strict=strict,
-            allow_unmatched=allow_unmatched,
-            report=report,
-            revision=revision,
-            cache_dir=cache_dir,
-            progress=progress,
-            zero_copy=zero_copy,
+        start = time.perf_counter()
+        launch = envmod.launch_env()
+        error: TPLoaderError | None = None
+        wanted: torch.dtype | None = None
+        target: torch.device | None = None
+        try:
+            settings = envmod.settings(launch.local_world_size)
+            wanted = normalise_dtype(dtype)
+            target = normalise_device(device, launch.local_rank)
+        except TPLoaderError as exc:  # agreed below, once the ranks can talk
+            error = exc
+            settings = envmod.default_settings(launch.local_world_size)
+        if zero_copy is not None:
+            settings = dataclasses.replace(settings, zero_copy=zero_copy)
+        ctx = open_control_group(make_context(mesh, target, launch, settings))
+        arguments = Fingerprint(
+            dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, ctx.device.type
         )
 
+        def check() -> tuple[str, Fingerprint]:
+            if error is not None:
+                raise error
+            if report is not None and ctx.rank == 0:
+                check_writable(report, what="report")
+            return host_name(), arguments
 
-#: Loads in one process run one at a time: each is a sequence of collectives on the loader's group, and
-#: two interleaved sequences would pair the wrong calls across ranks. Concurrent callers wait here.
-_ONE_LOAD_AT_A_TIME = threading.Lock()
-
-
-def _checked_load(
-    model: str | os.PathLike[str] | None,
-    *,
-    dtype: torch.dtype | str | None,
-    device: str | torch.device | None,
-    mesh: DeviceMesh | None,
-    plan: str | os.PathLike[str],
-    mode: str | None,
-    strict: bool,
-    allow_unmatched: bool,
-    report: str | os.PathLike[str] | None,
-    revision: str | None,
-    cache_dir: str | os.PathLike[str] | None,
-    progress: bool,
-    zero_copy: bool | None,
-) -> LoadResult:
-    start = time.perf_counter()
-    launch = envmod.launch_env()
-    error: TPLoaderError | None = None
-    wanted: torch.dtype | None = None
-    target: torch.device | None = None
-    try:
-        settings = envmod.settings(launch.local_world_size)
-        wanted = normalise_dtype(dtype)
-        target = normalise_device(device, launch.local_rank)
-    except TPLoaderError as exc:  # agreed below, once the ranks can talk
-        error = exc
-        settings = envmod.default_settings(launch.local_world_size)
-    if zero_copy is not None:
-        settings = dataclasses.replace(settings, zero_copy=zero_copy)
-    ctx = open_control_group(make_context(mesh, target, launch, settings))
-    arguments = Fingerprint(
-        dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, ctx.device.type
-    )
-
-    def check() -> tuple[str, Fingerprint]:
-        if error is not None:
-            raise error
-        if report is not None and ctx.rank == 0:
-            check_writable(report, what="report")
-        return host_name(), arguments
-
-    _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
-    _refuse_differing_arguments(arguments, [fingerprint for _, fingerprint in seen], ctx.rank)
-    hosts = [host for host, _ in seen]
-    options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
-    result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start)
-    if report is not None:
-        _write_report(ctx, result.report, Path(report))
-    return result
+        _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
+        _refuse_differing_arguments([fingerprint for _, fingerprint in seen], ctx.rank)
+        hosts = [host for host, _ in seen]
+        options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
+        result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start)
+        if report is not None:
+            _write_report(ctx, result.report, Path(report))
+        return result
 
 
 @dataclass(frozen=True)
@@ -190,7 +157,8 @@ class _LoadOptions:
     progress: bool
 
 
-def _refuse_differing_arguments(mine: Fingerprint, every: list[Fingerprint], rank: int) -> None:
+def _refuse_differing_arguments(every: list[Fingerprint], rank: int) -> None:
+    """Every rank's arguments must equal rank 0's."""
     differing = [r for r, theirs in enumerate(every) if theirs != every[0]]
     if differing:
         what = "; ".join(every[differing[0]].differences(every[0]))
