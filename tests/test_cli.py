@@ -50,7 +50,7 @@ def test_local_launch_script_without_a_model_loads_the_generated_demo_checkpoint
     script = Path(__file__).parents[1] / "launch" / "local.sh"
     env = {**os.environ, "TP_LOADER_DEMO_DIR": str(tmp_path / "demo")}
     done = subprocess.run(
-        ["bash", str(script), "2", "-q", "--report", str(tmp_path / "r.json")],
+        ["bash", str(script), "-n", "2", "-q", "--report", str(tmp_path / "r.json")],
         capture_output=True,
         text=True,
         timeout=120,
