@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from conftest import llama_config, rewrite_header
 from safetensors.torch import save_file
 
 import tp_loader
-from tp_loader.testing import run_ranks, same_error, values
+from tp_loader.testing import errors, run_ranks, same_error, values
 
 SHARD1 = "model-00001-of-00002.safetensors"
 SHARD2 = "model-00002-of-00002.safetensors"
@@ -126,20 +127,39 @@ def _empty_directory(root: Path, tmp: Path) -> None:
         path.unlink()
 
 
+SENTINEL = "pwned"  # the file the pickle below would create, in the test's tmp directory
+
+
 def _pickle_exploit(root: Path, tmp: Path) -> None:
     for path in root.glob("model*"):
         path.unlink()
-    torch.save({"model.norm.weight": torch.zeros(2), "x": _Exploit()}, root / "pytorch_model.bin")
+    torch.save({"model.norm.weight": torch.zeros(2), "x": _Exploit(tmp / SENTINEL)}, root / "pytorch_model.bin")
 
 
 class _Exploit:
+    """Unpickling this runs ``touch PATH``: code execution that leaves a trace."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
     def __reduce__(self):
-        return (os.system, ("echo pwned",))
+        return (os.system, (f"touch {shlex.quote(str(self.sentinel))}",))
 
 
-# (damage, load kwargs, error type, message pattern, file concerned relative to the checkpoint or tmp, key)
+INDEX = "model.safetensors.index.json"
+
+# (damage, load kwargs, error type, message pattern, file the error names, key it names). The file is relative
+# to the checkpoint ("." is the checkpoint directory itself) or to the test's tmp directory ("TMP/..."), or None
+# where the error concerns no single file; a key of None means the error names no key.
 CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str | None]] = [
-    (_truncate, {}, "CheckpointError", r"data_offsets .* fall outside the \d+ data bytes", SHARD2, None),
+    (
+        _truncate,
+        {},
+        "CheckpointError",
+        r"data_offsets \[101760, 101952\) fall outside the 101852 data bytes",
+        SHARD2,
+        "model.norm.weight",
+    ),
     (_corrupt_json, {}, "CheckpointError", "header is not valid JSON", SHARD1, None),
     (
         _offsets_out_of_range,
@@ -149,7 +169,7 @@ CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str 
         SHARD1,
         LAST,
     ),
-    (_overlap, {}, "CheckpointError", "overlaps the previous tensor", SHARD1, None),
+    (_overlap, {}, "CheckpointError", r"byte range \[0, 19392\) overlaps the previous tensor", SHARD1, KEY),
     (
         _trailing_bytes,
         {},
@@ -158,7 +178,7 @@ CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str 
         SHARD1,
         None,
     ),
-    (_unknown_dtype, {}, "CheckpointError", "unknown dtype 'Q4'", SHARD1, KEY),
+    (_unknown_dtype, {}, "CheckpointError", "unknown dtype 'Q4'; known: F64, F32, F16, BF16", SHARD1, KEY),
     (
         _shape_vs_bytes,
         {},
@@ -167,47 +187,54 @@ CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str 
         SHARD1,
         KEY,
     ),
-    (_index_names_missing_file, {}, "CheckpointError", "weight file does not exist", SHARD2, None),
+    (_index_names_missing_file, {}, "CheckpointError", "^weight file does not exist$", SHARD2, None),
     (
         _index_names_absent_key,
         {},
         "CheckpointError",
-        "index maps the key to .* but that file's header has no such tensor",
-        "model.safetensors.index.json",
+        f"^index maps the key to {SHARD1}, but that file's header has no such tensor$",
+        INDEX,
         "model.layers.0.mlp.extra.weight",
     ),
     (
         _index_climbs_out,
         {},
         "CheckpointError",
-        "weight file '../outside.safetensors' lies outside the model directory",
-        "model.safetensors.index.json",
+        "^weight file '../outside.safetensors' lies outside the model directory$",
+        INDEX,
         "model.norm.weight",
     ),
     (
         _index_absolute,
         {},
         "CheckpointError",
-        "lies outside the model directory",
-        "model.safetensors.index.json",
+        "^weight file 'TMP/outside.safetensors' lies outside the model directory$",
+        INDEX,
         "model.norm.weight",
     ),
     (
         _symlink_out,
         {},
         "CheckpointError",
-        f"weight file '{SHARD2}' lies outside the model directory",
-        "model.safetensors.index.json",
-        None,
+        f"^weight file '{SHARD2}' lies outside the model directory$",
+        INDEX,
+        "model.layers.1.self_attn.q_proj.weight",  # the index's first key in that file
     ),
-    (_duplicate_key, {}, "CheckpointError", "key is stored twice", "model-extra.safetensors", "model.norm.weight"),
-    (_config_missing, {}, "CheckpointError", "config.json is missing", "config.json", None),
-    (_config_malformed, {}, "CheckpointError", "cannot parse config.json", "config.json", None),
+    (
+        _duplicate_key,
+        {},
+        "CheckpointError",
+        f"^key is stored twice, in {SHARD2} and model-extra.safetensors$",
+        "model-extra.safetensors",
+        "model.norm.weight",
+    ),
+    (_config_missing, {}, "CheckpointError", "^config.json is missing$", "config.json", None),
+    (_config_malformed, {}, "CheckpointError", "^cannot parse config.json", "config.json", None),
     (
         _config_zero_heads,
         {},
         "CheckpointError",
-        r"config values hidden_size=48, num_attention_heads=0 give no valid default head_dim",
+        r"^config values hidden_size=48, num_attention_heads=0 give no valid default head_dim",
         "config.json",
         None,
     ),
@@ -215,25 +242,26 @@ CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str 
         _config_contradicts_shapes,
         {"strict": True},
         "StrictLoadError",
-        r"6 mismatched: model.layers.0.mlp.down_proj.weight \(config implies \[48, 64\], stored \[48, 100\]\)",
-        None,
+        r"^strict load of ROOT refused: 6 mismatched: "
+        r"model.layers.0.mlp.down_proj.weight \(config implies \[48, 64\], stored \[48, 100\]\)",
+        None,  # the refusal concerns the checkpoint as a whole, which its message names
         None,
     ),
-    (_plan_malformed, {"plan": "TMP/plan.toml"}, "PlanError", "cannot parse plan file", "TMP/plan.toml", None),
+    (_plan_malformed, {"plan": "TMP/plan.toml"}, "PlanError", "^cannot parse plan file", "TMP/plan.toml", None),
     (
         _plan_unknown_style,
         {"plan": "TMP/plan.toml"},
         "PlanError",
-        "names unknown style 'sideways'",
+        "^rule 'lm_head.weight' names unknown style 'sideways'",
         "TMP/plan.toml",
         None,
     ),
-    (_empty_directory, {}, "CheckpointError", "no weights in", ".", None),
+    (_empty_directory, {}, "CheckpointError", "^no weights in ROOT$", ".", None),
     (
         _pickle_exploit,
         {},
         "CheckpointError",
-        "refused or could not read the .bin file with weights_only=True",
+        "^refused or could not read the .bin file with weights_only=True",
         "pytorch_model.bin",
         None,
     ),
@@ -253,14 +281,31 @@ def test_bad_input_raises_the_same_error_on_every_rank(
     root = make_checkpoint(num_shards=2)
     damage(root, tmp_path)
     kwargs = {k: v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
-    error = same_error(run_ranks(2, _load, root, kwargs, timeout=60))
+    results = run_ranks(2, _load, root, kwargs, timeout=60)
+    error = same_error(results)
+    assert [e.wire for e in errors(results)] == [error.wire] * 2  # file, key, rank and hint too, not only the text
     assert error.type == kind
-    assert re.search(message, error.message), error.message
-    if file is not None:
-        where = Path(file.replace("TMP", str(tmp_path))) if file.startswith("TMP") else root / file
-        assert error.wire["file"] in (str(where), str(where.resolve()), str(root)), error.wire
-    if key is not None:
-        assert error.wire["key"] == key
+    pattern = message.replace("TMP", re.escape(str(tmp_path))).replace("ROOT", re.escape(str(root)))
+    assert re.search(pattern, error.wire["message"]), error.wire["message"]
+    if file is None:
+        assert error.wire["file"] is None
+    elif file.startswith("TMP/"):
+        assert error.wire["file"] == str(tmp_path / file.removeprefix("TMP/"))
+    else:
+        assert error.wire["file"] == str(root if file == "." else root / file)
+    assert error.wire["key"] == key
+    assert error.wire["rank"] == 0
+    assert not (tmp_path / SENTINEL).exists(), "a rank ran code from the checkpoint"
+
+
+def test_the_pickle_exploit_case_runs_code_when_loaded_without_weights_only(tmp_path: Path) -> None:
+    """The payload of ``[pickle_exploit]`` is live: only tp_loader's refusal keeps its sentinel file away."""
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    _pickle_exploit(root, tmp_path)
+    assert not (tmp_path / SENTINEL).exists()
+    torch.load(root / "pytorch_model.bin", weights_only=False)
+    assert (tmp_path / SENTINEL).exists()
 
 
 def test_uncached_hub_id_offline_raises_model_not_found_on_every_rank(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -251,3 +253,23 @@ def _two_threads_load_at_once(rank: int, world_size: int, root: Path) -> list[in
 
 def test_two_threads_loading_at_once_are_served_in_turn(make_checkpoint) -> None:
     assert values(run_ranks(2, _two_threads_load_at_once, make_checkpoint(), timeout=90)) == [[21, 21], [21, 21]]
+
+
+def test_loading_again_after_the_job_is_torn_down_under_torchrun_works_every_time(make_checkpoint) -> None:
+    """torchrun's store outlives a destroyed job; each initialization the loader makes has a namespace
+    of its own in it (before, 4 of 5 runs lost contact on the second load)."""
+    root = make_checkpoint()
+    script = Path(__file__).parent / "reinit_job.py"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    for _ in range(2):
+        done = subprocess.run(
+            [*command, str(root)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "TP_LOADER_TIMEOUT_S": "20"},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert sorted(done.stdout.splitlines()) == sorted(
+            f"rank {rank} attempt {attempt}: 21 tensors" for attempt in range(3) for rank in range(2)
+        )

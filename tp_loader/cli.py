@@ -132,13 +132,20 @@ def _print_error(exc: TPLoaderError, rank: int) -> None:
     """Rank 0 prints the whole message; any other rank one line, after a moment, so that rank 0 has
     printed before a launcher that stops the job at the first exit stops it."""
     if rank == 0:
-        print(f"tp_loader: error: {exc}", file=sys.stderr, flush=True)
+        _write_line(f"tp_loader: error: {exc}")
         return
     line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if len(line) > MAX_LINE:
         line = line[:MAX_LINE] + "…"
-    print(f"tp_loader: error on rank {rank}: {type(exc).__name__}: {line}", file=sys.stderr, flush=True)
+    _write_line(f"tp_loader: error on rank {rank}: {type(exc).__name__}: {line}")
     time.sleep(OTHER_RANKS_DELAY_S)
+
+
+def _write_line(line: str) -> None:
+    """One write per line: torchrun runs workers unbuffered, and ``print`` writes the newline apart, so
+    two ranks' lines could run together."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 #: How long a failing rank other than 0 waits before exiting, and how long its line may be.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import socket
 from collections.abc import Callable
@@ -35,6 +36,8 @@ class Context:
         group: the group of the loader's own collectives (``None`` in a single process), set by
             :func:`open_control_group`.
         timeout_s: the loader's collective timeout.
+        initialized_gloo: this load initialized the job's process group itself, on gloo and with the
+            loader's timeout, so the loader's collectives can use it.
     """
 
     rank: int
@@ -43,6 +46,7 @@ class Context:
     device: torch.device
     group: Any = None
     timeout_s: float = 0.0
+    initialized_gloo: bool = False
 
 
 def default_device(env: LaunchEnv) -> torch.device:
@@ -83,12 +87,14 @@ def make_context(
     target = torch.device(device) if device is not None else default_device(env)
     if not dist.is_initialized() and not env.launched:
         return Context(0, 1, None, target)
+    initialized_gloo = False
     if not dist.is_initialized():
         backend = "nccl" if target.type == "cuda" else "gloo"
+        initialized_gloo = backend == "gloo"
         if target.type == "cuda":
             torch.cuda.set_device(target)
         try:
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=settings.timeout_s))
+            _init_process_group(backend, settings.timeout_s)
         except Exception as exc:  # noqa: BLE001 - the launcher's variables are what is wrong
             raise DistributedError(
                 f"cannot initialize the {backend} process group: {exc}",
@@ -97,7 +103,29 @@ def make_context(
             ) from None
     world_size = dist.get_world_size()
     mesh = init_device_mesh(target.type, (world_size,), mesh_dim_names=("tp",))
-    return Context(dist.get_rank(), world_size, mesh, target, timeout_s=settings.timeout_s)
+    return Context(
+        dist.get_rank(), world_size, mesh, target, timeout_s=settings.timeout_s, initialized_gloo=initialized_gloo
+    )
+
+
+#: How many times this process has initialized the job's process group (see :func:`_init_process_group`).
+_INCARNATIONS = itertools.count()
+
+
+def _init_process_group(backend: str, timeout_s: float) -> None:
+    """Initializes the job's process group from the launcher's variables, in a store namespace of its
+    own for each time this process does it.
+
+    torchrun's store outlives a job that is torn down (``destroy_process_group()``) and initialized
+    again, and torch numbers the new job's groups from the start: without a namespace of its own, a
+    rank of the new job can meet the old job's addresses in the store and wait on a dead peer (seen
+    here in 4 of 5 runs). Every rank initializes the same number of times, so the namespaces agree.
+    """
+    incarnation = next(_INCARNATIONS)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"tp_loader/job{incarnation}/", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 #: The loader's control groups, one per timeout, kept for later loads: tearing a gloo group down costs
@@ -121,6 +149,11 @@ def open_control_group(ctx: Context) -> Context:
     """
     if ctx.mesh is None or ctx.world_size == 1:
         return ctx
+    if ctx.initialized_gloo:
+        # the group this load created is gloo with the loader's timeout already: a group of its own
+        # would be created after a re-initialized job under torchrun with the numbering of the first
+        # job, in torchrun's store that outlives it, and meet that job's stale addresses
+        return dataclasses.replace(ctx, group=dist.group.WORLD)
     if ctx.world_size != dist.get_world_size():
         logger.debug(
             "mesh of %d ranks in a job of %d: the loader's collectives use the mesh's group and its timeout",

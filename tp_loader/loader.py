@@ -137,7 +137,7 @@ def load(
             return host_name(), arguments
 
         _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
-        _refuse_differing_arguments([fingerprint for _, fingerprint in seen], ctx.rank)
+        _refuse_differing_arguments([fingerprint for _, fingerprint in seen])
         hosts = [host for host, _ in seen]
         options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
         result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start)
@@ -157,14 +157,15 @@ class _LoadOptions:
     progress: bool
 
 
-def _refuse_differing_arguments(every: list[Fingerprint], rank: int) -> None:
-    """Every rank's arguments must equal rank 0's."""
+def _refuse_differing_arguments(every: list[Fingerprint]) -> None:
+    """Every rank's arguments must equal rank 0's (the error, naming the first differing rank, is the
+    same on every rank)."""
     differing = [r for r, theirs in enumerate(every) if theirs != every[0]]
     if differing:
         what = "; ".join(every[differing[0]].differences(every[0]))
         raise DistributedError(
             f"ranks {differing} passed different arguments than rank 0 ({what})",
-            rank=rank,
+            rank=differing[0],
             hint="Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy and "
             "device type on every rank",
         )
