@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 from .convert import ConverterSpec
@@ -32,6 +33,10 @@ def _template_regex(templates: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(parts) or r"(?!)")
 
 
+#: Prefixes seen most often in stored keys that :func:`detect_prefix` scores, besides the plan's and none.
+MAX_CANDIDATES = 8
+
+
 def detect_prefix(spec: PlanSpec, keys: Iterable[str]) -> str:
     """The prefix under which ``keys`` hold the plan's base-model tensors: the plan's own prefix, none
     (a base model saved alone), or any other that stored keys show (``model.language_model.``).
@@ -45,11 +50,13 @@ def detect_prefix(spec: PlanSpec, keys: Iterable[str]) -> str:
     keys = list(keys)
     templates = _base_templates(spec)
     fixed = [t for t in templates if "{" not in t]
-    candidates = {spec.prefix, ""}
+    found: Counter[str] = Counter()
     for key in keys:
         for suffix in fixed:
             if key.endswith(suffix) and (len(key) == len(suffix) or key[-len(suffix) - 1] == "."):
-                candidates.add(key[: -len(suffix)])
+                found[key[: -len(suffix)]] += 1
+    # the most frequent few only: a header of 10^5 keys each under a prefix of its own stays linear
+    candidates = {spec.prefix, ""} | {c for c, _ in found.most_common(MAX_CANDIDATES)}
     regex = _template_regex(templates)
     scores = {c: sum(1 for k in keys if k.startswith(c) and regex.fullmatch(k, len(c))) for c in candidates}
     return max(sorted(candidates), key=lambda c: (scores[c], c == spec.prefix))
