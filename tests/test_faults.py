@@ -149,6 +149,7 @@ def test_twenty_loads_in_one_process_leak_no_file_handles_threads_or_memory(make
     root = make_checkpoint(config, num_shards=2)
     for before, after, state_dict_kb in values(run_ranks(2, _repeat_loads, root)):
         assert state_dict_kb == 7941  # each rank's shards: keeping any one load's result would exceed the limit
+        # growth is a leak; a socket of the warm-up's process-group set-up may close late, so fewer is allowed
         assert after[0] <= before[0], f"open fds {before[0]} -> {after[0]}"
         assert after[1] == before[1], f"threads {before[1]} -> {after[1]}"
         assert after[2] - before[2] < RSS_GROWTH_LIMIT_KB, f"RSS grew {after[2] - before[2]} KiB over {LOADS} loads"

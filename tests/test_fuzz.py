@@ -86,7 +86,7 @@ def _fuzz_settings(examples: int):
     return settings(
         max_examples=examples,
         deadline=20_000,
-        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
         database=None,
     )
 
@@ -176,7 +176,9 @@ class Layout:
 
 
 def layout(config: dict, base_family: str) -> Layout | None:
-    """The config's layout, or ``None`` when a value it needs is not a whole number (the load must refuse)."""
+    """The config's layout, or ``None`` when a value it needs is not a whole number within the documented
+    bounds (sizes in [0, 2**48], at least one head of at least one element, at most 100,000 layers): the load
+    must refuse."""
     family = config.get("model_type") if config.get("model_type") in ("llama", "qwen3") else base_family
     given_values = {k: v for k, v in config.items() if v is not None}  # null means "not set"
     names = ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size", "num_hidden_layers")
@@ -186,6 +188,9 @@ def layout(config: dict, base_family: str) -> Layout | None:
     kv = given_values.get("num_key_value_heads", heads)
     head_dim = given_values.get("head_dim", hidden // heads if heads else None)
     if not (_whole(kv) and _whole(head_dim)):
+        return None
+    sizes = (hidden, inter, vocab, heads * head_dim, kv * head_dim)
+    if not (all(0 <= size <= 2**48 for size in sizes) and min(heads, kv, head_dim) >= 1 and 0 <= layers <= 100_000):
         return None
     shapes = {
         "model.embed_tokens.weight": (vocab, hidden),
@@ -238,11 +243,8 @@ def plan_style(key: str, lay: Layout) -> Style:
         if part == "gate_up_proj":
             return Style("packed", parts=((lay.intermediate_size, None),) * 2)
         q, kv = lay.q, lay.kv
-        return Style(
-            "packed",
-            parts=((q.num_heads * q.head_dim, q), (kv.num_heads * kv.head_dim, kv))
-            + ((kv.num_heads * kv.head_dim, kv),),
-        )
+        q_rows, kv_rows = q.num_heads * q.head_dim, kv.num_heads * kv.head_dim
+        return Style("packed", parts=((q_rows, q), (kv_rows, kv), (kv_rows, kv)))
     table = {
         "q_proj": Style("colwise", lay.q),
         "k_proj": Style("colwise", lay.kv),
@@ -252,7 +254,7 @@ def plan_style(key: str, lay: Layout) -> Style:
         "up_proj": Style("colwise"),
         "down_proj": Style("rowwise"),
     }
-    return table.get(part, Style("replicate"))  # the norms
+    return table.get(part, Style("replicate"))  # the norms: **norm.weight
 
 
 #: A plan rule: glob pattern, style and head group name (or None), as the plan-rule fuzzer writes them.
@@ -321,9 +323,17 @@ def _drive(rank: int, world_size: int, prop: Callable[..., None], args: tuple) -
         dist.gather_object(_attempt(*task[0]), None, dst=0)
 
 
-def run_property(world_size: int, prop: Callable[..., None], *args: Any, examples: int) -> None:
-    """Runs ``prop`` on ``world_size`` forked ranks, one process group for every example."""
-    values(run_ranks(world_size, _drive, prop, args, timeout=60 + 20 * examples, env={"TP_LOADER_TIMEOUT_S": "30"}))
+def run_property(
+    request: pytest.FixtureRequest, world_size: int, prop: Callable[..., None], bases: dict[tuple[str, int], Path]
+) -> None:
+    """Runs ``prop(ranks, bases, examples)`` on ``world_size`` forked ranks, one process group for every example,
+    over the base checkpoints that load at that world size."""
+    examples = request.config.getoption("--fuzz-examples")
+    at_world = {family: bases[family, world_size] for family in FAMILIES}
+    outcomes = run_ranks(
+        world_size, _drive, prop, (at_world, examples), timeout=60 + 20 * examples, env={"TP_LOADER_TIMEOUT_S": "30"}
+    )
+    values(outcomes)
 
 
 # ---- the check ---------------------------------------------------------------------------------------------
@@ -355,7 +365,7 @@ def check_load(ranks: Ranks, root: Path, base_family: str, rules: tuple[Rule, ..
             assert _key_problems(lay, truth) != ((), (), ()), f"strict load refused a matching checkpoint: {wire}"
         return "refused"
     assert truth is not None, "tp_loader loaded files that safetensors itself refuses"
-    assert lay is not None, "tp_loader loaded a checkpoint whose config gives sizes that are not whole numbers"
+    assert lay is not None, "tp_loader loaded a checkpoint whose config gives sizes out of bounds"
     reports = [o[2] for o in outcomes]
     assert all(r == reports[0] for r in reports), "ranks report differently"
     missing, unexpected, mismatched = _key_problems(lay, truth)
@@ -374,7 +384,10 @@ def check_load(ranks: Ranks, root: Path, base_family: str, rules: tuple[Rule, ..
             style = key_style(key, lay, rules) if key in lay.shapes else Style("replicate")
             piece, global_shape = reference_piece(tensor, style, ranks.world_size, rank)
             local, shape = shards[key]
-            assert local.dtype == piece.dtype and torch.equal(local, piece), f"{key} on rank {rank} is not its slice"
+            exact = local.dtype == piece.dtype and torch.equal(local, piece)
+            assert exact, (
+                f"{key} on rank {rank}: {local.dtype} {tuple(local.shape)} is not its slice {tuple(piece.shape)}"
+            )
             assert shape == global_shape, f"{key}: global shape {shape}, expected {global_shape}"
     return "loaded"
 
@@ -398,9 +411,15 @@ def _copy(base: Path) -> Path:
 # ---- the properties --------------------------------------------------------------------------------------
 
 
-def _header_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+def _bases_load(ranks: Ranks, bases: dict[str, Path]) -> None:
+    """The unmutated checkpoints load, so that the check behind every property is exercised at least once."""
     for family, base in bases.items():
         assert check_load(ranks, base, family) == "loaded"
+        assert check_load(ranks, base, family, strict=True) == "loaded"
+
+
+def _header_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+    _bases_load(ranks, bases)
     header_len = struct.unpack("<Q", (bases["llama"] / SHARDS[0]).read_bytes()[:8])[0]
 
     @_fuzz_settings(examples)
@@ -428,11 +447,11 @@ def _header_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> Non
 def test_fuzzed_header_bytes_load_exactly_or_raise_a_tp_loader_error(
     bases: dict, request: pytest.FixtureRequest, world_size: int
 ) -> None:
-    examples = request.config.getoption("--fuzz-examples")
-    run_property(world_size, _header_property, {f: bases[f, world_size] for f in FAMILIES}, examples, examples=examples)
+    run_property(request, world_size, _header_property, bases)
 
 
 def _index_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+    _bases_load(ranks, bases)
     keys = sorted(
         {
             k
@@ -476,8 +495,7 @@ def _index_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None
 def test_fuzzed_index_entries_load_exactly_or_raise_a_tp_loader_error(
     bases: dict, request: pytest.FixtureRequest, world_size: int
 ) -> None:
-    examples = request.config.getoption("--fuzz-examples")
-    run_property(world_size, _index_property, {f: bases[f, world_size] for f in FAMILIES}, examples, examples=examples)
+    run_property(request, world_size, _index_property, bases)
 
 
 CONFIG_FIELDS = [
@@ -498,6 +516,8 @@ ODD_VALUES = st.one_of(
 
 
 def _config_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+    _bases_load(ranks, bases)
+
     @_fuzz_settings(examples)
     @given(
         st.sampled_from(FAMILIES),
@@ -520,8 +540,7 @@ def _config_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> Non
 def test_fuzzed_config_fields_load_exactly_or_raise_a_tp_loader_error(
     bases: dict, request: pytest.FixtureRequest, world_size: int
 ) -> None:
-    examples = request.config.getoption("--fuzz-examples")
-    run_property(world_size, _config_property, {f: bases[f, world_size] for f in FAMILIES}, examples, examples=examples)
+    run_property(request, world_size, _config_property, bases)
 
 
 PATTERNS = st.sampled_from(
@@ -541,6 +560,8 @@ PATTERNS = st.sampled_from(
 
 
 def _plan_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+    _bases_load(ranks, bases)
+
     @_fuzz_settings(examples)
     @given(
         st.sampled_from(FAMILIES),
@@ -574,8 +595,7 @@ def _plan_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
 def test_fuzzed_plan_rules_load_exactly_or_raise_a_tp_loader_error(
     bases: dict, request: pytest.FixtureRequest, world_size: int
 ) -> None:
-    examples = request.config.getoption("--fuzz-examples")
-    run_property(world_size, _plan_property, {f: bases[f, world_size] for f in FAMILIES}, examples, examples=examples)
+    run_property(request, world_size, _plan_property, bases)
 
 
 def _plans_exactly(checkpoint: Checkpoint, family: str, world_size: int) -> None:
@@ -587,7 +607,7 @@ def _plans_exactly(checkpoint: Checkpoint, family: str, world_size: int) -> None
     except tp_loader.TPLoaderError:
         return
     lay = layout(checkpoint.config, family)
-    assert lay is not None, "planned a config whose sizes are not whole numbers"
+    assert lay is not None, "planned a config whose sizes are out of bounds"
     for rank, plan in enumerate(plans):
         for item in plan.tensors:
             shape = item.info.shape

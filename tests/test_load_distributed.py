@@ -11,7 +11,8 @@ from reference import expected_shard, llama_forward, tp_llama_forward
 from safetensors.torch import load_file
 
 import tp_loader
-from tp_loader.testing import run_ranks, values
+from tp_loader.demo import llama_tensors, write_checkpoint
+from tp_loader.testing import run_ranks, same_error, values
 
 
 def _stored(root: Path) -> dict[str, torch.Tensor]:
@@ -194,14 +195,39 @@ def test_every_rank_applies_rank_0s_tie_decisions(make_checkpoint) -> None:
     assert [t.stored for t in outcomes[1][0]] == ["source"] and outcomes[1][1]
 
 
-def _placed_like_from_local(rank: int, world_size: int, root: Path) -> int:
+def _expected_placement(key: str, shape: tuple[int, ...], config: dict, world_size: int) -> tuple:
+    """The placement and global shape the llama plan implies for ``key``, from its name: vocab and
+    colwise projections ``Shard(0)``, rowwise ``Shard(1)``, norms ``Replicate()``; KV projections with
+    fewer heads than ranks hold each head ``world // kv`` times."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    kv = config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if key.endswith(("k_proj.weight", "v_proj.weight")) and kv < world_size:
+        return Shard(0), (world_size * head_dim, *shape[1:])
+    colwise = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight", "up_proj.weight")
+    if key.endswith(("embed_tokens.weight", "lm_head.weight", *colwise)):
+        return Shard(0), shape
+    if key.endswith(("o_proj.weight", "down_proj.weight")):
+        return Shard(1), shape
+    assert key.endswith("norm.weight"), key
+    return Replicate(), shape
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(torch.empty(shape).stride())
+
+
+def _placed_like_from_local(rank: int, world_size: int, root: Path, config: dict) -> int:
     from torch.distributed.tensor import DTensor
 
     result = tp_loader.load(root)
+    stored = _stored(root)
     for key, tensor in result.state_dict.items():
+        placement, shape = _expected_placement(key, tuple(stored[key].shape), config, world_size)
         local = tensor.to_local()
         reference = DTensor.from_local(
-            local, result.mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+            local, result.mesh, [placement], run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
         )
         assert (tensor.placements, tensor.shape, tensor.stride(), tensor.dtype) == (
             reference.placements,
@@ -214,6 +240,53 @@ def _placed_like_from_local(rank: int, world_size: int, root: Path) -> int:
     return len(result.state_dict)
 
 
-def test_placed_dtensors_carry_the_metadata_from_local_would_give_them(make_checkpoint) -> None:
-    root = make_checkpoint(llama_config(num_key_value_heads=2, vocab_size=101))
-    assert values(run_ranks(4, _placed_like_from_local, root)) == [3 + 2 * 9] * 4  # embed, norm, lm_head; 9 per layer
+def test_placed_dtensors_carry_the_placement_shape_and_stride_the_plan_implies(make_checkpoint) -> None:
+    """Every DTensor equals ``DTensor.from_local`` of its shard with the placement and global shape
+    the test derives from the key (KV heads replicated 2x at world 4) and a contiguous global stride."""
+    config = llama_config(num_key_value_heads=2, vocab_size=101)
+    root = make_checkpoint(config)
+    assert values(run_ranks(4, _placed_like_from_local, root, config)) == [3 + 2 * 9] * 4  # embed, norm, lm_head
+
+
+def _tie_from_target(rank: int, world_size: int, root: Path) -> tuple:
+    from torch.distributed.tensor import Shard
+
+    result = tp_loader.load(root)
+    embed, head = result.state_dict["model.embed_tokens.weight"], result.state_dict["lm_head.weight"]
+    stored_head = _stored(root)["lm_head.weight"]
+    holds_head_shard = torch.equal(embed.to_local(), torch.chunk(stored_head, world_size, 0)[rank])
+    return embed is head, holds_head_shard, embed.placements == (Shard(0),), result.report
+
+
+def test_tie_whose_target_alone_is_stored_maps_the_source_to_the_targets_shard_on_every_rank(tmp_path: Path) -> None:
+    """A tied llama checkpoint that stores lm_head.weight but not model.embed_tokens.weight: both keys
+    are one object holding lm_head's shard, the tie is reported stored "target", nothing is missing."""
+    config = llama_config(tie_word_embeddings=True)
+    tensors = llama_tensors(config)
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    root = write_checkpoint(tmp_path / "tied", config, tensors)
+    for same, holds_head_shard, sharded_rows, report in values(run_ranks(2, _tie_from_target, root)):
+        assert (same, holds_head_shard, sharded_rows) == (True, True, True)
+        assert [(t.source, t.target, t.stored, t.identical) for t in report.ties] == [
+            ("model.embed_tokens.weight", "lm_head.weight", "target", None)
+        ]
+        assert report.missing_keys == ()
+        assert report.clean
+
+
+def _strict_load_that_must_not_read(rank: int, world_size: int, root: Path) -> object:
+    import tp_loader.loader
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("strict load read tensor data before refusing")
+
+    tp_loader.loader.read_tensors = no_reads
+    return tp_loader.load(root, strict=True).report
+
+
+def test_strict_load_with_only_an_unexpected_key_is_refused_on_every_rank_before_reading(make_checkpoint) -> None:
+    root = make_checkpoint(extra={"extra.weight": torch.zeros(3)})
+    error = same_error(run_ranks(2, _strict_load_that_must_not_read, root))
+    assert error.type == "StrictLoadError"
+    assert error.wire["message"] == f"strict load of {root} refused: 1 unexpected: extra.weight"
+    assert error.wire["hint"] == "Fix the checkpoint or the plan, or load with strict=False to see the full report"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import llama_config
 
-from tp_loader.errors import CheckpointError, PlanError, ShardingError
+from tp_loader.errors import CheckpointError, PlanError, ShardingError, StrictLoadError
 from tp_loader.index import Checkpoint, TensorInfo
-from tp_loader.plan import make_plan
+from tp_loader.plan import TieDecision, make_plan, plan_rank
 from tp_loader.spec import builtin_plan_paths, evaluate, glob_to_regex, load_spec, select_spec
 from tp_loader.styles import Heads, chunk_range, colwise, head_world_sizes, rowwise, vocab
 
@@ -165,16 +165,119 @@ def test_plan_reports_missing_unexpected_and_mismatched_keys_without_any_io() ->
     assert {t.key: t.style for t in plan.tensors}["model.rotary.inv_freq"] == "replicate"
 
 
-def test_any_world_size_can_be_planned_without_a_process_group() -> None:
-    config = llama_config(num_attention_heads=32, num_key_value_heads=8, hidden_size=256)
-    spec = load_spec(builtin_plan_paths()["llama"])
+TILING_CONFIGS = [
+    pytest.param(llama_config(), id="llama-12q-4kv-vocab101-mlp100"),
+    pytest.param(
+        llama_config(
+            model_type="qwen2", architectures=["Qwen2ForCausalLM"], num_attention_heads=24, num_key_value_heads=2
+        ),
+        id="qwen2-biases-24q-2kv",
+    ),
+    pytest.param(
+        llama_config(num_attention_heads=9, num_key_value_heads=3, hidden_size=36, intermediate_size=37, vocab_size=10),
+        id="llama-9q-3kv-vocab10-mlp37",
+    ),
+    pytest.param(
+        llama_config(
+            model_type="mistral",
+            num_attention_heads=7,
+            num_key_value_heads=1,
+            hidden_size=28,
+            intermediate_size=9,
+            vocab_size=5,
+        ),
+        id="mistral-7q-1kv-vocab5-mlp9",
+    ),
+    pytest.param(
+        llama_config(num_attention_heads=5, num_key_value_heads=5, hidden_size=20, intermediate_size=13, vocab_size=12),
+        id="llama-5q-5kv-vocab12-mlp13",
+    ),
+]
+
+
+def _sharded_dim(key: str) -> int | None:
+    """The llama plan's sharded dim of ``key``, from its name (None: replicated)."""
+    if key.endswith(("embed_tokens.weight", "lm_head.weight")) or any(
+        p in key for p in ("q_proj.", "k_proj.", "v_proj.", "gate_proj.", "up_proj.")
+    ):
+        return 0
+    if key.endswith(("o_proj.weight", "down_proj.weight")):
+        return 1
+    return None
+
+
+@pytest.mark.parametrize("config", TILING_CONFIGS)
+def test_every_world_size_1_to_9_plans_slices_that_tile_each_tensor_exactly(config: dict) -> None:
+    """Without a process group, for every world size the heads allow: a sharded tensor's ranks hold
+    disjoint ranges along its dim, in rank order, covering [0, size) with torch.chunk's sizes (empty
+    pieces at the end); a replicated tensor is whole on every rank; KV heads fewer than ranks give rank
+    r head r * kv // world. Every other world size is refused before any I/O."""
+    heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config["hidden_size"] // heads
+    spec = select_spec("auto", config, model="m")
     ckpt = _checkpoint(config)
-    for world_size in (8, 16, 32):
-        plans = [make_plan(ckpt, spec, world_size, r, model="m") for r in range(world_size)]
-        total_q_rows = sum(
-            t.local_shape[0] for p in plans for t in p.tensors if t.key == "model.layers.0.self_attn.q_proj.weight"
-        )
-        assert total_q_rows == 256
+    for world in range(1, 10):
+        if heads % world or (kv % world and world % kv):
+            with pytest.raises(ShardingError) as info:
+                make_plan(ckpt, spec, world, 0, model="m")
+            assert (
+                info.value.message == f"model m ({kv} kv heads, {heads} q heads) cannot be sharded over {world} ranks"
+            )
+            continue
+        by_rank = [{t.key: t.slice for t in make_plan(ckpt, spec, world, r, model="m").tensors} for r in range(world)]
+        assert all(set(slices) == set(ckpt.tensors) for slices in by_rank)
+        for key, stored in ckpt.tensors.items():
+            shape, dim, slices = stored.shape, _sharded_dim(key), [by_rank[r][key] for r in range(world)]
+            if dim is None:
+                assert [(s.dim, s.local_shape(shape), s.global_shape) for s in slices] == [(None, shape, shape)] * world
+            elif ("k_proj" in key or "v_proj" in key) and kv < world:
+                assert [s.ranges for s in slices] == [
+                    (((r * kv // world) * head_dim, (r * kv // world + 1) * head_dim),) for r in range(world)
+                ], key
+                assert {(s.dim, s.global_shape) for s in slices} == {(0, (world * head_dim, *shape[1:]))}, key
+            else:
+                assert {(s.dim, len(s.ranges), s.global_shape) for s in slices} == {(dim, 1, shape)}, key
+                ranges = [s.ranges[0] for s in slices]
+                pieces = [len(p) for p in torch.chunk(torch.arange(shape[dim]), world)]
+                assert [b - a for a, b in ranges] == pieces + [0] * (world - len(pieces)), (key, world)
+                assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]], (key, world)
+                assert ranges[-1][1] == shape[dim], (key, world)
+
+
+def test_tie_whose_target_alone_is_stored_covers_the_source_and_shards_the_target() -> None:
+    config = llama_config(tie_word_embeddings=True)
+    ckpt = _checkpoint(config, drop=("model.embed_tokens.weight",), extra={"lm_head.weight": torch.zeros(101, 48)})
+    plans = [make_plan(ckpt, load_spec(builtin_plan_paths()["llama"]), 2, r, model="m") for r in range(2)]
+    for plan in plans:
+        assert plan.ties == (TieDecision("model.embed_tokens.weight", "lm_head.weight", "target"),)
+        assert (plan.missing, plan.unexpected) == ((), ())
+    head = [{t.key: t.slice for t in p.tensors}["lm_head.weight"] for p in plans]
+    assert [(s.dim, s.ranges) for s in head] == [(0, ((0, 51),)), (0, ((51, 101),))]
+
+
+@pytest.mark.parametrize(
+    ("drop", "extra", "reshape", "summary"),
+    [
+        (("model.norm.weight",), {}, None, "1 missing: model.norm.weight"),
+        ((), {"extra.weight": torch.zeros(3)}, None, "1 unexpected: extra.weight"),
+        (
+            (),
+            {},
+            "model.layers.1.mlp.up_proj.weight",
+            "1 mismatched: model.layers.1.mlp.up_proj.weight (config implies [100, 48], stored [99, 48])",
+        ),
+    ],
+    ids=["missing-only", "unexpected-only", "mismatched-only"],
+)
+def test_strict_plan_refuses_each_kind_of_key_problem_on_its_own(drop, extra, reshape, summary: str) -> None:
+    ckpt = _checkpoint(llama_config(), drop=drop, extra=extra)
+    if reshape:
+        ckpt.tensors[reshape] = TensorInfo(reshape, "model.safetensors", torch.float32, (99, 48))
+    lenient = plan_rank(ckpt, 2, 0, model="m")  # planned, the one problem reported
+    assert len(lenient.missing) + len(lenient.unexpected) + len(lenient.mismatched) == 1
+    with pytest.raises(StrictLoadError) as info:
+        plan_rank(ckpt, 2, 0, model="m", strict=True)
+    assert info.value.message == f"strict load of m refused: {summary}"
 
 
 def test_head_rule_on_a_tensor_not_made_of_those_heads_is_an_error_not_a_wrong_slice() -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import llama_config
+from reference import expected_shard
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tp_loader
@@ -113,22 +115,64 @@ def test_fast_readers_return_bitwise_the_same_shards_as_the_plain_safetensors_pa
         assert stats.bytes_read == plan.read_bytes
 
 
+def _reference_shards(root: Path, config: dict, world_size: int, rank: int) -> dict[str, torch.Tensor]:
+    """Each stored tensor as ``safe_open(...).get_tensor`` returns it, cut by the test's own reference:
+    ``torch.chunk(tensor, world_size, dim)[rank]``, or KV head ``rank * kv // world_size``."""
+    out = {}
+    for path in sorted(root.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                out[key] = expected_shard(key, handle.get_tensor(key), config, world_size, rank)
+    return out
+
+
+def _digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {
+        k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in tensors.items()
+    }
+
+
+READ_CASES = [
+    pytest.param(3, llama_config(num_key_value_heads=6), torch.float32, None, id="world3-uneven-vocab-and-mlp"),
+    pytest.param(4, llama_config(num_key_value_heads=2), torch.float32, None, id="world4-kv-heads-replicated"),
+    pytest.param(2, llama_config(), torch.bfloat16, torch.float32, id="world2-bf16-read-as-fp32"),
+]
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["copied", "zero-copy"])
+@pytest.mark.parametrize("reader", ["mmap", "safetensors", "pread"])
+@pytest.mark.parametrize(("world_size", "config", "stored", "wanted"), READ_CASES)
+def test_every_reader_returns_the_torch_chunk_slices_of_get_tensor(
+    make_checkpoint, reader: str, zero_copy: bool, world_size: int, config: dict, stored, wanted
+) -> None:
+    root = make_checkpoint(config, num_shards=2, dtype=stored)
+    _, plans = _plans(root, world_size)
+    options = ReadOptions(wanted, torch.device("cpu"), 2, 1 << 20, reader=reader, zero_copy=zero_copy)
+    for rank, plan in enumerate(plans):
+        want = _reference_shards(root, config, world_size, rank)
+        local, stats = read_tensors(root, "safetensors", plan.tensors, options)
+        assert local.keys() == want.keys()
+        for key, tensor in want.items():
+            expected = tensor if wanted is None else tensor.to(wanted)
+            assert local[key].dtype == expected.dtype and torch.equal(local[key], expected), (rank, key)
+        views = len(local) if zero_copy and reader == "mmap" and wanted is None else 0
+        assert (stats.bytes_read, stats.zero_copy_tensors) == (plan.read_bytes, views)
+
+
 def _load_with_reader(rank: int, world_size: int, root: Path) -> dict[str, str]:
     """Each shard's digest (tensors do not survive the trip back from a forked rank)."""
-    return {
-        k: hashlib.sha256(v.to_local().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-        for k, v in tp_loader.load(root).state_dict.items()
-    }
+    return _digests({k: v.to_local() for k, v in tp_loader.load(root).state_dict.items()})
 
 
-def test_every_reader_loads_identical_shards_at_world_size_2(make_checkpoint) -> None:
-    root = make_checkpoint(llama_config(), num_shards=3)
-    by_reader = {
-        reader: values(run_ranks(2, _load_with_reader, root, env={"TP_LOADER_READER": reader}))
-        for reader in ("mmap", "safetensors", "pread")
-    }
-    for rank in range(2):
-        assert by_reader["mmap"][rank] == by_reader["safetensors"][rank] == by_reader["pread"][rank]
+def test_every_reader_loads_the_torch_chunk_slices_of_get_tensor_at_world_size_2(make_checkpoint) -> None:
+    """Through ``load`` and the environment (zero-copy matters to the mmap reader alone; every
+    combination is read in-process above)."""
+    config = llama_config()
+    root = make_checkpoint(config, num_shards=3)
+    want = [_digests(_reference_shards(root, config, 2, rank)) for rank in range(2)]
+    for reader, zero_copy in (("mmap", "0"), ("safetensors", "0"), ("pread", "0"), ("mmap", "1")):
+        env = {"TP_LOADER_READER": reader, "TP_LOADER_ZERO_COPY": zero_copy}
+        assert values(run_ranks(2, _load_with_reader, root, env=env)) == want, env
 
 
 class _FakeEvent:
