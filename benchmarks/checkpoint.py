@@ -25,6 +25,9 @@ BASE = {
     "torch_dtype": "bfloat16",
 }
 
+#: A few-MB checkpoint for the fixed cost (a fresh process's first load against its second).
+TINY = {**BASE, "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2, "vocab_size": 4000}
+
 LAYER_BYTES = 2 * (2 * 2048 * 2048 + 2 * 512 * 2048 + 3 * 5632 * 2048 + 2 * 2048)
 EMBED_BYTES_PER_TOKEN = 2 * 2 * 2048  # embed_tokens + lm_head rows, bf16
 

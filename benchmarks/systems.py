@@ -1,24 +1,29 @@
 """The systems compared, each run on every rank of a gloo job: ``prepare`` (untimed) then ``load``
-(timed: from the call to a complete state dict). ``load`` returns the bytes it read, or ``None``
-where the system does not say."""
+(timed: from the call to a complete state dict). ``state`` gives the rank's local tensors by checkpoint
+key, for the page walk inside the timed region and the shard check outside it."""
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from tp_loader.byteranges import slice_ranges
 from tp_loader.index import index_checkpoint
 from tp_loader.place import place
-from tp_loader.plan import LoadPlan, make_plan
+from tp_loader.plan import LoadPlan, TensorPlan, make_plan
 from tp_loader.resolve import find_weights
 from tp_loader.spec import select_spec
+
+PAGE = 4096
 
 
 def rank_plan(root: Path) -> LoadPlan:
@@ -28,17 +33,42 @@ def rank_plan(root: Path) -> LoadPlan:
     return make_plan(checkpoint, spec, dist.get_world_size(), dist.get_rank(), model=str(root))
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def touch(tensors: dict[str, torch.Tensor]) -> float:
+    """Reads one element in every 4 KiB page of every tensor (and each run's last element), without
+    copying: a view of a file mapping is then faulted in, as a first use of the weights would."""
+    total = 0.0
+    for tensor in tensors.values():
+        t = local(tensor)
+        if t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            flat = t.reshape(-1)
+            step = max(1, PAGE // t.element_size())
+            total += float(flat[::step].sum(dtype=torch.float32)) + float(flat[-1])
+        else:  # a strided column shard: every run is one row of the last dim
+            step = max(1, PAGE // t.element_size())
+            total += float(t[..., ::step].sum(dtype=torch.float32)) + float(t[..., -1].sum(dtype=torch.float32))
+    return total
+
+
 class TPLoader:
     name = "tp_loader"
+    zero_copy = False
 
     def prepare(self, root: Path) -> None:
         self.mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
-    def load(self, root: Path) -> int | None:
+    def load(self, root: Path) -> None:
         import tp_loader
 
-        self.result = tp_loader.load(root, mesh=self.mesh, progress=False)  # kept: a complete state dict
-        return self.result.report.ranks[dist.get_rank()].bytes_read
+        self.result = tp_loader.load(root, mesh=self.mesh, progress=False, zero_copy=self.zero_copy)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.result.state_dict
 
 
 class TPLoaderZeroCopy(TPLoader):
@@ -46,51 +76,105 @@ class TPLoaderZeroCopy(TPLoader):
     transformers keeps them, column shards as strided views where transformers copies)."""
 
     name = "tp_loader zero-copy"
+    zero_copy = True
 
-    def load(self, root: Path) -> int | None:
-        import tp_loader
 
-        self.result = tp_loader.load(root, mesh=self.mesh, progress=False, zero_copy=True)
-        return self.result.report.ranks[dist.get_rank()].bytes_read
+def _writable(out: torch.Tensor) -> memoryview:
+    nbytes = out.numel() * out.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
 
 
 class RawRead:
-    """The raw-read limit: ``os.preadv`` of exactly this rank's byte ranges into fresh tensors."""
+    """A raw-read strategy: exactly this rank's byte ranges into fresh tensors, planning done before the
+    clock starts. This one: ``os.preadv`` on one thread."""
 
-    name = "raw read"
+    name = "raw preadv"
+    num_threads = 1
 
     def prepare(self, root: Path) -> None:
-        plan = rank_plan(root)
-        self.jobs = [
-            (root / t.info.file, t.local_shape, t.info.dtype, [(r.offset, r.length) for r in slice_ranges(t)])
-            for t in plan.tensors
-        ]
+        self.items: list[TensorPlan] = list(rank_plan(root).tensors)
 
-    def load(self, root: Path) -> int | None:
-        fds: dict[Path, int] = {}
-        total = 0
-        self.state = []  # kept, like every system's state dict: no allocator reuse between tensors
-        for path, shape, dtype, ranges in self.jobs:
-            fd = fds.get(path) or fds.setdefault(path, os.open(path, os.O_RDONLY))
-            out = torch.empty(shape, dtype=dtype)
-            self.state.append(out)
-            nbytes = out.numel() * out.element_size()
-            view = (
-                memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
-                if nbytes
-                else memoryview(b"")
+    def _read(self, root: Path, items: list[TensorPlan], out: dict[str, torch.Tensor]) -> None:
+        fds: dict[str, int] = {}
+        try:
+            for item in items:
+                fd = fds.get(item.info.file) or fds.setdefault(
+                    item.info.file, os.open(root / item.info.file, os.O_RDONLY)
+                )
+                tensor = torch.empty(item.local_shape, dtype=item.info.dtype)
+                view, position = _writable(tensor), 0
+                for r in slice_ranges(item):
+                    position += os.preadv(fd, [view[position : position + r.length]], r.offset)
+                out[item.key] = tensor
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def load(self, root: Path) -> None:
+        self.out: dict[str, torch.Tensor] = {}  # kept, like every system's state dict
+        if self.num_threads == 1:
+            self._read(root, self.items, self.out)
+            return
+        shares: list[list[TensorPlan]] = [[] for _ in range(self.num_threads)]
+        sizes = [0] * self.num_threads
+        for item in sorted(self.items, key=lambda i: -i.read_bytes):  # balance bytes between threads
+            least = sizes.index(min(sizes))
+            shares[least].append(item)
+            sizes[least] += item.read_bytes
+        threads = [
+            threading.Thread(
+                target=self._read, args=(root, sorted(s, key=lambda i: (i.info.file, i.info.begin)), self.out)
             )
-            position = 0
-            for offset, length in ranges:
-                position += os.preadv(fd, [view[position : position + length]], offset)
-            total += position
-        for fd in fds.values():
-            os.close(fd)
-        return total
+            for s in shares
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.out
+
+
+class RawReadThreads(RawRead):
+    """``os.preadv`` on two threads, the rank's tensors split between them by bytes."""
+
+    name = "raw preadv ×2"
+    num_threads = 2
+
+
+class RawMmapCopy(RawRead):
+    """Each file mapped (private, read-only use), each slice copied into a fresh tensor by ``Tensor.copy_``
+    (one strided copy per range, on torch's intra-op threads)."""
+
+    name = "raw mmap+copy"
+
+    def load(self, root: Path) -> None:
+        self.out = {}
+        maps: dict[str, tuple[Any, torch.Tensor]] = {}
+        for item in self.items:
+            info, piece = item.info, item.slice
+            if info.file not in maps:
+                with open(root / info.file, "rb") as handle:
+                    mapped = mmap.mmap(handle.fileno(), 0, flags=mmap.MAP_PRIVATE)
+                maps[info.file] = (mapped, torch.frombuffer(mapped, dtype=torch.uint8))
+            source = maps[info.file][1][info.begin : info.end].view(info.dtype).view(info.shape)
+            out = torch.empty(item.local_shape, dtype=info.dtype)
+            if piece.dim is None:
+                out.copy_(source)
+            else:
+                at = 0
+                for a, b in piece.ranges:
+                    out.narrow(piece.dim, at, b - a).copy_(source.narrow(piece.dim, a, b - a))
+                    at += b - a
+            self.out[item.key] = out
+        del maps  # unmapped once the last view is gone; the copies own their memory
 
 
 class Naive:
-    """Every rank ``safetensors.torch.load_file`` of every file, then slices what it needs."""
+    """Every rank ``safetensors.torch.load_file`` of every file, then clones the slices it needs."""
 
     name = "naive"
 
@@ -98,29 +182,31 @@ class Naive:
         self.plan = rank_plan(root)
         self.files = sorted({t.info.file for t in self.plan.tensors})
 
-    def load(self, root: Path) -> int | None:
+    def load(self, root: Path) -> None:
         from safetensors.torch import load_file
 
-        by_file: dict[str, list] = {}
+        by_file: dict[str, list[TensorPlan]] = {}
         for item in self.plan.tensors:
             by_file.setdefault(item.info.file, []).append(item)
-        out, total = {}, 0
+        out = {}
         for name in self.files:
             full = load_file(str(root / name))
-            total += sum(t.numel() * t.element_size() for t in full.values())
             for item in by_file[name]:
-                piece = item.slice
-                tensor = full[item.key]
-                out[item.key] = (
-                    tensor if piece.dim is None else tensor.narrow(piece.dim, piece.start, piece.stop - piece.start)
-                ).clone()
+                piece, tensor = item.slice, full[item.key]
+                if piece.dim is None:
+                    out[item.key] = tensor.clone()
+                else:
+                    out[item.key] = torch.cat([tensor.narrow(piece.dim, a, b - a) for a, b in piece.ranges], piece.dim)
             del full
-        self.state = out
-        return total
+        self.out = out
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.out
 
 
 class DCPReader:
-    """``torch.distributed.checkpoint.load`` with ``HuggingFaceStorageReader`` into DTensors of the same placements."""
+    """``torch.distributed.checkpoint.load`` with ``HuggingFaceStorageReader`` into DTensors of the same
+    placements (the empty DTensors are built inside the timed region)."""
 
     name = "DCP"
 
@@ -128,18 +214,21 @@ class DCPReader:
         self.plan = rank_plan(root)
         self.mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
-    def load(self, root: Path) -> int | None:
+    def load(self, root: Path) -> None:
         import torch.distributed.checkpoint as dcp
 
         empty = {item.key: torch.empty(item.local_shape, dtype=item.info.dtype) for item in self.plan.tensors}
         state: dict[str, Any] = place(empty, self.plan.tensors, self.mesh)
         dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(root)))
-        self.state = state
-        return None
+        self.out = state
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.out
 
 
 class Transformers:
-    """``AutoModelForCausalLM.from_pretrained(tp_plan="auto")`` (transformers and accelerate needed)."""
+    """``AutoModelForCausalLM.from_pretrained(tp_plan="auto")``: builds a whole model (modules, buffers,
+    the TP hooks) besides loading its weights (transformers and accelerate needed)."""
 
     name = "transformers"
 
@@ -163,9 +252,15 @@ class Transformers:
         hf_logging.disable_progress_bar()
         self.auto = AutoModelForCausalLM
 
-    def load(self, root: Path) -> int | None:
+    def load(self, root: Path) -> None:
         self.model = self.auto.from_pretrained(str(root), tp_plan="auto", dtype=torch.bfloat16)
-        return None
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
 
 
-SYSTEMS = {cls.name: cls for cls in (TPLoader, TPLoaderZeroCopy, RawRead, Naive, DCPReader, Transformers)}
+SYSTEMS = {
+    cls.name: cls
+    for cls in (TPLoader, TPLoaderZeroCopy, RawRead, RawReadThreads, RawMmapCopy, Naive, DCPReader, Transformers)
+}
+RAW = (RawRead.name, RawReadThreads.name, RawMmapCopy.name)
