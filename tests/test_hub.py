@@ -313,3 +313,24 @@ def test_offline_repo_not_in_the_cache_is_the_same_error_on_every_rank(cache: Pa
     )
     assert error.wire is not None
     assert (error.wire["type"], error.wire["rank"], error.wire["file"]) == ("ModelNotFoundError", 0, "org/absent")
+
+
+def test_unreachable_and_unknown_repos_are_the_same_error_on_every_rank(
+    cache: Path, online: Callable[[str], None], hub_answering_404: Callable[[str], str]
+) -> None:
+    """The fetching rank's Hub error reaches the rank that waited for it (forked ranks inherit the
+    patched endpoint)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        online(f"http://127.0.0.1:{closed.getsockname()[1]}")
+        unreachable = same_error(run_ranks(2, _load_absent, cache, timeout=60))
+    assert (unreachable.type, unreachable.wire["rank"], unreachable.wire["file"]) == (
+        "ModelNotFoundError",
+        0,
+        "org/absent",
+    )
+    assert unreachable.wire["message"].startswith("cannot reach the Hub at http://127.0.0.1:")
+    online(hub_answering_404("RepoNotFound"))
+    unknown = same_error(run_ranks(2, _load_absent, cache, timeout=60))
+    assert unknown.wire["message"].startswith("model 'org/absent' (revision main) was not found on the Hub at ")
+    assert unknown.wire["rank"] == 0
