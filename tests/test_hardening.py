@@ -273,3 +273,27 @@ def test_loading_again_after_the_job_is_torn_down_under_torchrun_works_every_tim
         assert sorted(done.stdout.splitlines()) == sorted(
             f"rank {rank} attempt {attempt}: 21 tensors" for attempt in range(3) for rank in range(2)
         )
+
+
+def _load_on_fake_nodes(rank: int, world_size: int, demo: Path, marks: Path) -> int:
+    import tp_loader.loader
+
+    real = tp_loader.loader.ensure_demo
+
+    def recording(path: str) -> Path:
+        (marks / f"rank{rank}").touch()
+        return real(path)
+
+    tp_loader.loader.host_name = lambda: f"node{rank // 2}"
+    tp_loader.loader.ensure_demo = recording
+    return len(tp_loader.load().state_dict)
+
+
+def test_the_first_rank_of_each_node_fetches_and_the_others_wait(tmp_path: Path) -> None:
+    """Node grouping with a fake host list: ranks 0-1 on node0, 2-3 on node1 (until a two-agent test)."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    demo = tmp_path / "demo"
+    outcomes = values(run_ranks(4, _load_on_fake_nodes, demo, marks, env={"TP_LOADER_DEMO_DIR": str(demo)}))
+    assert outcomes == [21, 21, 21, 21]
+    assert sorted(p.name for p in marks.iterdir()) == ["rank0", "rank2"]
