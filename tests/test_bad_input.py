@@ -272,6 +272,17 @@ def _load(rank: int, world_size: int, root: Path, kwargs: dict) -> object:
     return tp_loader.load(root, **kwargs).report
 
 
+def _load_without_reading(rank: int, world_size: int, root: Path, kwargs: dict) -> object:
+    """``_load`` with the read stage replaced by a tripwire: every bad input must be refused before it."""
+    import tp_loader.loader
+
+    def tripwire(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tensor data was read before the error")
+
+    tp_loader.loader.read_tensors = tripwire
+    return _load(rank, world_size, root, kwargs)
+
+
 @pytest.mark.parametrize(
     ("damage", "kwargs", "kind", "message", "file", "key"), CASES, ids=[c[0].__name__.strip("_") for c in CASES]
 )
@@ -281,7 +292,7 @@ def test_bad_input_raises_the_same_error_on_every_rank(
     root = make_checkpoint(num_shards=2)
     damage(root, tmp_path)
     kwargs = {k: v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
-    results = run_ranks(2, _load, root, kwargs, timeout=60)
+    results = run_ranks(2, _load_without_reading, root, kwargs, timeout=60)
     assert not (tmp_path / SENTINEL).exists(), "a rank ran code from the checkpoint"
     error = same_error(results)
     assert [e.wire for e in errors(results)] == [error.wire] * 2  # file, key, rank and hint too, not only the text
