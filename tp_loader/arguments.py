@@ -56,6 +56,12 @@ def normalise_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     )
 
 
+def conversion_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """What floating-point tensors are converted to: ``None`` for no dtype and for an fp8 dtype, which
+    keeps every tensor as stored."""
+    return None if dtype in FP8_DTYPES else dtype
+
+
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
@@ -132,6 +138,22 @@ def check_writable(path: str | os.PathLike[str], *, what: str) -> Path:
             hint="Pass a path in a writable directory",
         )
     return target
+
+
+def write_file(path: str | os.PathLike[str], text: str, *, what: str) -> None:
+    """Writes ``text`` to ``path``, making its missing parent folders.
+
+    Raises:
+        ArgumentError: the write fails, naming the path.
+    """
+    target = Path(path).expanduser()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError as exc:
+        raise ArgumentError(
+            f"cannot write the {what}: {exc}", file=str(target), hint="Pass a path in a writable directory"
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,7 @@ def run() -> None:
 
 def _dry_run(args: argparse.Namespace) -> None:
     """``--dry-run N``: prints every rank's plan (rank 0 only) and writes its JSON to ``--report``."""
-    from .arguments import check_writable
+    from .arguments import check_writable, write_file
     from .dryrun import plan_load
 
     if args.report is not None:
@@ -183,5 +183,4 @@ def _dry_run(args: argparse.Namespace) -> None:
     if not args.quiet:
         print(summary.format_table(full=args.verbose), flush=True)
     if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(summary.to_json())
+        write_file(args.report, summary.to_json(), what="report")

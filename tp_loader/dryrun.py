@@ -12,7 +12,7 @@ import os
 import torch
 
 from . import env as envmod
-from .arguments import FP8_DTYPES, dtype_name, normalise_dtype
+from .arguments import conversion_dtype, dtype_name, normalise_dtype
 from .demo import ensure_demo
 from .errors import ArgumentError
 from .index import index_checkpoint
@@ -78,8 +78,7 @@ def plan_load(
         )
         for rank in range(world_size)
     ]
-    keep = None if wanted in FP8_DTYPES else wanted
-    ranks = tuple(_rank_plan(p, keep, settings.max_inflight_bytes) for p in plans)
+    ranks = tuple(_rank_plan(p, conversion_dtype(wanted), settings.max_inflight_bytes) for p in plans)
     local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
     account = key_account(plans[0], dtype=dtype_name(wanted))
     account["placements"] = placements(plans[0], local_shapes)

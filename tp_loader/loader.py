@@ -17,10 +17,18 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
-from .arguments import FP8_DTYPES, Fingerprint, check_writable, dtype_name, normalise_device, normalise_dtype
+from .arguments import (
+    Fingerprint,
+    check_writable,
+    conversion_dtype,
+    dtype_name,
+    normalise_device,
+    normalise_dtype,
+    write_file,
+)
 from .demo import ensure_demo
 from .dist import Context, agree, host_name, make_context, open_control_group, run_agreed
-from .errors import ArgumentError, DistributedError, TPLoaderError
+from .errors import DistributedError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
 from .plan import LoadPlan, plan_rank
@@ -217,7 +225,7 @@ def _load(
         _warn_key_problems(load_plan)
 
     read_options = ReadOptions(
-        None if wanted in FP8_DTYPES else wanted,
+        conversion_dtype(wanted),
         ctx.device,
         settings.num_threads,
         settings.max_inflight_bytes,
@@ -270,13 +278,7 @@ def _write_report(ctx: Context, report: LoadReport, path: Path) -> None:
 
     def write() -> None:
         if ctx.rank == 0:
-            try:
-                path.expanduser().parent.mkdir(parents=True, exist_ok=True)
-                path.expanduser().write_text(report.to_json())
-            except OSError as exc:
-                raise ArgumentError(
-                    f"cannot write the report: {exc}", file=str(path), hint="Pass a path in a writable directory"
-                ) from None
+            write_file(path, report.to_json(), what="report")
 
     run_agreed(ctx, "write report", write)
 

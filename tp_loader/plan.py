@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arguments import FP8_DTYPES, dtype_name
+from .arguments import FP8_DTYPES, conversion_dtype, dtype_name
 from .convert import Conversion, SegmentRead, apply_converters, expand, segment_reads
 from .errors import ArgumentError, CheckpointError, PlanError, ShardingError, StrictLoadError
 from .index import Checkpoint, TensorInfo
@@ -147,7 +147,7 @@ def plan_rank(
             hint="tp_loader does not quantize: pass float32, bfloat16 or float16, or no dtype",
         )
     spec = select_spec(plan, checkpoint.config, model=model, mode=mode)
-    dequantize = dtype is not None and dtype not in FP8_DTYPES
+    dequantize = conversion_dtype(dtype) is not None
     load_plan = make_plan(
         checkpoint, spec, world_size, rank, model=model, dequantize=dequantize, allow_unmatched=allow_unmatched
     )
