@@ -75,14 +75,14 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
 
 def _load_with_rank1_read_failure(rank: int, world_size: int, root: Path) -> object:
     if rank == 1:
-        real_slice = tp_loader.read.MappedSource.slice
+        real_read = tp_loader.read.MappedSource.read_into
 
-        def failing_view(self, item):
+        def failing_read(self, item, out):
             if item.key == "model.layers.1.mlp.up_proj.weight":
                 raise OSError(5, "Input/output error")
-            return real_slice(self, item)
+            return real_read(self, item, out)
 
-        tp_loader.read.MappedSource.slice = failing_view
+        tp_loader.read.MappedSource.read_into = failing_read
     return tp_loader.load(root).report
 
 
@@ -135,7 +135,7 @@ def _load_with_recording_fetch(rank: int, world_size: int, source: Path, target:
 
     calls = []
 
-    def fake_resolve(model, *, revision, cache_dir, fetch):
+    def fake_resolve(model, *, revision, cache_dir, fetch, deadline_s=None):
         if fetch:
             time.sleep(0.5)  # a slow download: the node's other ranks must wait for it
             shutil.copytree(source, target)

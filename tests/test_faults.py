@@ -29,14 +29,21 @@ MARGIN_S = 5
 
 
 def _load_with_rank1_stuck(rank: int, world_size: int, root: Path, how: str) -> tuple[str, float]:
-    if rank == 1:
+    """Rank 1 dies mid-read (``exit``), or hangs in its own code after reading (``hang``: a hung read is
+    the read stage's own error, see test_hardening)."""
+    if rank == 1 and how == "exit":
 
-        def stuck_view(self, item):
-            if how == "hang":
-                time.sleep(HANG_TIMEOUT_S + MARGIN_S + 1)  # past the survivor's bound, then gone without a word
+        def dying_read(self, item, out):
             os._exit(3)
 
-        tp_loader.read.MappedSource.slice = stuck_view
+        tp_loader.read.MappedSource.read_into = dying_read
+    if rank == 1 and how == "hang":
+
+        def hung_place(*args):
+            time.sleep(HANG_TIMEOUT_S + MARGIN_S + 1)  # past the survivor's bound, then gone without a word
+            os._exit(3)
+
+        tp_loader.loader.place = hung_place
     start = time.monotonic()
     try:
         tp_loader.load(root)
@@ -59,7 +66,7 @@ def test_hung_rank_ends_the_other_ranks_with_a_timeout_error_within_the_configur
     assert results[1] == ("lost", None)
     message, seconds = results[0][1]
     assert message.startswith(
-        f"lost contact with the other ranks after stage 'read' (waited at most {HANG_TIMEOUT_S} s): "
+        f"lost contact with the other ranks after stage 'report' (waited at most {HANG_TIMEOUT_S} s): "
     ), message
     assert HANG_TIMEOUT_S <= seconds < HANG_TIMEOUT_S + MARGIN_S, f"the survivor ended after {seconds:.1f} s"
 

@@ -31,7 +31,6 @@ from conftest import llama_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import chunk_piece
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import tp_loader
@@ -340,12 +339,15 @@ def run_property(
 
 
 def _truth(root: Path) -> dict[str, torch.Tensor] | None:
-    """What safetensors itself reads from the (mutated) files, or ``None`` if it refuses them."""
+    """What safetensors (or, for a ``.bin``, ``torch.load`` with ``weights_only``) itself reads from the
+    (mutated) files, or ``None`` if it refuses them."""
     out: dict[str, torch.Tensor] = {}
     try:
         for path in sorted(root.glob("*.safetensors")):
             out.update(load_file(str(path)))
-    except (SafetensorError, OSError, ValueError, RuntimeError):
+        for path in sorted(root.glob("*.bin")):
+            out.update(torch.load(path, weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - whatever the reference library raises, it refuses the file
         return None
     return out
 
@@ -511,7 +513,13 @@ CONFIG_FIELDS = [
     "attention_bias",
 ]
 ODD_VALUES = st.one_of(
-    st.integers(-3, 200), st.sampled_from([None, "x", "llama", "qwen3", 1.5, True, False, [], {}, 10**15])
+    st.integers(-3, 200),
+    st.sampled_from([None, "x", "llama", "qwen3", 1.5, True, False, [], {}, 10**15]),
+    # wrong types and huge values: each must be refused quickly, never planned or multiplied out
+    st.sampled_from(
+        [2**48, 2**48 + 1, 2**63, 10**100, -(10**18), 1e308, float("nan"), float("inf"), "12", "1" * 60, [[[1]]]]
+    ),
+    st.sampled_from([100_000, 100_001, {"a": 1}, [64], -1.0]),
 )
 
 
@@ -644,3 +652,51 @@ def test_fuzzed_configs_plan_every_rank_to_its_exact_slices_for_any_world_size(
         _plans_exactly(Checkpoint(checkpoint.root, checkpoint.format, config, checkpoint.tensors), family, world_size)
 
     run()
+
+
+def _bin_property(ranks: Ranks, bases: dict[str, Path], examples: int) -> None:
+    """Byte edits anywhere in a ``.bin`` zip archive (local headers, records, ``data.pkl``, the central
+    directory) and truncations: exact shards of what ``torch.load`` reads, or the same error everywhere."""
+    bins = {}
+    for family, base in bases.items():
+        root = _copy(base)
+        for shard in SHARDS:
+            (root / shard).unlink()
+        (root / "model.safetensors.index.json").unlink()
+        tensors = {k: v for shard in SHARDS for k, v in load_file(str(base / shard)).items()}
+        torch.save(tensors, root / "pytorch_model.bin")
+        bins[family] = root
+    for family, root in bins.items():
+        assert check_load(ranks, root, family) == "loaded"
+    size = min((root / "pytorch_model.bin").stat().st_size for root in bins.values())
+
+    @_fuzz_settings(examples)
+    @given(
+        st.sampled_from(FAMILIES),
+        st.lists(st.tuples(st.integers(0, size - 1), st.integers(0, 255)), max_size=4),
+        st.one_of(st.none(), st.integers(0, size - 1)),
+    )
+    def run(family: str, edits: list[tuple[int, int]], cut: int | None) -> None:
+        root = _copy(bins[family])
+        path = root / "pytorch_model.bin"
+        raw = bytearray(path.read_bytes())
+        for position, value in edits:
+            raw[position] = value
+        path.write_bytes(bytes(raw[:cut] if cut is not None else raw))
+        try:
+            check_load(ranks, root, family)
+        finally:
+            shutil.rmtree(root.parent)
+
+    try:
+        run()
+    finally:
+        for root in bins.values():
+            shutil.rmtree(root.parent)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_fuzzed_bin_archives_load_exactly_or_raise_a_tp_loader_error(
+    bases: dict, request: pytest.FixtureRequest, world_size: int
+) -> None:
+    run_property(request, world_size, _bin_property, bases)

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from collections.abc import Callable
@@ -17,10 +18,11 @@ import pytest
 import torch
 from conftest import llama_config, rewrite_header
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 import tp_loader
 from tp_loader.demo import llama_tensors
-from tp_loader.testing import run_ranks, same_error, values
+from tp_loader.testing import errors, run_ranks, same_error, values
 
 SHARD1 = "model-00001-of-00002.safetensors"
 
@@ -29,11 +31,17 @@ def _load(rank: int, world_size: int, root: Path) -> int:
     return len(tp_loader.load(root).state_dict)
 
 
-def _refused_on_every_rank(root: Path) -> tp_loader.testing.RankError:
+def _refused_on_every_rank(
+    root: Path, load: Callable = _load, *args: object, env: dict[str, str] | None = None
+) -> tp_loader.testing.RankError:
+    """The error every rank of a world-2 load raised: the same on both, under 2 KB, within 15 s (the
+    timeout is 60 s), and each rank's peak RSS under 1 GiB."""
     start = time.monotonic()
-    error = same_error(run_ranks(2, _load, root, timeout=60))
+    results = run_ranks(2, load, root, *args, timeout=60, env=env)
+    error = same_error(results)
     assert time.monotonic() - start < 15
     assert len(error.message) < 2048
+    assert max(e.peak_rss_mib for e in errors(results)) < 1024
     return error
 
 
@@ -297,3 +305,82 @@ def test_the_first_rank_of_each_node_fetches_and_the_others_wait(tmp_path: Path)
     outcomes = values(run_ranks(4, _load_on_fake_nodes, demo, marks, env={"TP_LOADER_DEMO_DIR": str(demo)}))
     assert outcomes == [21, 21, 21, 21]
     assert sorted(p.name for p in marks.iterdir()) == ["rank0", "rank2"]
+
+
+def _truncate_during_read(rank: int, world_size: int, root: Path, name: str, hook: str, zero_copy: bool) -> int:
+    """Rank 0 truncates weight file ``name`` just before its first read from it (``hook`` names the
+    source method that reads), or, for a zero-copy load, just after mapping it. Rank 1 waits for the
+    truncation before its own first read from the file, so that no rank is copying from it while it
+    shrinks (for the safetensors reader that would be a SIGBUS, which that library cannot avoid)."""
+    path = root / name
+    cls_name, method = hook.split(".")
+    cls = getattr(tp_loader.read, cls_name)
+    original = getattr(cls, method)
+    size = path.stat().st_size
+    done: list[bool] = []
+
+    def truncating(self: object, item: tp_loader.plan.TensorPlan, *args: torch.Tensor) -> torch.Tensor:
+        if not done and item.info.file == path.name:
+            done.append(True)
+            if rank != 0:
+                deadline = time.monotonic() + 10
+                while path.stat().st_size == size and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            elif zero_copy:
+                view = original(self, item)
+                os.truncate(path, item.info.begin)
+                return view
+            else:
+                os.truncate(path, item.info.begin)
+        return original(self, item, *args)
+
+    setattr(cls, method, truncating)
+    return len(tp_loader.load(root, zero_copy=zero_copy).state_dict)
+
+
+@pytest.mark.parametrize(
+    ("reader", "hook", "zero_copy"),
+    [
+        ("mmap", "PreadSource.read_into", False),
+        ("mmap", "MappedSource.view", True),
+        ("pread", "PreadSource.read_into", False),
+        ("safetensors", "SafetensorsSource.slice", False),
+        ("bin", "PreadSource.read_into", False),
+    ],
+)
+def test_a_file_that_shrinks_mid_load_is_a_read_error_on_every_rank_never_a_sigbus(
+    make_checkpoint, tmp_path: Path, reader: str, hook: str, zero_copy: bool
+) -> None:
+    root, name = make_checkpoint(num_shards=2), "model-00002-of-00002.safetensors"
+    if reader == "bin":
+        stored = {k: v for f in sorted(root.glob("*.safetensors")) for k, v in load_file(f).items()}
+        root, name = _bin_checkpoint(tmp_path / "bin", stored), "pytorch_model.bin"
+    env = {"TP_LOADER_READER": reader if reader != "bin" else "mmap", "TP_LOADER_NUM_THREADS": "1"}
+    error = _refused_on_every_rank(root, _truncate_during_read, name, hook, zero_copy, env=env)
+    assert error.type == "ReadError"
+    assert error.wire["file"] == str(root / name)
+    assert "it shrank during the load" in error.message
+
+
+def _stall_one_read(rank: int, world_size: int, root: Path) -> int:
+    """Rank 0's first read from the second shard never returns, like a read from a hung network mount."""
+    original = tp_loader.read.PreadSource._pread
+    forever = threading.Event()
+
+    def stalling(self: tp_loader.read.PreadSource, item: tp_loader.plan.TensorPlan, *args: object) -> None:
+        if rank == 0 and item.info.file == "model-00002-of-00002.safetensors":
+            forever.wait()
+        original(self, item, *args)
+
+    tp_loader.read.PreadSource._pread = stalling
+    return len(tp_loader.load(root).state_dict)
+
+
+def test_a_read_that_makes_no_progress_is_a_read_error_on_every_rank_within_the_timeout(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    start = time.monotonic()
+    error = _refused_on_every_rank(root, _stall_one_read, env={"TP_LOADER_TIMEOUT_S": "4"})
+    assert 2 <= time.monotonic() - start < 4 + 10
+    assert error.type == "ReadError"
+    assert error.wire["file"] == str(root / "model-00002-of-00002.safetensors")
+    assert error.message.startswith("no read made progress for 2 s (half of TP_LOADER_TIMEOUT_S")

@@ -8,6 +8,7 @@ import http.server
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -334,3 +335,22 @@ def test_unreachable_and_unknown_repos_are_the_same_error_on_every_rank(
     unknown = same_error(run_ranks(2, _load_absent, cache, timeout=60))
     assert unknown.wire["message"].startswith("model 'org/absent' (revision main) was not found on the Hub at ")
     assert unknown.wire["rank"] == 0
+
+
+def test_a_hub_that_accepts_and_never_answers_is_an_error_on_every_rank_within_the_timeout(
+    cache: Path, online: Callable[[str], None]
+) -> None:
+    """huggingface_hub waits without a bound for some answers (``repo_info`` has no timeout): the
+    fetching rank gives up after half of TP_LOADER_TIMEOUT_S, and its error reaches the waiting rank."""
+    with socket.socket() as silent:  # listening, never accepting: connections succeed, no answer comes
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        online(f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        error = same_error(run_ranks(2, _load_absent, cache, timeout=60, env={"TP_LOADER_TIMEOUT_S": "4"}))
+        assert 2 <= time.monotonic() - start < 4 + 10
+    assert (error.type, error.wire["rank"], error.wire["file"]) == ("ModelNotFoundError", 0, "org/absent")
+    assert error.wire["message"] == (
+        "fetching 'org/absent' did not finish within 2 s (half of TP_LOADER_TIMEOUT_S, so that every rank hears "
+        "of it within the timeout)"
+    )

@@ -17,6 +17,7 @@ import tp_loader
 from tp_loader.errors import CheckpointError, ModelNotFoundError
 from tp_loader.index import read_safetensors_header
 from tp_loader.resolve import find_weights, resolve_source
+from tp_loader.testing import run_ranks, values
 
 
 def _stored(root: Path) -> dict[str, torch.Tensor]:
@@ -97,19 +98,43 @@ def test_empty_directory_has_no_weights(tmp_path: Path) -> None:
         find_weights(tmp_path)
 
 
-def test_bin_fallback_loads_exact_shards_and_warns_that_slice_reads_are_impossible(
+def _bin_copy(source: Path, root: Path, stored: dict[str, torch.Tensor]) -> Path:
+    root.mkdir()
+    shutil.copy(source / "config.json", root / "config.json")
+    torch.save(stored, root / "pytorch_model.bin")
+    return root
+
+
+def _same_shards_and_bytes(rank: int, world_size: int, bin_root: Path, safetensors_root: Path) -> int:
+    by_bin, by_safetensors = tp_loader.load(bin_root), tp_loader.load(safetensors_root)
+    assert by_bin.state_dict.keys() == by_safetensors.state_dict.keys()
+    for key, shard in by_safetensors.state_dict.items():
+        assert torch.equal(by_bin.state_dict[key].to_local(), shard.to_local()), key
+    bytes_read = by_bin.report.ranks[rank].bytes_read
+    assert bytes_read == by_safetensors.report.ranks[rank].bytes_read
+    return bytes_read
+
+
+def test_a_bin_checkpoint_is_read_slice_by_slice_like_safetensors(make_checkpoint, tmp_path: Path) -> None:
+    source = make_checkpoint()
+    stored = _stored(source)
+    root = _bin_copy(source, tmp_path / "bin", stored)
+    bytes_read = values(run_ranks(2, _same_shards_and_bytes, root, source))
+    assert max(bytes_read) < sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def test_a_bin_tensor_stored_as_a_strided_view_is_sliced_from_the_mapped_file_with_a_warning(
     make_checkpoint, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = make_checkpoint()
     stored = _stored(source)
-    root = tmp_path / "bin"
-    root.mkdir()
-    shutil.copy(source / "config.json", root / "config.json")
-    torch.save(stored, root / "pytorch_model.bin")
+    key = "model.layers.0.self_attn.o_proj.weight"
+    stored[key] = stored[key].t().contiguous().t()  # same values, column-major storage
+    root = _bin_copy(source, tmp_path / "bin", stored)
     with caplog.at_level(logging.WARNING, logger="tp_loader"):
         result = tp_loader.load(root)
     assert all(torch.equal(result.state_dict[k], v) for k, v in stored.items())
-    assert "slice-only reads are impossible" in caplog.text
+    assert "hold tensors that are not one contiguous run of their record" in caplog.text
 
 
 class _Exploit:

@@ -15,7 +15,7 @@ import pickle
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -118,12 +118,15 @@ class Checkpoint:
         format: ``"safetensors"`` or ``"pickle"``.
         config: the parsed ``config.json``.
         tensors: checkpoint key → :class:`TensorInfo`, in file and offset order.
+        file_sizes: each weight file's size when its header was read; the read stage refuses a file
+            that has shrunk since.
     """
 
     root: Path
     format: str
     config: dict
     tensors: dict[str, TensorInfo]
+    file_sizes: dict[str, int] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
         """A digest of every key, file, dtype, shape and byte range: equal on ranks that see the same checkpoint."""
@@ -143,8 +146,11 @@ def index_checkpoint(weights: WeightFiles) -> Checkpoint:
     config = read_config(weights.root)
     read_file = read_safetensors_header if weights.format == "safetensors" else read_pickle_header
     tensors: dict[str, TensorInfo] = {}
+    file_sizes: dict[str, int] = {}
     for name in weights.files:
-        for info in read_file(weights.root, name):
+        infos = read_file(weights.root, name)
+        file_sizes[name] = (weights.root / name).stat().st_size
+        for info in infos:
             if info.key in tensors:
                 raise CheckpointError(
                     f"key is stored twice, in {tensors[info.key].file} and {name}",
@@ -155,7 +161,7 @@ def index_checkpoint(weights: WeightFiles) -> Checkpoint:
             tensors[info.key] = info
     if weights.weight_map is not None:
         _check_weight_map(weights, tensors)
-    return Checkpoint(weights.root, weights.format, config, tensors)
+    return Checkpoint(weights.root, weights.format, config, tensors, file_sizes)
 
 
 def _check_weight_map(weights: WeightFiles, tensors: dict[str, TensorInfo]) -> None:
@@ -274,14 +280,35 @@ def _parse_entry(path: Path, name: str, key: str, entry: object, data_start: int
 def read_pickle_header(root: Path, name: str) -> list[TensorInfo]:
     """Indexes a ``.bin`` file by memory-mapping it with ``weights_only=True`` (no code is ever executed).
 
+    A tensor stored as one contiguous run of its zip record gets that run's absolute byte range, so
+    that it is read like a safetensors tensor; any other keeps ``begin == end == -1``.
+
     Raises:
         CheckpointError: the file is missing, is not a torch checkpoint, or needs code execution to load.
     """
-    state = load_pickle(root / name)
-    return [TensorInfo(key, name, tensor.dtype, tuple(tensor.shape)) for key, tensor in state.items()]
+    state, records = _load_checked_pickle(root / name)
+    # torch maps the whole file once and every storage is a run of that mapping: the first storage
+    # in memory is the first record in the file, which gives the mapping's base address
+    base = min((t.untyped_storage().data_ptr() for t in state.values() if t.numel()), default=0)
+    base -= min(records.values(), default=(0, 0))[0]
+    infos = []
+    for key, tensor in state.items():
+        storage = tensor.untyped_storage()
+        record = storage.data_ptr() - base
+        begin = end = -1
+        if tensor.numel() and tensor.is_contiguous() and (record, storage.nbytes()) in records.values():
+            begin = record + tensor.storage_offset() * tensor.element_size()
+            end = begin + tensor.numel() * tensor.element_size()
+        infos.append(TensorInfo(key, name, tensor.dtype, tuple(tensor.shape), begin, end))
+    return infos
 
 
 def load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.bin`` file, mapped, after the checks of :func:`_load_checked_pickle`."""
+    return _load_checked_pickle(path)[0]
+
+
+def _load_checked_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[int, int]]]:
     """Memory-maps a ``.bin`` state dict with ``weights_only=True``, after checking that every storage
     record of the zip archive holds exactly the bytes its tensors need (``torch.load`` with ``mmap``
     does not: a record cut short would read the bytes after it).
@@ -303,7 +330,7 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
             file=str(path),
             hint="Re-save it with a current torch (torch.save) or convert the model to safetensors",
         )
-    _check_records(path)
+    records = _check_records(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
@@ -340,7 +367,7 @@ def load_pickle(path: Path) -> dict[str, torch.Tensor]:
                 key=key,
                 hint="Convert the model to safetensors with dense tensors",
             )
-    return state
+    return state, records
 
 
 class _StorageSizes(pickle.Unpickler):
@@ -370,10 +397,15 @@ class _Inert:
         return self
 
 
-def _check_records(path: Path) -> None:
+def _check_records(path: Path) -> dict[str, tuple[int, int]]:
     """Every storage record is stored uncompressed, lies inside the file, and holds exactly the bytes
-    of its storage (``numel`` elements of the storage type named in ``data.pkl``)."""
+    of its storage (``numel`` elements of the storage type named in ``data.pkl``).
+
+    Returns:
+        Storage key → (absolute offset of the record's bytes, their length).
+    """
     size = path.stat().st_size
+    records: dict[str, tuple[int, int]] = {}
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
             names = archive.namelist()
@@ -397,12 +429,14 @@ def _check_records(path: Path) -> None:
                         f"storage record {key} holds {info.file_size} bytes, but data.pkl needs {numel} x "
                         f"{itemsize} = {numel * itemsize}",
                     )
+                records[key] = (begin, info.file_size)
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError, struct.error) as exc:
         raise _bad_bin(path, f"is a damaged zip archive ({short_repr(str(exc))})") from None
     except RecursionError:
         raise _bad_bin(path, "has a data.pkl that nests too deeply") from None
+    return records
 
 
 def _storage_itemsize(storage_type: str) -> int:

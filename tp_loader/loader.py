@@ -233,10 +233,15 @@ def _load(
         reader=settings.reader,
         fadvise=settings.fadvise,
         zero_copy=settings.zero_copy,
+        stall_s=settings.timeout_s / 2,
     )
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(
-            ctx, "read", lambda: read_tensors(checkpoint.root, checkpoint.format, load_plan.tensors, read_options)
+            ctx,
+            "read",
+            lambda: read_tensors(
+                checkpoint.root, checkpoint.format, load_plan.tensors, read_options, checkpoint.file_sizes
+            ),
         )
     state_dict = place(local, load_plan.tensors, ctx.mesh)
     apply_ties(state_dict, load_plan.ties)
@@ -299,7 +304,8 @@ def _resolve(
     def fetch(allowed: bool) -> Path:
         if model is None:
             return ensure_demo(demo_dir) if allowed else Path(demo_dir)
-        return resolve_source(model, revision=revision, cache_dir=cache_dir, fetch=allowed)
+        deadline = ctx.timeout_s / 2 if allowed and ctx.world_size > 1 else None
+        return resolve_source(model, revision=revision, cache_dir=cache_dir, fetch=allowed, deadline_s=deadline)
 
     fetched, _ = run_agreed(ctx, "fetch", lambda: fetch(True) if fetcher else None)
     root, _ = run_agreed(ctx, "resolve", lambda: fetched if fetcher else fetch(False))

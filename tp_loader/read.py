@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
 import threading
 import time
@@ -46,6 +47,8 @@ class ReadOptions:
         zero_copy: on CPU with the mmap reader and no dtype change, keep each single-range slice as a
             view of the file's private (copy-on-write) mapping instead of copying it (a column shard
             is then a strided, non-contiguous view).
+        stall_s: a read that makes no progress (no slice finished, no bytes arrived) for this long is
+            a ReadError.
     """
 
     dtype: torch.dtype | None
@@ -56,6 +59,7 @@ class ReadOptions:
     reader: str = "mmap"
     fadvise: bool = False
     zero_copy: bool = False
+    stall_s: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,17 @@ class _Source:
     """Open files of one checkpoint, each opened once on first use and closed together.
 
     ``slice(item)`` returns a CPU tensor with exactly ``item``'s slice, in the stored dtype: a view into
-    the file's mapping, or (when ``owned``) a fresh tensor already holding the bytes.
+    a file mapping, or (when ``owned``) a fresh tensor already holding the bytes. ``view(item)``, where
+    ``can_view(item)``, returns the slice as a view of a private file mapping without reading it.
     """
 
     owned = False
+    #: reads this source has completed, counted in chunks: a stall watchdog sees whether reads progress
+    ticks = 0
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, file_sizes: dict[str, int]) -> None:
         self._root = root
+        self._file_sizes = file_sizes
         self._handles: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -136,8 +144,23 @@ class _Source:
         with self._lock:
             handle = self._handles.get(name)
             if handle is None:
+                self._check_size(name)
                 handle = self._handles[name] = self._open(self._root / name)
             return handle
+
+    def _check_size(self, name: str, key: str | None = None) -> None:
+        """Raises a ReadError if ``name`` is now shorter than when its header was read."""
+        path = self._root / name
+        size, indexed = path.stat().st_size, self._file_sizes.get(name, 0)
+        if size < indexed:
+            raise ReadError(
+                f"file is {size} bytes, {indexed - size} fewer than when its header was read: it shrank "
+                "during the load",
+                file=str(path),
+                key=key,
+                hint="Another process truncated or is rewriting the file; replace checkpoint files by renaming a "
+                "complete new file over them, never in place, and load again",
+            )
 
     def _open(self, path: Path) -> Any:
         raise NotImplementedError
@@ -145,40 +168,167 @@ class _Source:
     def slice(self, item: TensorPlan) -> torch.Tensor:
         raise NotImplementedError
 
+    def can_view(self, item: TensorPlan) -> bool:
+        return False
+
+    def view(self, item: TensorPlan) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_sizes(self) -> None:
+        """Raises a ReadError if a file this source opened is now shorter than when its header was read."""
+        for name in list(self._handles):
+            self._check_size(name)
+
     def close(self) -> None:
         self._handles.clear()
 
 
-class MappedSource(_Source):
-    """The fast path: each file mapped privately (``MAP_PRIVATE``: writes never reach the file) into a
-    torch storage that owns the mapping, so views stay valid for as long as any tensor uses them. A
-    slice is a strided view, copied once into its destination (or kept, with ``zero_copy``)."""
+def _buffer(tensor: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable in place."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B") if nbytes else memoryview(b"")
 
-    def _open(self, path: Path) -> torch.Tensor:
-        storage = torch.UntypedStorage.from_file(str(path), False, path.stat().st_size)
-        return torch.empty(0, dtype=torch.uint8).set_(storage)
+
+class PreadSource(_Source):
+    """``os.preadv`` of each slice straight into a fresh tensor. Reading with system calls, never by
+    touching a mapping, makes a file that shrinks mid-load a short read (a ReadError), not a SIGBUS.
+
+    Runs of at least ``EXACT_RUN_BYTES`` (rows, and long column runs) are read exactly; a slice made of
+    shorter runs (a column shard of narrow rows) is read as whole row blocks of at most
+    ``STAGING_BUFFER_BYTES`` into a staging buffer and its columns copied out: one system call per
+    block instead of one per row.
+    """
+
+    owned = True
+    EXACT_RUN_BYTES = 64 * 1024
+    #: bytes per system call: a slow read still shows progress every chunk
+    CHUNK_BYTES = 16 * 1024 * 1024
+    #: bytes converted to another dtype at a time: read and widened while still in the CPU cache
+    CONVERT_BYTES = 1024 * 1024
+
+    def _open(self, path: Path) -> int:
+        return os.open(path, os.O_RDONLY)
+
+    def _pread(self, item: TensorPlan, buffer: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(buffer):
+            got = os.preadv(self._handle(item.info.file), [buffer[done : done + self.CHUNK_BYTES]], offset + done)
+            if got == 0:
+                self._check_size(item.info.file, item.key)
+                raise ReadError(
+                    f"file ends {offset + done} bytes in, inside the slice",
+                    file=str(self._root / item.info.file),
+                    key=item.key,
+                    hint="The file is truncated: re-download it",
+                )
+            done += got
+            self.ticks += 1
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
+        out = torch.empty(item.local_shape, dtype=item.info.dtype)
+        self.read_into(item, out)
+        return out
+
+    def read_into(self, item: TensorPlan, out: torch.Tensor) -> None:
+        """Reads ``item``'s slice into ``out`` (contiguous, on the CPU, of ``item``'s local shape): straight
+        into it in the stored dtype, else through a staging buffer of at most ``STAGING_BUFFER_BYTES``,
+        converted block by block while the block is still in the CPU's cache."""
+        ranges = slice_ranges(item)
+        if item.slice.dim and len(ranges) > 1 and item.nbytes < self.EXACT_RUN_BYTES * len(ranges):
+            self._read_row_blocks(item, out)
+            return
+        if out.dtype == item.info.dtype:
+            buffer, position = _buffer(out), 0
+            for piece in ranges:
+                self._pread(item, buffer[position : position + piece.length], piece.offset)
+                position += piece.length
+            return
+        itemsize = item.info.dtype.itemsize
+        staging = torch.empty(min(item.nbytes, self.CONVERT_BYTES) // itemsize, dtype=item.info.dtype)
+        flat, position = out.view(-1), 0
+        for piece in ranges:
+            for first in range(0, piece.length, self.CONVERT_BYTES):
+                length = min(self.CONVERT_BYTES, piece.length - first)
+                block = staging[: length // itemsize]
+                self._pread(item, _buffer(block), piece.offset + first)
+                flat[position : position + block.numel()].copy_(block)
+                position += block.numel()
+
+    def _read_row_blocks(self, item: TensorPlan, out: torch.Tensor) -> None:
+        """A slice along dim >= 1: blocks of whole outer rows read into a staging buffer, then the
+        slice's ranges of each block copied into ``out``."""
+        info, dim = item.info, item.slice.dim
+        outer = math.prod(info.shape[:dim])
+        inner = math.prod(info.shape[dim + 1 :])
+        row_elems = info.shape[dim] * inner
+        rows_per_block = max(1, STAGING_BUFFER_BYTES // max(1, row_elems * info.dtype.itemsize))
+        staging = torch.empty(min(outer, rows_per_block) * row_elems, dtype=info.dtype)
+        dest = out.view(outer, -1, inner)
+        for first in range(0, outer, rows_per_block):
+            count = min(rows_per_block, outer - first)
+            block = staging[: count * row_elems]
+            self._pread(item, _buffer(block), info.begin + first * row_elems * info.dtype.itemsize)
+            block = block.view(count, info.shape[dim], inner)
+            column = 0
+            for a, b in item.slice.ranges:
+                dest[first : first + count, column : column + b - a].copy_(block[:, a:b])
+                column += b - a
+
+    def close(self) -> None:
+        for fd in self._handles.values():
+            os.close(fd)
+        super().close()
+
+
+class MappedSource(PreadSource):
+    """The default: copies are read with ``preadv`` (as :class:`PreadSource`); a zero-copy shard is a
+    view of the file's private (``MAP_PRIVATE``: writes never reach the file) mapping, held by a torch
+    storage that owns it, so the view stays valid for as long as any tensor uses it. A view's pages
+    are read at its first use, after the load; the load checks that no mapped file shrank meanwhile."""
+
+    def __init__(self, root: Path, file_sizes: dict[str, int]) -> None:
+        super().__init__(root, file_sizes)
+        self._maps: dict[str, torch.Tensor] = {}  # file → its bytes
+
+    def can_view(self, item: TensorPlan) -> bool:
+        return len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None
+
+    def view(self, item: TensorPlan) -> torch.Tensor:
         info = item.info
         if info.nbytes == 0:
             return torch.empty(item.local_shape, dtype=info.dtype)
-        whole = self._handle(info.file)[info.begin : info.end]  # a converter's target: just its own rows
+        self._handle(info.file)  # checks the size
+        with self._lock:
+            mapped = self._maps.get(info.file)
+            if mapped is None:
+                path = self._root / info.file
+                size = self._file_sizes.get(info.file) or path.stat().st_size
+                storage = torch.UntypedStorage.from_file(str(path), False, size)
+                mapped = self._maps[info.file] = torch.empty(0, dtype=torch.uint8).set_(storage)
+        whole = mapped[info.begin : info.end]
         if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
             whole = whole.clone()
         return _take(item, whole.view(info.dtype).view(info.shape), row_offset=0)
 
+    def close(self) -> None:
+        self._maps.clear()
+        super().close()
+
 
 class SafetensorsSource(_Source):
-    """The plain path: ``safe_open(...).get_slice(key)[...]``."""
+    """The plain path: ``safe_open(...).get_slice(key)[...]``. Its copies touch safetensors' own
+    mapping: a file that shrinks before a slice is read is a ReadError, but one truncated during the
+    copy of a slice ends the process with SIGBUS, as any reader of that library does."""
 
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
+    def __init__(self, root: Path, file_sizes: dict[str, int]) -> None:
+        super().__init__(root, file_sizes)
         self._stack = contextlib.ExitStack()
 
     def _open(self, path: Path) -> Any:
         return self._stack.enter_context(safe_open(str(path), framework="pt", device="cpu"))
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
+        self._check_size(item.info.file, item.key)
         handle = self._handle(item.info.file)
         if not item.info.shape:
             return handle.get_tensor(item.info.source_key)
@@ -189,53 +339,28 @@ class SafetensorsSource(_Source):
         self._stack.close()
 
 
-class PreadSource(_Source):
-    """``os.preadv`` of each coalesced byte range straight into a fresh tensor: for filesystems where
-    mapping files is slow (some network and FUSE filesystems)."""
+class PickleSource(PreadSource):
+    """``.bin`` files: a tensor stored as one contiguous run of its zip record (as ``torch.save`` and
+    ``save_pretrained`` write them) is read exactly like a safetensors slice; any other is sliced out of
+    the file mapped by ``torch.load(weights_only=True, mmap=True)``."""
 
-    owned = True
-
-    def _open(self, path: Path) -> int:
-        return os.open(path, os.O_RDONLY)
+    def __init__(self, root: Path, file_sizes: dict[str, int]) -> None:
+        super().__init__(root, file_sizes)
+        self._states: dict[str, dict[str, torch.Tensor]] = {}
 
     def slice(self, item: TensorPlan) -> torch.Tensor:
-        out = torch.empty(item.local_shape, dtype=item.info.dtype)
-        fd = self._handle(item.info.file)
-        buffer = (
-            memoryview((ctypes.c_char * item.nbytes).from_address(out.data_ptr())).cast("B")
-            if item.nbytes
-            else memoryview(b"")
-        )
-        position = 0
-        for piece in slice_ranges(item):
-            done = 0
-            while done < piece.length:
-                got = os.preadv(fd, [buffer[position + done : position + piece.length]], piece.offset + done)
-                if got == 0:
-                    raise ReadError(
-                        f"file ends {piece.offset + done} bytes in, inside the slice",
-                        file=str(self._root / item.info.file),
-                        key=item.key,
-                        hint="The file is truncated: re-download it",
-                    )
-                done += got
-            position += piece.length
-        return out
+        if item.info.begin >= 0:
+            return super().slice(item)
+        with self._lock:
+            state = self._states.get(item.info.file)
+            if state is None:
+                self._check_size(item.info.file, item.key)
+                state = self._states[item.info.file] = load_pickle(self._root / item.info.file)
+        return _take(item, state[item.info.source_key])
 
     def close(self) -> None:
-        for fd in self._handles.values():
-            os.close(fd)
+        self._states.clear()
         super().close()
-
-
-class PickleSource(_Source):
-    """``.bin`` fallback: the whole file memory-mapped through ``torch.load(weights_only=True, mmap=True)``."""
-
-    def _open(self, path: Path) -> dict[str, torch.Tensor]:
-        return load_pickle(path)
-
-    def slice(self, item: TensorPlan) -> torch.Tensor:
-        return _take(item, self._handle(item.info.file)[item.info.source_key])
 
 
 #: ``TP_LOADER_READER`` value → source for safetensors checkpoints.
@@ -292,7 +417,11 @@ def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
 
 
 def read_tensors(
-    root: Path, fmt: str, items: tuple[TensorPlan, ...], options: ReadOptions
+    root: Path,
+    fmt: str,
+    items: tuple[TensorPlan, ...],
+    options: ReadOptions,
+    file_sizes: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Reads every item's slice into a fresh contiguous tensor on ``options.device``.
 
@@ -308,14 +437,19 @@ def read_tensors(
     """
     start = time.perf_counter()
     if fmt == "safetensors":
-        source: _Source = READERS[options.reader](root)
+        source: _Source = READERS[options.reader](root, file_sizes or {})
         if options.fadvise:
             _advise(root, items)
     else:
-        logger.warning(
-            "%s holds .bin weights: each rank maps whole files, slice-only reads are impossible for that format", root
-        )
-        source = PickleSource(root)
+        mapped_whole = sorted({item.info.file for item in items if item.info.begin < 0 and item.info.nbytes})
+        if mapped_whole:
+            logger.warning(
+                "%s: .bin files %s hold tensors that are not one contiguous run of their record; each rank "
+                "maps those files whole to slice them",
+                root,
+                mapped_whole,
+            )
+        source = PickleSource(root, file_sizes or {})
     ordered = sorted(items, key=lambda item: (item.info.file, item.info.begin, item.key))
     ring = (
         StagingRing(
@@ -339,24 +473,28 @@ def read_tensors(
     def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
         with budget.hold(item.nbytes):
             try:
-                piece = _read_slice(source, item)
-                if item.scale is not None:
-                    piece = dequantize(piece, source.slice(item.scale), item)
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                # one range of one stored tensor is a view of the mapping: contiguous rows, or a
-                # strided column shard (a matmul takes it as is; a packed shard needs a copy)
-                single_view = (
-                    isinstance(source, MappedSource)
-                    and len(item.slice.ranges) <= 1
+                if (
+                    options.zero_copy
+                    and source.can_view(item)
+                    and wanted == item.info.dtype
+                    and options.device.type == "cpu"
+                ):
+                    local = source.view(item)
+                    zero_copied.append(item.key)
+                elif (
+                    isinstance(source, PreadSource)
+                    and options.device.type == "cpu"
                     and not item.info.segments
                     and item.scale is None
-                )
-                kept_as_is = (source.owned and not item.info.segments) or (options.zero_copy and single_view)
-                if kept_as_is and wanted == piece.dtype and options.device.type == "cpu":
-                    local = piece
-                    if not source.owned:
-                        zero_copied.append(item.key)
+                    and item.info.begin >= 0
+                ):
+                    local = torch.empty(item.local_shape, dtype=wanted)
+                    source.read_into(item, local)
                 else:
+                    piece = _read_slice(source, item)
+                    if item.scale is not None:
+                        piece = dequantize(piece, source.slice(item.scale), item)
                     local = torch.empty(item.local_shape, dtype=wanted, device=options.device)
                     if ring is not None:
                         ring.transfer(piece, local)
@@ -374,35 +512,80 @@ def read_tensors(
         return item.key, local, item.read_bytes
 
     read = 0
+    pool = ThreadPoolExecutor(max_workers=options.num_threads, thread_name_prefix=THREAD_NAME_PREFIX)
+    pending: dict[Future, TensorPlan] = {}
+    stalled = False
     try:
-        with ThreadPoolExecutor(max_workers=options.num_threads, thread_name_prefix=THREAD_NAME_PREFIX) as pool:
-            pending: set[Future] = set()
-            for item in ordered:
-                pending.add(pool.submit(read_one, item))
-                if len(pending) >= 2 * options.num_threads:
-                    read += _drain(pending, out, bar, wait_for=FIRST_COMPLETED)
-            read += _drain(pending, out, bar, wait_for=None)
+        for item in ordered:
+            pending[pool.submit(read_one, item)] = item
+            if len(pending) >= 2 * options.num_threads:
+                read += _drain(pending, out, bar, source, options.stall_s, every=False)
+        read += _drain(pending, out, bar, source, options.stall_s, every=True)
+        source.check_sizes()
+    except _Stalled as exc:
+        stalled = True
+        item = exc.item
+        raise ReadError(
+            f"no read made progress for {options.stall_s:g} s (half of TP_LOADER_TIMEOUT_S, so that every rank "
+            "hears of it within the timeout)",
+            file=str(root / item.info.file),
+            key=item.key,
+            hint="The storage is not answering (a stalled network filesystem?); check the mount, or raise "
+            "TP_LOADER_TIMEOUT_S for very slow storage",
+        ) from None
     finally:
+        # a stalled read cannot be interrupted: leave its thread (and the files it reads) behind
+        pool.shutdown(wait=not stalled, cancel_futures=True)
         bar.close()
-        if ring is not None:
+        if ring is not None and not stalled:
             ring.drain()
-        source.close()
+        if not stalled:
+            source.close()
     return out, ReadStats(read, len(out), time.perf_counter() - start, len(zero_copied))
 
 
-def _drain(pending: set[Future], out: dict[str, torch.Tensor], bar: tqdm, wait_for: str | None) -> int:
-    """Collects finished reads (the first one, or all); re-raises the first failure after cancelling the rest."""
-    done, not_done = wait(pending, return_when=wait_for or "ALL_COMPLETED")
-    pending.intersection_update(not_done)
+class _Stalled(Exception):
+    def __init__(self, item: TensorPlan) -> None:
+        self.item = item
+
+
+def _drain(
+    pending: dict[Future, TensorPlan],
+    out: dict[str, torch.Tensor],
+    bar: tqdm,
+    source: _Source,
+    stall_s: float,
+    *,
+    every: bool,
+) -> int:
+    """Collects finished reads (at least one, or ``every`` one); re-raises the first failure after
+    cancelling the rest.
+
+    Raises:
+        _Stalled: no read finished and no bytes arrived for ``stall_s`` seconds (names the oldest read).
+    """
     read = 0
-    for future in done:
-        error = future.exception()
-        if error is not None:
-            for other in pending:
-                other.cancel()
-            raise error
-        key, local, nbytes = future.result()
-        out[key] = local
-        read += nbytes
-        bar.update(nbytes)
+    ticks, since = source.ticks, time.monotonic()
+    while pending:
+        done, _ = wait(pending, timeout=min(1.0, stall_s), return_when=FIRST_COMPLETED)
+        if not done:
+            if source.ticks != ticks:
+                ticks, since = source.ticks, time.monotonic()
+            elif time.monotonic() - since >= stall_s:
+                raise _Stalled(next(iter(pending.values())))
+            continue
+        ticks, since = source.ticks, time.monotonic()
+        for future in done:
+            del pending[future]
+            error = future.exception()
+            if error is not None:
+                for other in pending:
+                    other.cancel()
+                raise error
+            key, local, nbytes = future.result()
+            out[key] = local
+            read += nbytes
+            bar.update(nbytes)
+        if not every:
+            break
     return read

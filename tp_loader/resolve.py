@@ -15,8 +15,11 @@ import shlex
 import socket
 import stat
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import CheckpointError, ModelNotFoundError, short_text
 
@@ -80,6 +83,7 @@ def resolve_source(
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     fetch: bool = True,
+    deadline_s: float | None = None,
 ) -> Path:
     """Returns the local directory that holds the checkpoint ``source``.
 
@@ -88,6 +92,8 @@ def resolve_source(
         revision: Hub branch, tag or commit.
         cache_dir: Hub cache directory (default: huggingface_hub's).
         fetch: whether this process may download; when ``False`` only the local cache is used.
+        deadline_s: the Hub's answer (or download) must come within this many seconds; huggingface_hub
+            itself waits without a bound on some calls.
 
     Returns:
         The directory with ``config.json`` and the weights.
@@ -98,6 +104,10 @@ def resolve_source(
             repository or revision does not exist there (each with its own message and the command to run).
         CheckpointError: the Hub cache cannot be written (permissions, disk space).
     """
+    if deadline_s is not None:
+        return _within(
+            deadline_s, source, lambda: resolve_source(source, revision=revision, cache_dir=cache_dir, fetch=fetch)
+        )
     path = Path(source).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -120,6 +130,34 @@ def resolve_source(
             ),
         )
     return _snapshot(text, revision=revision, cache_dir=cache_dir, fetch=fetch)
+
+
+def _within(seconds: float, source: str | os.PathLike[str], fn: Callable[[], Path]) -> Path:
+    """``fn()`` run in a daemon thread and waited for at most ``seconds``: a call that blocks past that
+    (a Hub that accepts a connection and never answers) is left behind and becomes an error."""
+    outcome: list[tuple[bool, Any]] = []
+    worker = threading.Thread(target=lambda: outcome.append(_outcome(fn)), name="tp_loader_fetch", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if not outcome:
+        raise ModelNotFoundError(
+            f"fetching {os.fspath(source)!r} did not finish within {seconds:g} s (half of TP_LOADER_TIMEOUT_S, so that "
+            "every rank hears of it within the timeout)",
+            file=os.fspath(source),
+            hint="The Hub or the network is not answering: try again, download first with `hf download`, or raise "
+            "TP_LOADER_TIMEOUT_S for a large download",
+        )
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
+
+
+def _outcome(fn: Callable[[], Path]) -> tuple[bool, Any]:
+    try:
+        return True, fn()
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+        return False, exc
 
 
 @dataclass(frozen=True)

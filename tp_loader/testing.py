@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -24,12 +25,14 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class RankError:
-    """An exception raised on one rank: its type, message and (for tp_loader errors) its fields."""
+    """An exception raised on one rank: its type, message, (for tp_loader errors) its fields, and the
+    rank's peak resident memory."""
 
     type: str
     message: str
     traceback: str
     wire: dict | None
+    peak_rss_mib: int = 0
 
 
 def _worker(
@@ -48,7 +51,9 @@ def _worker(
         out: tuple = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
         to_wire = getattr(exc, "to_wire", None)
-        out = ("error", RankError(type(exc).__name__, str(exc), traceback.format_exc(), to_wire() if to_wire else None))
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        wire = to_wire() if to_wire else None
+        out = ("error", RankError(type(exc).__name__, str(exc), traceback.format_exc(), wire, peak_rss_mib))
         code = 1
     try:
         conn.send(out)
