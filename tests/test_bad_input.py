@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -292,10 +293,14 @@ def test_bad_input_raises_the_same_error_on_every_rank(
     root = make_checkpoint(num_shards=2)
     damage(root, tmp_path)
     kwargs = {k: v.replace("TMP", str(tmp_path)) if isinstance(v, str) else v for k, v in kwargs.items()}
+    start = time.monotonic()
     results = run_ranks(2, _load_without_reading, root, kwargs, timeout=60)
+    assert time.monotonic() - start < 15  # the timeout is 60 s
     assert not (tmp_path / SENTINEL).exists(), "a rank ran code from the checkpoint"
     error = same_error(results)
     assert [e.wire for e in errors(results)] == [error.wire] * 2  # file, key, rank and hint too, not only the text
+    assert len(error.message) < 2048
+    assert max(e.peak_rss_mib for e in errors(results)) < 1024
     assert error.type == kind
     pattern = message.replace("TMP", re.escape(str(tmp_path))).replace("ROOT", re.escape(str(root)))
     assert re.search(pattern, error.wire["message"]), error.wire["message"]
