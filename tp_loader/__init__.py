@@ -13,12 +13,16 @@ from .errors import (
     StrictLoadError,
     TPLoaderError,
 )
+from .into import load_into
 from .loader import LoadResult, load
+from .parallel import parallelize
 from .report import LoadReport, PlanSummary
 
 __all__ = [
     "__version__",
     "load",
+    "load_into",
+    "parallelize",
     "plan_load",
     "LoadResult",
     "LoadReport",

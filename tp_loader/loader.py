@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     zero_copy: bool | None = None,
+    _into: Destinations | None = None,
 ) -> LoadResult:
     """Loads a Hugging Face checkpoint into this rank's tensor-parallel shards.
 
@@ -108,6 +110,9 @@ def load(
             never reach the file. Row shards and replicated tensors are contiguous views, column
             shards strided views (``is_contiguous()`` is False; matmuls take them as they are);
             packed shards and converter targets are still copied. Default: ``TP_LOADER_ZERO_COPY`` (off).
+        _into: for :func:`tp_loader.load_into`: given the agreed plan, returns the tensors to read
+            each key into (raising a TPLoaderError, agreed on every rank before any read, if they do
+            not fit).
 
     Returns:
         The :class:`LoadResult`.
@@ -148,10 +153,14 @@ def load(
         _refuse_differing_arguments([fingerprint for _, fingerprint in seen])
         hosts = [host for host, _ in seen]
         options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
-        result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start)
+        result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start, into=_into)
         if report is not None:
             _write_report(ctx, result.report, Path(report))
         return result
+
+
+#: Given the agreed plan and the load's context, the tensors to read each key into.
+Destinations = Callable[[LoadPlan, Context], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -188,6 +197,7 @@ def _load(
     *,
     settings: envmod.Settings,
     start: float,
+    into: Destinations | None = None,
 ) -> LoadResult:
     root = _resolve(
         ctx, model, hosts, revision=options.revision, cache_dir=options.cache_dir, demo_dir=settings.demo_dir
@@ -235,12 +245,20 @@ def _load(
         zero_copy=settings.zero_copy,
         stall_s=settings.timeout_s / 2,
     )
+    destinations = None
+    if into is not None:
+        destinations, _ = run_agreed(ctx, "destinations", lambda: into(load_plan, ctx))
     with _intra_op_threads(settings.num_threads):
         (local, stats), _ = run_agreed(
             ctx,
             "read",
             lambda: read_tensors(
-                checkpoint.root, checkpoint.format, load_plan.tensors, read_options, checkpoint.file_sizes
+                checkpoint.root,
+                checkpoint.format,
+                load_plan.tensors,
+                read_options,
+                checkpoint.file_sizes,
+                destinations,
             ),
         )
     state_dict = place(local, load_plan.tensors, ctx.mesh)

@@ -79,6 +79,7 @@ def with_prefix(spec: PlanSpec, prefix: str) -> PlanSpec:
         tensors=tuple(dataclasses.replace(t, key=fix(t.key)) for t in spec.tensors),
         ties=tuple(TieSpec(fix(t.source), fix(t.target), t.when) for t in spec.ties),
         converters=tuple(_fix_converter(c, fix) for c in spec.converters),
+        attributes=tuple(dataclasses.replace(a, module=fix(a.module + ".").removesuffix(".")) for a in spec.attributes),
     )
 
 

@@ -422,8 +422,11 @@ def read_tensors(
     items: tuple[TensorPlan, ...],
     options: ReadOptions,
     file_sizes: dict[str, int] | None = None,
+    destinations: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], ReadStats]:
-    """Reads every item's slice into a fresh contiguous tensor on ``options.device``.
+    """Reads every item's slice into a fresh contiguous tensor on ``options.device``, or into the
+    tensor ``destinations`` gives for its key (contiguous, of the item's local shape, on
+    ``options.device``; checked by the caller), converted to that tensor's dtype.
 
     Items are read in file and byte-offset order by a bounded pool of threads; each slice is converted
     to the target dtype and device as it is copied out of the file (through a ring of pinned buffers
@@ -474,7 +477,10 @@ def read_tensors(
         with budget.hold(item.nbytes):
             try:
                 wanted = target_dtype(item.info.dtype, options.dtype)
-                if (
+                given = destinations.get(item.key) if destinations else None
+                if given is not None:
+                    wanted = given.dtype
+                if given is None and (
                     options.zero_copy
                     and source.can_view(item)
                     and wanted == item.info.dtype
@@ -489,13 +495,17 @@ def read_tensors(
                     and item.scale is None
                     and item.info.begin >= 0
                 ):
-                    local = torch.empty(item.local_shape, dtype=wanted)
+                    local = given if given is not None else torch.empty(item.local_shape, dtype=wanted)
                     source.read_into(item, local)
                 else:
                     piece = _read_slice(source, item)
                     if item.scale is not None:
                         piece = dequantize(piece, source.slice(item.scale), item)
-                    local = torch.empty(item.local_shape, dtype=wanted, device=options.device)
+                    local = (
+                        given
+                        if given is not None
+                        else torch.empty(item.local_shape, dtype=wanted, device=options.device)
+                    )
                     if ring is not None:
                         ring.transfer(piece, local)
                     else:

@@ -88,6 +88,21 @@ class TieSpec:
 
 
 @dataclass(frozen=True)
+class AttributeSpec:
+    """A module attribute that :func:`tp_loader.parallelize` sets from the local (per-rank) sizes.
+
+    Attributes:
+        module: pattern of the module paths (``*`` one dotted segment, ``**`` any run of them).
+        name: the attribute (``num_key_value_groups``).
+        value: expression over config names and ``local_heads_<group>`` (this rank's heads of a group).
+    """
+
+    module: str
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
 class PlanSpec:
     """A parsed plan file."""
 
@@ -108,6 +123,7 @@ class PlanSpec:
     modes: tuple[str, ...] = ()
     prefix: str = ""
     groups: dict[str, TensorGroup] = dataclasses.field(default_factory=dict)
+    attributes: tuple[AttributeSpec, ...] = ()
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -192,7 +208,18 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return merge_plan_data(_read_toml(parent_path, seen + (path,)), data)
 
 
-_MERGED = ("defaults", "heads", "groups", "rules", "tensors", "converters", "modes", "drop_tensors", "drop_rules")
+_MERGED = (
+    "defaults",
+    "heads",
+    "groups",
+    "rules",
+    "tensors",
+    "converters",
+    "modes",
+    "drop_tensors",
+    "drop_rules",
+    "attributes",
+)
 
 
 def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
@@ -206,6 +233,7 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
     }
     merged["groups"] = {**parent.get("groups", {}), **child.get("groups", {})}
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
+    merged["attributes"] = list(parent.get("attributes", [])) + list(child.get("attributes", []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
@@ -296,6 +324,9 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         mode=data.get("mode"),
         modes=tuple(data.get("modes", ())),
         prefix=str(data.get("prefix", "")),
+        attributes=tuple(
+            AttributeSpec(str(a["module"]), str(a["name"]), str(a["value"])) for a in data.get("attributes", [])
+        ),
         groups=groups,
     )
     for conv in spec.converters:

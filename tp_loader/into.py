@@ -1,0 +1,205 @@
+"""Serving room 2: load a checkpoint straight into a model's own tensors (``load_into``).
+
+The destinations are checked against the plan on every rank (and the check agreed) before any byte is
+read; then the read stage writes each slice into its destination's storage. A destination on ``meta``
+is materialized once, inside the same ``Parameter`` object (``torch.utils.swap_tensors``); any other is
+overwritten in place, so a reload keeps every ``data_ptr`` (CUDA graphs and compiled code stay valid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from .arguments import normalise_dtype
+from .dist import Context
+from .errors import ArgumentError, ShardingError, StrictLoadError
+from .loader import load
+from .parallel import planned_dtensor
+from .plan import LoadPlan, TensorPlan
+from .report import LoadReport
+
+
+def _module_tensors(target: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Name → tensor of the target: a module's parameters and persistent buffers (tied names included)."""
+    if isinstance(target, dict):
+        return dict(target)
+    if isinstance(target, nn.Module):
+        return dict(target.state_dict(keep_vars=True))
+    raise ArgumentError(
+        f"load_into target is a {type(target).__name__}, not an nn.Module or a dict of tensors",
+        key="target",
+        hint="Pass the model (nn.Module) or a dict of its tensors",
+    )
+
+
+def _mapped(key: str, key_map: dict[str, str] | None) -> str:
+    """``key`` renamed by the first ``key_map`` pattern that matches it (``re.sub``), else unchanged."""
+    for pattern, replacement in (key_map or {}).items():
+        renamed, count = re.subn(pattern, replacement, key)
+        if count:
+            return renamed
+    return key
+
+
+def _layout(tensor: torch.Tensor) -> str:
+    if isinstance(tensor, DTensor):
+        return f"DTensor {list(tensor.shape)} {tensor.placements} local {list(tensor.to_local().shape)} {tensor.dtype}"
+    return f"tensor {list(tensor.shape)} {tensor.dtype}"
+
+
+def _planned(item: TensorPlan) -> str:
+    placement = Replicate() if item.slice.dim is None else Shard(item.slice.dim)
+    return f"global {list(item.slice.global_shape)} ({placement},) local {list(item.local_shape)}"
+
+
+class _Destinations:
+    """The ``_into`` hook of :func:`tp_loader.load`: checks every destination against the agreed plan,
+    materializes meta ones, and returns checkpoint key → the local tensor to read into."""
+
+    def __init__(
+        self,
+        target: nn.Module | dict[str, torch.Tensor],
+        key_map: dict[str, str] | None,
+        dtype: torch.dtype | None,
+        strict: bool,
+    ) -> None:
+        self.target = target
+        self.tensors = _module_tensors(target)
+        self.key_map = key_map
+        self.dtype = dtype
+        self.strict = strict
+        self.filled: set[str] = set()
+        self.module_missing: tuple[str, ...] = ()
+        self.checkpoint_extra: tuple[str, ...] = ()
+
+    def __call__(self, load_plan: LoadPlan, ctx: Context) -> dict[str, torch.Tensor]:
+        names = {item.key: _mapped(item.key, self.key_map) for item in load_plan.tensors}
+        extra = tuple(sorted(k for k, name in names.items() if name not in self.tensors))
+        covered = {names[k] for k in names if k not in extra}
+        shared = {id(t): name for name, t in self.tensors.items() if name in covered}
+        missing = tuple(sorted(n for n, t in self.tensors.items() if n not in covered and id(t) not in shared))
+        if self.strict and (extra or missing):
+            raise StrictLoadError(
+                f"the module and the checkpoint differ: {len(missing)} module tensors have no checkpoint key "
+                f"({', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}), {len(extra)} checkpoint keys "
+                f"have no module tensor ({', '.join(extra[:5])}{' …' if len(extra) > 5 else ''})",
+                file=load_plan.model,
+                hint="Map names with key_map= (regex → replacement), or pass strict=False to load what matches",
+            )
+        self.module_missing, self.checkpoint_extra = missing, extra
+        plans = {item.key: item for item in load_plan.tensors if item.key not in extra}
+        checked = {key: self._check(name, plans[key], ctx) for key, name in names.items() if key in plans}
+        out = {}
+        for key, name in names.items():
+            if key in checked:
+                out[key] = self._materialize(name, plans[key], ctx) if checked[key] else self._local(name)
+        return out
+
+    def _local(self, name: str) -> torch.Tensor:
+        """The storage to write ``name``'s shard into (detached: a parameter is written in place)."""
+        tensor = self.tensors[name]
+        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
+
+    def _check(self, name: str, item: TensorPlan, ctx: Context) -> bool:
+        """Whether ``name`` must be materialized (it is on meta); raises if its layout is not the plan's."""
+        tensor = self.tensors[name]
+        local = self._local(name)
+        planned = (Replicate() if item.slice.dim is None else Shard(item.slice.dim),)
+        fits = tuple(local.shape) == item.local_shape and (
+            tuple(tensor.shape) == item.slice.global_shape and tuple(tensor.placements) == planned
+            if isinstance(tensor, DTensor)
+            else True
+        )
+        if not fits:
+            raise ShardingError(
+                f"destination {name!r} is {_layout(tensor)}, but the plan gives it {_planned(item)}",
+                key=item.key,
+                rank=ctx.rank,
+                hint="Build the module with tp_loader.parallelize (same plan and mesh), or allocate the "
+                "destination with the plan's local shape",
+            )
+        if self.dtype is not None and tensor.dtype != self.dtype and tensor.dtype.is_floating_point:
+            raise ShardingError(
+                f"destination {name!r} is {tensor.dtype}, but dtype={self.dtype} was asked for",
+                key=item.key,
+                rank=ctx.rank,
+                hint="Pass no dtype (the destination's dtype is used) or build the model in that dtype",
+            )
+        if local.is_meta:
+            return True
+        if not local.is_contiguous() or local.device != ctx.device:
+            raise ShardingError(
+                f"destination {name!r} is not a contiguous tensor on {ctx.device} "
+                f"(device {local.device}, contiguous {local.is_contiguous()})",
+                key=item.key,
+                rank=ctx.rank,
+                hint="Allocate destinations contiguous on the load's device",
+            )
+        return False
+
+    def _materialize(self, name: str, item: TensorPlan, ctx: Context) -> torch.Tensor:
+        """Replaces a meta tensor by real storage on ``ctx.device`` inside the same Python object."""
+        tensor = self.tensors[name]
+        dtype = self.dtype if self.dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
+        local = torch.empty(item.local_shape, dtype=dtype, device=ctx.device)
+        new = planned_dtensor(item, local, ctx.mesh) if isinstance(tensor, DTensor) else local
+        if isinstance(tensor, nn.Parameter):
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+        torch.utils.swap_tensors(tensor, new)
+        if isinstance(self.target, dict):
+            self.target[name] = tensor
+        return self._local(name)
+
+
+def load_into(
+    target: nn.Module | dict[str, torch.Tensor],
+    model: str | os.PathLike[str] | None = None,
+    *,
+    plan: str | os.PathLike[str] = "auto",
+    key_map: dict[str, str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    strict: bool = True,
+    mesh: DeviceMesh | None = None,
+    **options: Any,
+) -> LoadReport:
+    """Loads ``model`` straight into ``target``'s own tensors, reading each rank's slices into them.
+
+    Destinations are DTensors (a module from :func:`tp_loader.parallelize`) or plain local tensors of
+    the plan's local shapes (a server with its own parallel layers). Each is checked against the plan
+    on every rank before anything is read. Meta tensors are materialized once on the load's device,
+    keeping their ``Parameter`` objects; others are overwritten in place (a reload keeps ``data_ptr``).
+    Floating-point slices are converted to each destination's dtype.
+
+    Args:
+        target: an ``nn.Module`` or a dict of tensors, named as the checkpoint (after ``key_map``).
+        model: a directory or Hub id, as for :func:`tp_loader.load`.
+        plan: the plan, as for :func:`tp_loader.load`.
+        key_map: regex → replacement applied to checkpoint keys to give the target's names (the first
+            pattern that matches wins), like transformers' ``key_mapping``.
+        dtype: every floating-point destination must be of this dtype (default: whatever it is).
+        strict: refuse, before reading, unless every target tensor gets a checkpoint key and every
+            checkpoint key a target tensor (tied names sharing one tensor count once).
+        mesh: the tensor-parallel mesh (default: as :func:`tp_loader.load`).
+        options: other :func:`tp_loader.load` arguments (``revision``, ``cache_dir``, ``progress``, …).
+
+    Returns:
+        The load's report, with ``missing_keys`` the target tensors that got no checkpoint key and
+        ``unexpected_keys`` the checkpoint keys the target lacks.
+
+    Raises:
+        ShardingError: a destination's layout, dtype or device differs from the plan's.
+        StrictLoadError: ``strict`` and the names differ.
+        TPLoaderError: as :func:`tp_loader.load`.
+    """
+    wanted = normalise_dtype(dtype)
+    hook = _Destinations(target, key_map, wanted, strict)
+    result = load(model, plan=plan, mesh=mesh, zero_copy=False, _into=hook, **options)
+    return dataclasses.replace(result.report, missing_keys=hook.module_missing, unexpected_keys=hook.checkpoint_extra)
