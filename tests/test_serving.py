@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import tp_loader
-from tp_loader.testing import run_ranks, values
+from tp_loader.testing import run_ranks, same_error, values
 
 transformers = pytest.importorskip("transformers", reason="the models under test are transformers'")
 
@@ -94,3 +94,97 @@ def test_a_meta_model_parallelized_and_loaded_into_generates_what_transformers_g
     # (one parameter when tied)
     layers = LLAMA["num_hidden_layers"]
     assert sharded == [{"llama": 7 * layers + 2, "qwen2": 10 * layers + 1}[family]] * world_size
+
+
+def _data_ptrs(model: torch.nn.Module) -> dict[str, int]:
+    return {n: (t.to_local() if isinstance(t, DTensor) else t).data_ptr() for n, t in model.state_dict().items()}
+
+
+def _reload_in_place(rank: int, world_size: int, first: Path, second: Path, want_logits: torch.Tensor) -> int:
+    model = _tp_model(first, world_size)
+    pointers = _data_ptrs(model)
+    report = tp_loader.load_into(model, second, mesh=model.lm_head.weight.device_mesh)
+    assert _data_ptrs(model) == pointers
+    with torch.no_grad():
+        torch.testing.assert_close(model(PROMPT).logits, want_logits, rtol=0, atol=1e-4)
+    return report.ranks[rank].bytes_read
+
+
+def test_reloading_a_new_checkpoint_rewrites_every_parameter_in_place(checkpoints: dict[str, Path]) -> None:
+    """Load A, reload B into the same model: every data_ptr is kept and the outputs are B's."""
+    want_logits, _ = _reference(checkpoints["llama_b"])
+    bytes_read = values(run_ranks(2, _reload_in_place, checkpoints["llama"], checkpoints["llama_b"], want_logits))
+    assert bytes_read[0] > 0
+
+
+def _refused_reload(rank: int, world_size: int, first: Path, other: Path) -> str:
+    model = _tp_model(first, world_size)
+    with torch.no_grad():
+        before = model(PROMPT).logits
+    try:
+        tp_loader.load_into(model, other, mesh=model.lm_head.weight.device_mesh)
+    except tp_loader.TPLoaderError as exc:
+        with torch.no_grad():
+            assert torch.equal(model(PROMPT).logits, before), "the refused reload changed the model"
+        return f"{type(exc).__name__}: {exc}"
+    raise AssertionError("a checkpoint of other shapes was loaded into the model")
+
+
+def test_a_reload_with_other_shapes_is_refused_before_any_byte_is_written(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    other = _save(
+        tmp_path / "wider",
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        {**LLAMA, "intermediate_size": 192},
+        3,
+    )
+    messages = values(run_ranks(2, _refused_reload, checkpoints["llama"], other))
+    assert messages[0] == messages[1]
+    assert messages[0].startswith(
+        "ShardingError: destination 'model.layers.0.mlp.down_proj.weight' is DTensor [64, 128] (Shard(dim=1),) "
+        "local [64, 64] torch.float32, but the plan gives it global [64, 192] (Shard(dim=1),) local [64, 96] "
+        "(and 5 more destinations that do not fit) [rank=0, key=model.layers.0.mlp.down_proj.weight]"
+    ), messages[0]
+
+
+def _into_local_tensors(rank: int, world_size: int, root: Path, shapes: dict[str, tuple[int, ...]]) -> int:
+    """A server with its own parallel layers: plain tensors of this rank's local shapes, named its own way."""
+    mine = {name.replace("model.layers.", "blocks."): torch.full(shape, float("nan")) for name, shape in shapes.items()}
+    pointers = {name: t.data_ptr() for name, t in mine.items()}
+    report = tp_loader.load_into(mine, root, key_map={r"^model\.layers\.": "blocks."})
+    assert report.missing_keys == () and report.unexpected_keys == ()
+    shards = tp_loader.load(root).state_dict
+    for key, shard in shards.items():
+        name = key.replace("model.layers.", "blocks.")
+        assert torch.equal(mine[name], shard.to_local()), name
+        assert mine[name].data_ptr() == pointers[name]
+    return len(mine)
+
+
+def test_a_dict_of_local_tensors_named_by_key_map_gets_exactly_each_ranks_shards(
+    checkpoints: dict[str, Path],
+) -> None:
+    summary = tp_loader.plan_load(checkpoints["llama"], world_size=2)
+    for rank in range(2):
+        shapes = {p.key: p.local_shapes[rank] for p in summary.placements}
+        assert len(shapes) == 2 + 9 * LLAMA["num_hidden_layers"] + 1
+    shapes0 = {p.key: p.local_shapes[0] for p in summary.placements}
+    assert shapes0 == {p.key: p.local_shapes[1] for p in summary.placements}  # every split is even here
+    assert values(run_ranks(2, _into_local_tensors, checkpoints["llama"], shapes0)) == [len(shapes0)] * 2
+
+
+def _strict_mismatch(rank: int, world_size: int, root: Path) -> str:
+    mine = {"model.embed_tokens.weight": torch.empty(48, 64), "extra.weight": torch.empty(3)}
+    tp_loader.load_into(mine, root)
+    return "loaded"
+
+
+def test_a_strict_load_into_names_what_the_target_and_the_checkpoint_each_lack(checkpoints: dict[str, Path]) -> None:
+    error = same_error(run_ranks(2, _strict_mismatch, checkpoints["llama"]))
+    assert error.type == "StrictLoadError"
+    assert error.message.startswith(
+        "the module and the checkpoint differ: 1 module tensors have no checkpoint key (extra.weight), "
+        "20 checkpoint keys have no module tensor (lm_head.weight, model.layers.0.input_layernorm.weight, "
+    ), error.message

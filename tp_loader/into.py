@@ -57,7 +57,7 @@ def _layout(tensor: torch.Tensor) -> str:
 
 def _planned(item: TensorPlan) -> str:
     placement = Replicate() if item.slice.dim is None else Shard(item.slice.dim)
-    return f"global {list(item.slice.global_shape)} ({placement},) local {list(item.local_shape)}"
+    return f"global {list(item.slice.global_shape)} ({placement!r},) local {list(item.local_shape)}"
 
 
 class _Destinations:
@@ -96,7 +96,19 @@ class _Destinations:
             )
         self.module_missing, self.checkpoint_extra = missing, extra
         plans = {item.key: item for item in load_plan.tensors if item.key not in extra}
-        checked = {key: self._check(name, plans[key], ctx) for key, name in names.items() if key in plans}
+        checked, refused = {}, []
+        for key, name in names.items():
+            if key in plans:
+                try:
+                    checked[key] = self._check(name, plans[key], ctx)
+                except ShardingError as exc:
+                    refused.append(exc)
+        if refused:
+            first = refused[0]
+            if len(refused) > 1:
+                more = f" (and {len(refused) - 1} more destinations that do not fit)"
+                raise ShardingError(first.message + more, key=first.key, rank=first.rank, hint=first.hint)
+            raise first
         out = {}
         for key, name in names.items():
             if key in checked:
