@@ -15,6 +15,7 @@ import tp_loader
 from tp_loader.testing import run_ranks, same_error, values
 
 transformers = pytest.importorskip("transformers", reason="the models under test are transformers'")
+accelerate = pytest.importorskip("accelerate", reason="init_empty_weights builds the models without memory")
 
 LLAMA = {
     "hidden_size": 64,
@@ -27,6 +28,17 @@ LLAMA = {
     "pad_token_id": 0,
 }
 QWEN2 = {**LLAMA, "tie_word_embeddings": True}
+PHI3 = {**LLAMA, "num_key_value_heads": 4}  # fused qkv_proj and gate_up_proj
+GEMMA2 = {**LLAMA, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}
+GPT2 = {
+    "n_embd": 64,
+    "n_head": 8,
+    "n_layer": 2,
+    "vocab_size": 96,
+    "n_positions": 64,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
 PROMPT = torch.tensor([[5, 17, 33, 2, 71, 9]])
 NEW_TOKENS = 16
 
@@ -44,6 +56,9 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "llama": _save(base / "llama", transformers.LlamaConfig, transformers.LlamaForCausalLM, LLAMA, 0),
         "llama_b": _save(base / "llama_b", transformers.LlamaConfig, transformers.LlamaForCausalLM, LLAMA, 1),
         "qwen2": _save(base / "qwen2", transformers.Qwen2Config, transformers.Qwen2ForCausalLM, QWEN2, 2),
+        "phi3": _save(base / "phi3", transformers.Phi3Config, transformers.Phi3ForCausalLM, PHI3, 4),
+        "gemma2": _save(base / "gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, GEMMA2, 5),
+        "gpt2": _save(base / "gpt2", transformers.GPT2Config, transformers.GPT2LMHeadModel, GPT2, 6),
     }
 
 
@@ -60,16 +75,17 @@ def _run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tp_model(root: Path, world_size: int) -> torch.nn.Module:
-    """The model built on meta, parallelized, loaded into; the rotary buffers (not in the checkpoint,
-    computed from the config) are made again on the CPU."""
+    """The model built with its parameters on meta (``init_empty_weights`` keeps buffers such as rotary
+    frequencies real: checkpoints do not hold them), parallelized, then loaded into."""
     config = transformers.AutoConfig.from_pretrained(root)
-    with torch.device("meta"):
+    with accelerate.init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert all(p.is_meta for p in model.parameters())
     mesh = init_device_mesh("cpu", (world_size,))
     tp_loader.parallelize(model, mesh=mesh)
     report = tp_loader.load_into(model, root, mesh=mesh)
     assert report.missing_keys == () and report.unexpected_keys == ()
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     return model
 
 
@@ -81,19 +97,24 @@ def _generate_tp(rank: int, world_size: int, root: Path, want_logits: torch.Tens
     return sum(isinstance(p, DTensor) and p.placements[0].is_shard() for p in model.parameters())
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+#: Sharded parameters: per layer q, k, v, o, gate, up, down (qwen2: + q, k, v biases; phi3: qkv, o,
+#: gate_up, down; gpt2: c_attn weight and bias, c_proj weight, c_fc weight and bias, c_proj weight),
+#: then the embeddings and the LM head (one parameter when tied).
+SHARDED = {"llama": 7 * 2 + 2, "qwen2": 10 * 2 + 1, "phi3": 4 * 2 + 2, "gemma2": 7 * 2 + 1, "gpt2": 6 * 2 + 1}
+
+
+@pytest.mark.parametrize("family", list(SHARDED))
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_a_meta_model_parallelized_and_loaded_into_generates_what_transformers_generates(
     checkpoints: dict[str, Path], family: str, world_size: int
 ) -> None:
-    """llama: 2 KV heads, so at world size 4 each KV head is shared by two ranks; qwen2: tied embeddings."""
+    """llama: 2 KV heads, so at world size 4 each KV head is shared by two ranks; qwen2: tied embeddings
+    and biases; phi3: fused projections, each part sharded on its own; gemma2: tied, soft-capped,
+    sliding window; gpt2: Conv1D weights stored [in, out], tied."""
     root = checkpoints[family]
     want_logits, want_tokens = _reference(root)
     sharded = values(run_ranks(world_size, _generate_tp, root, want_logits, want_tokens, timeout=240))
-    # per layer q, k, v, o, gate, up, down (+ q, k, v biases in qwen2), then the embeddings and lm_head
-    # (one parameter when tied)
-    layers = LLAMA["num_hidden_layers"]
-    assert sharded == [{"llama": 7 * layers + 2, "qwen2": 10 * layers + 1}[family]] * world_size
+    assert sharded == [SHARDED[family]] * world_size
 
 
 def _data_ptrs(model: torch.nn.Module) -> dict[str, int]:

@@ -76,7 +76,7 @@ class _Destinations:
         self.key_map = key_map
         self.dtype = dtype
         self.strict = strict
-        self.filled: set[str] = set()
+        self.ties: list[tuple[str, str]] = []
         self.module_missing: tuple[str, ...] = ()
         self.checkpoint_extra: tuple[str, ...] = ()
 
@@ -84,6 +84,13 @@ class _Destinations:
         names = {item.key: _mapped(item.key, self.key_map) for item in load_plan.tensors}
         extra = tuple(sorted(k for k, name in names.items() if name not in self.tensors))
         covered = {names[k] for k in names if k not in extra}
+        self.ties = []
+        for tie in load_plan.ties:  # the side a checkpoint lacks is the stored side's tensor (shared below)
+            kept, other = (tie.source, tie.target) if tie.stored in ("source", "both") else (tie.target, tie.source)
+            kept_name, other_name = _mapped(kept, self.key_map), _mapped(other, self.key_map)
+            if tie.stored != "neither" and kept_name in covered and other_name in self.tensors:
+                covered.add(other_name)
+                self.ties.append((kept_name, other_name))
         shared = {id(t): name for name, t in self.tensors.items() if name in covered}
         missing = tuple(sorted(n for n, t in self.tensors.items() if n not in covered and id(t) not in shared))
         if self.strict and (extra or missing):
@@ -114,6 +121,18 @@ class _Destinations:
             if key in checked:
                 out[key] = self._materialize(name, plans[key], ctx) if checked[key] else self._local(name)
         return out
+
+    def share_ties(self) -> None:
+        """After the read: each tied name the checkpoint does not fill becomes the filled tensor (the
+        same Parameter in a module; a copy into its own storage in a dict, whose pointers are kept)."""
+        for kept, other in self.ties:
+            source = self.tensors[kept]
+            if isinstance(self.target, nn.Module):
+                if self.target.get_parameter(other) is not self.target.get_parameter(kept):
+                    path, _, leaf = other.rpartition(".")
+                    setattr(self.target.get_submodule(path), leaf, self.target.get_parameter(kept))
+            elif self.target[other] is not source:
+                self._local(other).copy_(self._local(kept))
 
     def _local(self, name: str) -> torch.Tensor:
         """The storage to write ``name``'s shard into (detached: a parameter is written in place)."""
@@ -214,4 +233,5 @@ def load_into(
     wanted = normalise_dtype(dtype)
     hook = _Destinations(target, key_map, wanted, strict)
     result = load(model, plan=plan, mesh=mesh, zero_copy=False, _into=hook, **options)
+    hook.share_ties()
     return dataclasses.replace(result.report, missing_keys=hook.module_missing, unexpected_keys=hook.checkpoint_extra)

@@ -8,17 +8,19 @@ vocabularies included. The forward hooks are torch's own ``ColwiseParallel`` / `
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from .errors import ArgumentError, PlanError
@@ -95,13 +97,32 @@ class _Planned:
 
     _partition_embedding_fn = _partition_linear_fn
 
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        if not isinstance(module, nn.Linear | nn.Embedding):  # a Conv1D: matmul of the input with [in, out]
+            desired = (Shard(-1),) if isinstance(self, RowwiseParallel) else (Replicate(),)
+            return distribute_module(
+                module,
+                device_mesh,
+                self._partition_linear_fn,
+                partial(self._prepare_input_fn, self.input_layouts, desired),
+                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
+            )
+        return super()._apply(module, device_mesh)  # type: ignore[misc]
+
 
 class PlannedColwise(_Planned, ColwiseParallel):
-    """``ColwiseParallel`` with the plan's slices (packed parts, shared KV heads, uneven vocabularies)."""
+    """``ColwiseParallel`` with the plan's slices (packed parts, shared KV heads, uneven vocabularies),
+    also for GPT-2's ``Conv1D`` (weights stored ``[in, out]``: the plan shards their dim 1)."""
 
 
 class PlannedRowwise(_Planned, RowwiseParallel):
-    """``RowwiseParallel`` with the plan's slices."""
+    """``RowwiseParallel`` with the plan's slices, also for ``Conv1D``."""
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
 def _style(path: str, module: nn.Module, items: dict[str, TensorPlan]) -> ParallelStyle | None:
@@ -110,18 +131,20 @@ def _style(path: str, module: nn.Module, items: dict[str, TensorPlan]) -> Parall
     if weight is None or all(item.slice.dim is None for item in items.values()):
         return None
     style = weight.style
+    matmul = isinstance(module, nn.Linear) or _is_conv1d(module)
     if isinstance(module, nn.Embedding) and style in ("vocab", "rowwise"):
         return PlannedRowwise(items, input_layouts=Replicate())
-    if isinstance(module, nn.Linear) and style == "vocab":
+    if matmul and style == "vocab":
         return PlannedColwise(items, output_layouts=Replicate())
-    if isinstance(module, nn.Linear) and style == "colwise":
+    if matmul and style in ("colwise", "packed"):
         return PlannedColwise(items)
-    if isinstance(module, nn.Linear) and style == "rowwise":
+    if matmul and style == "rowwise":
         return PlannedRowwise(items)
     raise PlanError(
         f"cannot run module {path!r} ({type(module).__name__}) tensor-parallel with style {style!r}",
         key=weight.key,
-        hint="parallelize supports nn.Linear (colwise, rowwise, vocab) and nn.Embedding (vocab, rowwise); "
+        hint="parallelize supports nn.Linear and Conv1D (colwise, packed, rowwise, vocab) and nn.Embedding "
+        "(vocab, rowwise); "
         "give this module a replicate rule, or load its shards with tp_loader.load_into into your own layers",
     )
 
@@ -198,11 +221,35 @@ def _set_attributes(
         values[f"local_heads_{group}"] = (
             1 if heads.replicate_when_fewer and num < world_size else math.ceil(num / world_size)
         )
+    copied: set[tuple[int, str]] = set()
     for attribute in spec.attributes:
         pattern = re.compile(glob_to_regex(attribute.module))
+        owner_path, _, leaf = attribute.name.rpartition(".")
         value = None
         for path, sub in module.named_modules():
-            if pattern.fullmatch(path) and hasattr(sub, attribute.name):
-                if value is None:
-                    value = evaluate(attribute.value, values, where=f"attribute {attribute.name}")
-                setattr(sub, attribute.name, value)
+            if not pattern.fullmatch(path):
+                continue
+            owner = _owner(sub, owner_path, copied)
+            if owner is None or not hasattr(owner, leaf):
+                continue
+            if value is None:
+                value = evaluate(attribute.value, values, where=f"attribute {attribute.name}")
+            setattr(owner, leaf, value)
+
+
+def _owner(module: nn.Module, path: str, copied: set[tuple[int, str]]) -> Any:
+    """The object that holds a dotted attribute of ``module`` (``config`` for ``config.num_attention_heads``),
+    copied once per module first, so that a value for this rank's heads never reaches an object that
+    other modules (or the caller) share."""
+    if not path:
+        return module
+    owner: Any = module
+    for part in path.split("."):
+        if not hasattr(owner, part):
+            return None
+        parent, owner = owner, getattr(owner, part)
+        if (id(module), part) not in copied:
+            owner = copy.copy(owner)
+            setattr(parent, part, owner)
+            copied.add((id(module), part))
+    return owner
