@@ -30,6 +30,7 @@ LLAMA = {
 QWEN2 = {**LLAMA, "tie_word_embeddings": True}
 PHI3 = {**LLAMA, "num_key_value_heads": 4}  # fused qkv_proj and gate_up_proj
 GEMMA2 = {**LLAMA, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}
+MIXTRAL = {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}
 GPT2 = {
     "n_embd": 64,
     "n_head": 8,
@@ -59,6 +60,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "phi3": _save(base / "phi3", transformers.Phi3Config, transformers.Phi3ForCausalLM, PHI3, 4),
         "gemma2": _save(base / "gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, GEMMA2, 5),
         "gpt2": _save(base / "gpt2", transformers.GPT2Config, transformers.GPT2LMHeadModel, GPT2, 6),
+        "mixtral": _save(base / "mixtral", transformers.MixtralConfig, transformers.MixtralForCausalLM, MIXTRAL, 7),
     }
 
 
@@ -74,7 +76,7 @@ def _run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, tokens
 
 
-def _tp_model(root: Path, world_size: int) -> torch.nn.Module:
+def _tp_model(root: Path, world_size: int, mode: str | None = None) -> torch.nn.Module:
     """The model built with its parameters on meta (``init_empty_weights`` keeps buffers such as rotary
     frequencies real: checkpoints do not hold them), parallelized, then loaded into."""
     config = transformers.AutoConfig.from_pretrained(root)
@@ -82,15 +84,22 @@ def _tp_model(root: Path, world_size: int) -> torch.nn.Module:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     assert all(p.is_meta for p in model.parameters())
     mesh = init_device_mesh("cpu", (world_size,))
-    tp_loader.parallelize(model, mesh=mesh)
-    report = tp_loader.load_into(model, root, mesh=mesh)
+    tp_loader.parallelize(model, mesh=mesh, mode=mode)
+    report = tp_loader.load_into(model, root, mesh=mesh, mode=mode)
     assert report.missing_keys == () and report.unexpected_keys == ()
     assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
     return model
 
 
-def _generate_tp(rank: int, world_size: int, root: Path, want_logits: torch.Tensor, want_tokens: torch.Tensor) -> int:
-    model = _tp_model(root, world_size)
+def _generate_tp(
+    rank: int,
+    world_size: int,
+    root: Path,
+    want_logits: torch.Tensor,
+    want_tokens: torch.Tensor,
+    mode: str | None = None,
+) -> int:
+    model = _tp_model(root, world_size, mode)
     logits, tokens = _run(model)
     assert torch.equal(tokens, want_tokens), (tokens, want_tokens)
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-4)
@@ -100,7 +109,15 @@ def _generate_tp(rank: int, world_size: int, root: Path, want_logits: torch.Tens
 #: Sharded parameters: per layer q, k, v, o, gate, up, down (qwen2: + q, k, v biases; phi3: qkv, o,
 #: gate_up, down; gpt2: c_attn weight and bias, c_proj weight, c_fc weight and bias, c_proj weight),
 #: then the embeddings and the LM head (one parameter when tied).
-SHARDED = {"llama": 7 * 2 + 2, "qwen2": 10 * 2 + 1, "phi3": 4 * 2 + 2, "gemma2": 7 * 2 + 1, "gpt2": 6 * 2 + 1}
+#: mixtral: q, k, v, o, the fused experts' gate_up_proj and down_proj.
+SHARDED = {
+    "llama": 7 * 2 + 2,
+    "qwen2": 10 * 2 + 1,
+    "phi3": 4 * 2 + 2,
+    "gemma2": 7 * 2 + 1,
+    "gpt2": 6 * 2 + 1,
+    "mixtral": 6 * 2 + 2,
+}
 
 
 @pytest.mark.parametrize("family", list(SHARDED))
@@ -110,7 +127,8 @@ def test_a_meta_model_parallelized_and_loaded_into_generates_what_transformers_g
 ) -> None:
     """llama: 2 KV heads, so at world size 4 each KV head is shared by two ranks; qwen2: tied embeddings
     and biases; phi3: fused projections, each part sharded on its own; gemma2: tied, soft-capped,
-    sliding window; gpt2: Conv1D weights stored [in, out], tied."""
+    sliding window; gpt2: Conv1D weights stored [in, out], tied; mixtral: per-expert checkpoint tensors
+    read into transformers 5's fused expert tensors, each expert tensor-parallel."""
     root = checkpoints[family]
     want_logits, want_tokens = _reference(root)
     sharded = values(run_ranks(world_size, _generate_tp, root, want_logits, want_tokens, timeout=240))
@@ -209,3 +227,15 @@ def test_a_strict_load_into_names_what_the_target_and_the_checkpoint_each_lack(c
         "the module and the checkpoint differ: 1 module tensors have no checkpoint key (extra.weight), "
         "20 checkpoint keys have no module tensor (lm_head.weight, model.layers.0.input_layernorm.weight, "
     ), error.message
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_mixtral_in_expert_parallel_mode_generates_what_transformers_generates(
+    checkpoints: dict[str, Path], world_size: int
+) -> None:
+    """Whole experts per rank (4 experts: two each at world size 2, one each at 4), the routed expert
+    ids renumbered to each rank's own, the outputs summed over the ranks."""
+    root = checkpoints["mixtral"]
+    want_logits, want_tokens = _reference(root)
+    sharded = values(run_ranks(world_size, _generate_tp, root, want_logits, want_tokens, "ep", timeout=240))
+    assert sharded == [SHARDED["mixtral"]] * world_size

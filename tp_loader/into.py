@@ -11,19 +11,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
 
 from .arguments import normalise_dtype
 from .dist import Context
 from .errors import ArgumentError, ShardingError, StrictLoadError
 from .loader import load
-from .parallel import planned_dtensor
-from .plan import LoadPlan, TensorPlan
+from .parallel import composed_tensors, to_module_name
+from .place import contiguous_stride
+from .plan import LoadPlan
 from .report import LoadReport
 
 
@@ -55,9 +58,22 @@ def _layout(tensor: torch.Tensor) -> str:
     return f"tensor {list(tensor.shape)} {tensor.dtype}"
 
 
-def _planned(item: TensorPlan) -> str:
-    placement = Replicate() if item.slice.dim is None else Shard(item.slice.dim)
-    return f"global {list(item.slice.global_shape)} ({placement!r},) local {list(item.local_shape)}"
+@dataclass(frozen=True)
+class _Layout:
+    """What the plan gives one destination: its local shard, global shape and sharded dim."""
+
+    key: str  # the checkpoint key, or the first one of a composed module tensor
+    local_shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+    dim: int | None
+
+    @property
+    def placements(self) -> tuple[Placement, ...]:
+        return (Replicate() if self.dim is None else Shard(self.dim),)
+
+
+def _planned(item: _Layout) -> str:
+    return f"global {list(item.global_shape)} ({item.placements[0]!r},) local {list(item.local_shape)}"
 
 
 class _Destinations:
@@ -81,13 +97,17 @@ class _Destinations:
         self.checkpoint_extra: tuple[str, ...] = ()
 
     def __call__(self, load_plan: LoadPlan, ctx: Context) -> dict[str, torch.Tensor]:
-        names = {item.key: _mapped(item.key, self.key_map) for item in load_plan.tensors}
-        extra = tuple(sorted(k for k, name in names.items() if name not in self.tensors))
-        covered = {names[k] for k in names if k not in extra}
+        spec = load_plan.spec
+        names = {item.key: _mapped(to_module_name(item.key, spec), self.key_map) for item in load_plan.tensors}
+        shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
+        composed = composed_tensors(spec, load_plan, shapes) if spec is not None else {}
+        part_of = {key: c for c in composed.values() for key, *_ in c.parts}
+        extra = tuple(sorted(k for k, name in names.items() if name not in self.tensors and k not in part_of))
+        covered = {names[k] for k in names if k not in extra and k not in part_of} | set(composed)
         self.ties = []
         for tie in load_plan.ties:  # the side a checkpoint lacks is the stored side's tensor (shared below)
             kept, other = (tie.source, tie.target) if tie.stored in ("source", "both") else (tie.target, tie.source)
-            kept_name, other_name = _mapped(kept, self.key_map), _mapped(other, self.key_map)
+            kept_name, other_name = names.get(kept, kept), _mapped(to_module_name(other, spec), self.key_map)
             if tie.stored != "neither" and kept_name in covered and other_name in self.tensors:
                 covered.add(other_name)
                 self.ties.append((kept_name, other_name))
@@ -102,24 +122,34 @@ class _Destinations:
                 hint="Map names with key_map= (regex → replacement), or pass strict=False to load what matches",
             )
         self.module_missing, self.checkpoint_extra = missing, extra
-        plans = {item.key: item for item in load_plan.tensors if item.key not in extra}
+        items = {item.key: item for item in load_plan.tensors}
+        layouts = {
+            names[key]: _Layout(key, item.local_shape, item.slice.global_shape, item.slice.dim)
+            for key, item in items.items()
+            if key not in extra and key not in part_of
+        }
+        layouts.update(
+            {c.name: _Layout(c.parts[0][0], c.local_shape, c.global_shape, c.dim) for c in composed.values()}
+        )
         checked, refused = {}, []
-        for key, name in names.items():
-            if key in plans:
-                try:
-                    checked[key] = self._check(name, plans[key], ctx)
-                except ShardingError as exc:
-                    refused.append(exc)
+        for name, layout in layouts.items():
+            try:
+                checked[name] = self._check(name, layout, ctx)
+            except ShardingError as exc:
+                refused.append(exc)
         if refused:
             first = refused[0]
             if len(refused) > 1:
                 more = f" (and {len(refused) - 1} more destinations that do not fit)"
                 raise ShardingError(first.message + more, key=first.key, rank=first.rank, hint=first.hint)
             raise first
-        out = {}
-        for key, name in names.items():
-            if key in checked:
-                out[key] = self._materialize(name, plans[key], ctx) if checked[key] else self._local(name)
+        locals_ = {
+            name: self._materialize(name, layouts[name], ctx) if must else self._local(name)
+            for name, must in checked.items()
+        }
+        out = {key: locals_[name] for key, name in names.items() if name in locals_ and key not in part_of}
+        for c in composed.values():
+            out.update(c.views(locals_[c.name], items))
         return out
 
     def share_ties(self) -> None:
@@ -139,13 +169,12 @@ class _Destinations:
         tensor = self.tensors[name]
         return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
 
-    def _check(self, name: str, item: TensorPlan, ctx: Context) -> bool:
+    def _check(self, name: str, item: _Layout, ctx: Context) -> bool:
         """Whether ``name`` must be materialized (it is on meta); raises if its layout is not the plan's."""
         tensor = self.tensors[name]
         local = self._local(name)
-        planned = (Replicate() if item.slice.dim is None else Shard(item.slice.dim),)
         fits = tuple(local.shape) == item.local_shape and (
-            tuple(tensor.shape) == item.slice.global_shape and tuple(tensor.placements) == planned
+            tuple(tensor.shape) == item.global_shape and tuple(tensor.placements) == item.placements
             if isinstance(tensor, DTensor)
             else True
         )
@@ -176,12 +205,23 @@ class _Destinations:
             )
         return False
 
-    def _materialize(self, name: str, item: TensorPlan, ctx: Context) -> torch.Tensor:
+    def _materialize(self, name: str, item: _Layout, ctx: Context) -> torch.Tensor:
         """Replaces a meta tensor by real storage on ``ctx.device`` inside the same Python object."""
         tensor = self.tensors[name]
         dtype = self.dtype if self.dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
         local = torch.empty(item.local_shape, dtype=dtype, device=ctx.device)
-        new = planned_dtensor(item, local, ctx.mesh) if isinstance(tensor, DTensor) else local
+        new = (
+            DTensor.from_local(
+                local,
+                ctx.mesh,
+                item.placements,
+                run_check=False,
+                shape=torch.Size(item.global_shape),
+                stride=contiguous_stride(item.global_shape),
+            )
+            if isinstance(tensor, DTensor)
+            else local
+        )
         if isinstance(tensor, nn.Parameter):
             new = nn.Parameter(new, requires_grad=tensor.requires_grad)
         torch.utils.swap_tensors(tensor, new)

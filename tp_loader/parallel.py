@@ -13,22 +13,25 @@ import logging
 import math
 import os
 import re
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
+from .convert import fill
 from .errors import ArgumentError, PlanError
 from .index import Checkpoint, TensorInfo
 from .place import contiguous_stride
 from .plan import LoadPlan, TensorPlan, plan_rank
-from .prefix import with_prefix
-from .spec import config_values, evaluate, evaluate_size, glob_to_regex, select_spec
+from .prefix import detect_prefix, with_prefix
+from .spec import ExpertModuleSpec, PlanSpec, config_values, evaluate, evaluate_size, glob_to_regex, select_spec
 
 logger = logging.getLogger("tp_loader")
 
@@ -48,16 +51,60 @@ def module_config(module: nn.Module, config: Any) -> dict:
     )
 
 
+def to_module_name(key: str, spec: PlanSpec | None) -> str:
+    """A checkpoint key under the module's own names (the plan's ``renames``)."""
+    for checkpoint, module in spec.renames if spec is not None else ():
+        key = key.replace(checkpoint, module)
+    return key
+
+
 def plan_module(
-    module: nn.Module, config: dict, world_size: int, rank: int, *, plan: str | os.PathLike[str] = "auto"
+    module: nn.Module,
+    config: dict,
+    world_size: int,
+    rank: int,
+    *,
+    plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
 ) -> LoadPlan:
-    """The plan of ``rank``, computed from the module's state dict as if it were a checkpoint's headers."""
+    """The plan of ``rank``, computed from the module's state dict as if it were a checkpoint's headers:
+    module names renamed back to checkpoint names, and each module tensor that a plan target composes
+    (fused experts) split back into the checkpoint tensors it is made of."""
+    shapes = {key: tuple(t.shape) for key, t in module.state_dict(keep_vars=True).items()}
+    dtypes = {key: t.dtype for key, t in module.state_dict(keep_vars=True).items()}
+    spec = select_spec(plan, config, model=type(module).__name__, mode=mode)
+    spec = with_prefix(spec, detect_prefix(spec, shapes))
+    stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for key, shape in shapes.items():
+        parts = _split_target(spec, key, shape)
+        if parts is None:
+            for checkpoint_name, module_name in spec.renames:
+                key = key.replace(module_name, checkpoint_name)
+            stored[key] = (shape, dtypes[key] if key in dtypes else next(iter(dtypes.values())))
+        else:
+            stored.update({part: (part_shape, dtypes[key]) for part, part_shape in parts.items()})
     infos = {
-        key: TensorInfo(key, "(module)", t.dtype, tuple(t.shape), 0, t.numel() * t.element_size())
-        for key, t in module.state_dict(keep_vars=True).items()
+        key: TensorInfo(key, "(module)", dtype, shape, 0, math.prod(shape) * dtype.itemsize)
+        for key, (shape, dtype) in stored.items()
     }
     checkpoint = Checkpoint(Path("(module)"), "safetensors", config, infos)
-    return plan_rank(checkpoint, world_size, rank, plan=plan, model=type(module).__name__)
+    return plan_rank(checkpoint, world_size, rank, plan=plan, mode=mode, model=type(module).__name__)
+
+
+def _split_target(spec: PlanSpec, key: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]] | None:
+    """The checkpoint tensors (per expert, as stored) that module tensor ``key`` is made of, or ``None``."""
+    for target in spec.targets:
+        found = _template_regex(target.key).fullmatch(key)
+        if found is None or len(shape) < 2:
+            continue
+        at = {"layer": int(found["layer"])} if "layer" in found.groupdict() else {}
+        rows = shape[1] // len(target.parts)
+        return {
+            fill(part, {**at, "expert": expert}): (rows, *shape[2:])
+            for part in target.parts
+            for expert in range(shape[0])
+        }
+    return None
 
 
 def local_piece(full: torch.Tensor, item: TensorPlan) -> torch.Tensor:
@@ -154,6 +201,7 @@ def parallelize(
     *,
     mesh: DeviceMesh,
     plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
     config: Any = None,
 ) -> nn.Module:
     """Makes ``module`` run tensor-parallel on ``mesh`` with the layout :func:`tp_loader.load` gives.
@@ -166,6 +214,7 @@ def parallelize(
         module: the model, with checkpoint-named parameters (``model.layers.0.self_attn.q_proj.weight``).
         mesh: the 1-D tensor-parallel mesh.
         plan: ``"auto"``, a built-in plan name or a path.
+        mode: the plan's mode (``"ep"``: expert parallelism), as for :func:`tp_loader.load`.
         config: the model's config (a dict or an object with ``to_dict()``); default ``module.config``.
 
     Returns:
@@ -178,7 +227,7 @@ def parallelize(
     """
     values = module_config(module, config)
     world_size, rank = mesh.size(), mesh.get_local_rank()
-    load_plan = plan_module(module, values, world_size, rank, plan=plan)
+    load_plan = plan_module(module, values, world_size, rank, plan=plan, mode=mode)
     if load_plan.mismatched:
         bad = load_plan.mismatched[0]
         raise PlanError(
@@ -189,15 +238,27 @@ def parallelize(
     tied: dict[int, list[str]] = {}
     for name, param in module.named_parameters(remove_duplicate=False):
         tied.setdefault(id(param), []).append(name)
+    spec = load_plan.spec
+    shapes = {key: tuple(t.shape) for key, t in module.state_dict(keep_vars=True).items()}
+    composed = composed_tensors(spec, load_plan, shapes) if spec is not None else {}
+    parts = {key for c in composed.values() for key, *_ in c.parts}
     by_module: dict[str, dict[str, TensorPlan]] = {}
     for item in load_plan.tensors:
-        path, _, leaf = item.key.rpartition(".")
-        by_module.setdefault(path, {})[leaf] = item
-    styles = {}
+        if item.key not in parts:
+            path, _, leaf = to_module_name(item.key, spec).rpartition(".")
+            by_module.setdefault(path, {})[leaf] = item
+    styles: dict[str, ParallelStyle] = {}
     for path, items in by_module.items():
         style = _style(path, module.get_submodule(path), items)
         if style is not None:
             styles[path] = style
+    by_owner: dict[str, dict[str, Composed]] = {}
+    for name, tensor in composed.items():
+        path, _, leaf = name.rpartition(".")
+        by_owner.setdefault(path, {})[leaf] = tensor
+    items_by_key = {item.key: item for item in load_plan.tensors}
+    for path, tensors in by_owner.items():
+        styles[path] = ExpertsParallel(tensors, items_by_key, _expert_module(spec, path))
     parallelize_module(module, mesh, styles)
     for names in tied.values():  # re-tie: each module got a parameter of its own
         if len(names) > 1:
@@ -205,15 +266,99 @@ def parallelize(
             for name in names[1:]:
                 path, _, leaf = name.rpartition(".")
                 setattr(module.get_submodule(path), leaf, source)
-    _set_attributes(module, plan, values, load_plan, world_size)
+    _set_attributes(module, values, load_plan, world_size)
     return module
 
 
-def _set_attributes(
-    module: nn.Module, plan: str | os.PathLike[str], config: dict, load_plan: LoadPlan, world_size: int
-) -> None:
-    spec = with_prefix(select_spec(plan, config, model=type(module).__name__), load_plan.prefix)
-    if not spec.attributes:
+def _expert_module(spec: PlanSpec | None, path: str) -> ExpertModuleSpec | None:
+    for expert_module in spec.expert_modules if spec is not None else ():
+        if re.fullmatch(glob_to_regex(expert_module.module), path):
+            return expert_module
+    return None
+
+
+class ExpertsParallel(ParallelStyle):
+    """A module of stacked experts (transformers 5's ``MixtralExperts``): each parameter a DTensor with
+    the plan's placement, the forward run on the local shards, its output summed over the ranks.
+
+    Tensor-parallel experts (parameters sharded on dim 1 or 2) give each rank a part of every expert's
+    intermediate features: the sum after the expert sum completes every token's output. Expert
+    parallelism (dim 0: whole experts) renumbers the routed expert ids to this rank's experts and gives
+    a token routed elsewhere weight 0, so that only the other ranks add its outputs, in the same sum.
+    """
+
+    def __init__(
+        self, tensors: dict[str, Composed], items: dict[str, TensorPlan], spec: ExpertModuleSpec | None
+    ) -> None:
+        super().__init__()
+        self._tensors = tensors
+        self._items = items
+        self._spec = spec
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for leaf, tensor in self._tensors.items():
+            param = module.get_parameter(leaf)
+            local = (
+                torch.empty(tensor.local_shape, dtype=param.dtype, device="meta")
+                if param.is_meta
+                else _compose_local(param, tensor, self._items)
+            )
+            setattr(module, leaf, nn.Parameter(tensor.dtensor(local, device_mesh), requires_grad=param.requires_grad))
+        expert_dim = {tensor.dim for tensor in self._tensors.values()}
+        first = None
+        if expert_dim == {0}:
+            key = next(iter(self._tensors.values())).parts[0][0]  # a stacked part: its slice is the experts
+            first, stop = self._items[key].slice.ranges[0]
+            if self._spec is None:
+                raise PlanError(
+                    f"module {type(module).__name__} holds whole experts per rank, but the plan names no "
+                    "expert_modules entry for it (the routed expert ids must be renumbered)",
+                    hint="Add an [[expert_modules]] entry to the plan",
+                )
+            setattr(module, self._spec.num_experts, stop - first)
+        group = device_mesh.get_group()
+        saved: dict[str, torch.Tensor] = {}
+
+        def to_local(mod: nn.Module, args: tuple) -> tuple:
+            for leaf in self._tensors:
+                saved[leaf] = mod._parameters[leaf]
+                mod._parameters[leaf] = saved[leaf].to_local()
+            if first is not None and self._spec is not None:
+                spec = self._spec
+                index, weights = args[spec.index_arg], args[spec.weights_arg]
+                mine = (index >= first) & (index < first + getattr(mod, spec.num_experts))
+                renumbered = list(args)
+                renumbered[spec.index_arg] = torch.where(mine, index - first, 0)
+                renumbered[spec.weights_arg] = torch.where(mine, weights, 0)
+                args = tuple(renumbered)
+            return args
+
+        def summed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            mod._parameters.update(saved)
+            if device_mesh.size() > 1:
+                dist.all_reduce(output, group=group)
+            return output
+
+        module.register_forward_pre_hook(to_local)
+        module.register_forward_hook(summed)
+        return module
+
+
+def _compose_local(param: torch.Tensor, tensor: Composed, items: dict[str, TensorPlan]) -> torch.Tensor:
+    """This rank's shard of a materialized module tensor: each part's slice, placed as ``tensor`` says."""
+    full = param.detach()
+    local = torch.empty(tensor.local_shape, dtype=param.dtype, device=param.device)
+    views = tensor.views(local, items)
+    size = full.shape[1] // tensor.num_parts  # each part's rows (per expert) or columns (stacked)
+    for key, expert, _, index in tensor.parts:
+        part = full[expert].narrow(0, index * size, size) if expert is not None else full.narrow(1, index * size, size)
+        views[key].copy_(local_piece(part, items[key]))
+    return local
+
+
+def _set_attributes(module: nn.Module, config: dict, load_plan: LoadPlan, world_size: int) -> None:
+    spec = load_plan.spec
+    if spec is None or not spec.attributes:
         return
     values = config_values(spec, config)
     for group, heads in spec.heads.items():
@@ -253,3 +398,112 @@ def _owner(module: nn.Module, path: str, copied: set[tuple[int, str]]) -> Any:
             setattr(parent, part, owner)
             copied.add((id(module), part))
     return owner
+
+
+@dataclass(frozen=True)
+class Composed:
+    """A module tensor made of checkpoint tensors (a plan target), as this rank holds it.
+
+    Attributes:
+        name: the module tensor's name.
+        parts: ``(checkpoint key, expert or None for a stacked part, offset, part index)`` per
+            checkpoint tensor: where its local shard lies in the module tensor's local shard
+            (``local[expert]`` rows ``offset...`` of dim 0, or ``local`` columns ``offset...`` of dim 1
+            when stacked), and which of the target's parts it is.
+        dim: the sharded dim of the module tensor, or ``None`` when replicated.
+        local_shape: this rank's shard of it.
+        global_shape: the module tensor's shape.
+    """
+
+    name: str
+    parts: tuple[tuple[str, int | None, int, int], ...]
+    dim: int | None
+    local_shape: tuple[int, ...]
+    global_shape: tuple[int, ...]
+
+    @property
+    def num_parts(self) -> int:
+        return 1 + max(index for *_, index in self.parts)
+
+    def views(self, local: torch.Tensor, items: dict[str, TensorPlan]) -> dict[str, torch.Tensor]:
+        """Checkpoint key → the view of ``local`` (this rank's shard) that its shard fills."""
+        out = {}
+        for key, expert, offset, _ in self.parts:
+            shape = items[key].local_shape
+            out[key] = (
+                local[expert].narrow(0, offset, shape[0]) if expert is not None else local.narrow(1, offset, shape[1])
+            )
+        return out
+
+    def dtensor(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
+        placement = Replicate() if self.dim is None else Shard(self.dim)
+        shape = self.global_shape
+        return DTensor.from_local(
+            local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
+        )
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{layer\}", r"(?P<layer>\d+)"))
+
+
+def composed_tensors(spec: PlanSpec, load_plan: LoadPlan, names: dict[str, tuple[int, ...]]) -> dict[str, Composed]:
+    """The module tensors among ``names`` (name → shape) that the plan's targets compose from the
+    planned checkpoint tensors: per expert (the part keys planned as they are) or stacked (the part
+    keys merged by a converter)."""
+    items = {item.key: item for item in load_plan.tensors}
+    stacked_of = {c.sources[0]: c.targets[0] for c in spec.converters if c.op == "merge_modulelist"}
+    out = {}
+    for target in spec.targets:
+        pattern = _template_regex(target.key)
+        for name, shape in names.items():
+            found = pattern.fullmatch(name)
+            if found is None:
+                continue
+            at = {"layer": int(found["layer"])} if "layer" in found.groupdict() else {}
+            composed = _compose(name, shape, target.parts, at, items, stacked_of)
+            if composed is not None:
+                out[name] = composed
+    return out
+
+
+def _compose(
+    name: str,
+    shape: tuple[int, ...],
+    templates: tuple[str, ...],
+    at: dict[str, int],
+    items: dict[str, TensorPlan],
+    stacked_of: dict[str, str],
+) -> Composed | None:
+    parts: list[tuple[str, int | None, int, int]] = []
+    dims: set[int | None] = set()
+    if all(fill(t, {**at, "expert": 0}) in items for t in templates):  # per expert
+        offset = 0
+        for index, template in enumerate(templates):
+            first = items[fill(template, {**at, "expert": 0})]
+            for expert in range(shape[0]):
+                item = items.get(fill(template, {**at, "expert": expert}))
+                if item is None:
+                    return None
+                parts.append((item.key, expert, offset, index))
+                dims.add(None if item.slice.dim is None else item.slice.dim + 1)
+            offset += first.local_shape[0]
+        rows = offset
+        local = (shape[0], rows, *first.local_shape[1:])
+    elif all(fill(stacked_of.get(t, "\0"), at) in items for t in templates):  # stacked by a converter
+        offset = 0
+        for index, template in enumerate(templates):
+            item = items[fill(stacked_of[template], at)]
+            parts.append((item.key, None, offset, index))
+            dims.add(item.slice.dim)
+            offset += item.local_shape[1]
+        local = (item.local_shape[0], offset, *item.local_shape[2:])
+    else:
+        return None
+    if len(dims) != 1:
+        raise PlanError(
+            f"the parts of module tensor {name!r} are placed differently ({sorted(map(str, dims))})",
+            key=name,
+            hint="Give the parts of one module tensor the same style in the plan",
+        )
+    return Composed(name, tuple(parts), dims.pop(), local, shape)

@@ -113,6 +113,7 @@ class LoadPlan:
     conversions: tuple[Conversion, ...] = ()
     prefix: str = ""
     groups: tuple[str, ...] = ()
+    spec: PlanSpec | None = field(default=None, compare=False, repr=False)  # the plan, with the prefix applied
 
     @property
     def read_bytes(self) -> int:
@@ -319,6 +320,7 @@ def make_plan(
         conversions,
         spec.prefix,
         groups,
+        spec,
     )
 
 

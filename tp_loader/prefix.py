@@ -80,6 +80,10 @@ def with_prefix(spec: PlanSpec, prefix: str) -> PlanSpec:
         ties=tuple(TieSpec(fix(t.source), fix(t.target), t.when) for t in spec.ties),
         converters=tuple(_fix_converter(c, fix) for c in spec.converters),
         attributes=tuple(dataclasses.replace(a, module=fix(a.module + ".").removesuffix(".")) for a in spec.attributes),
+        targets=tuple(dataclasses.replace(t, key=fix(t.key), parts=tuple(map(fix, t.parts))) for t in spec.targets),
+        expert_modules=tuple(
+            dataclasses.replace(e, module=fix(e.module + ".").removesuffix(".")) for e in spec.expert_modules
+        ),
     )
 
 

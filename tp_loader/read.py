@@ -491,6 +491,7 @@ def read_tensors(
                 elif (
                     isinstance(source, PreadSource)
                     and options.device.type == "cpu"
+                    and (given is None or given.is_contiguous())
                     and not item.info.segments
                     and item.scale is None
                     and item.info.begin >= 0

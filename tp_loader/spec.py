@@ -103,6 +103,33 @@ class AttributeSpec:
 
 
 @dataclass(frozen=True)
+class TargetSpec:
+    """A module tensor made of checkpoint tensors (transformers 5's fused experts).
+
+    ``parts`` are checkpoint key templates. With ``{expert}`` in them, ``module[e]`` is the parts of
+    expert ``e`` concatenated along their dim 0 (``gate_up_proj[e] = cat(w1_e, w3_e)``); a part the
+    plan's converters stack (``merge_modulelist``) is used stacked, concatenated along dim 1.
+    """
+
+    key: str
+    parts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExpertModuleSpec:
+    """A module whose forward runs the routed experts: ``parallelize`` runs it on local shards and sums
+    its output over the ranks. Under expert parallelism its argument ``index_arg`` (the routed expert
+    ids) is renumbered to this rank's experts, a token routed to another rank's expert gets the local
+    expert 0 with weight 0 in argument ``weights_arg`` (so every implementation of the forward adds
+    nothing for it), and the attribute ``num_experts`` is set to the local count."""
+
+    module: str
+    index_arg: int
+    weights_arg: int
+    num_experts: str
+
+
+@dataclass(frozen=True)
 class PlanSpec:
     """A parsed plan file."""
 
@@ -124,6 +151,9 @@ class PlanSpec:
     prefix: str = ""
     groups: dict[str, TensorGroup] = dataclasses.field(default_factory=dict)
     attributes: tuple[AttributeSpec, ...] = ()
+    targets: tuple[TargetSpec, ...] = ()
+    renames: tuple[tuple[str, str], ...] = ()
+    expert_modules: tuple[ExpertModuleSpec, ...] = ()
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -219,6 +249,9 @@ _MERGED = (
     "drop_tensors",
     "drop_rules",
     "attributes",
+    "targets",
+    "renames",
+    "expert_modules",
 )
 
 
@@ -233,7 +266,8 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
     }
     merged["groups"] = {**parent.get("groups", {}), **child.get("groups", {})}
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
-    merged["attributes"] = list(parent.get("attributes", [])) + list(child.get("attributes", []))
+    for name in ("attributes", "targets", "renames", "expert_modules"):
+        merged[name] = list(parent.get(name, [])) + list(child.get(name, []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
     merged["heads"] = {**parent.get("heads", {}), **child.get("heads", {})}
@@ -326,6 +360,17 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         prefix=str(data.get("prefix", "")),
         attributes=tuple(
             AttributeSpec(str(a["module"]), str(a["name"]), str(a["value"])) for a in data.get("attributes", [])
+        ),
+        targets=tuple(TargetSpec(str(t["key"]), tuple(map(str, t["parts"]))) for t in data.get("targets", [])),
+        renames=tuple((str(r["checkpoint"]), str(r["module"])) for r in data.get("renames", [])),
+        expert_modules=tuple(
+            ExpertModuleSpec(
+                str(e["module"]),
+                int(e.get("index_arg", 1)),
+                int(e.get("weights_arg", 2)),
+                str(e.get("num_experts", "num_experts")),
+            )
+            for e in data.get("expert_modules", [])
         ),
         groups=groups,
     )
