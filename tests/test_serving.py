@@ -31,6 +31,8 @@ QWEN2 = {**LLAMA, "tie_word_embeddings": True}
 PHI3 = {**LLAMA, "num_key_value_heads": 4}  # fused qkv_proj and gate_up_proj
 GEMMA2 = {**LLAMA, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}
 MIXTRAL = {**LLAMA, "num_local_experts": 4, "num_experts_per_tok": 2}
+QWEN3_MOE = {**LLAMA, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "head_dim": 8}
+QWEN2_MOE = {**QWEN3_MOE, "shared_expert_intermediate_size": 48}
 GPT2 = {
     "n_embd": 64,
     "n_head": 8,
@@ -61,6 +63,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "gemma2": _save(base / "gemma2", transformers.Gemma2Config, transformers.Gemma2ForCausalLM, GEMMA2, 5),
         "gpt2": _save(base / "gpt2", transformers.GPT2Config, transformers.GPT2LMHeadModel, GPT2, 6),
         "mixtral": _save(base / "mixtral", transformers.MixtralConfig, transformers.MixtralForCausalLM, MIXTRAL, 7),
+        "qwen3_moe": _save(
+            base / "qwen3_moe", transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, QWEN3_MOE, 8
+        ),
+        "qwen2_moe": _save(
+            base / "qwen2_moe", transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, QWEN2_MOE, 9
+        ),
     }
 
 
@@ -117,6 +125,8 @@ SHARDED = {
     "gemma2": 7 * 2 + 1,
     "gpt2": 6 * 2 + 1,
     "mixtral": 6 * 2 + 2,
+    "qwen3_moe": 6 * 2 + 2,
+    "qwen2_moe": 12 * 2 + 2,  # + q, k, v biases and the shared expert's gate, up and down
 }
 
 
@@ -229,13 +239,32 @@ def test_a_strict_load_into_names_what_the_target_and_the_checkpoint_each_lack(c
     ), error.message
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_mixtral_in_expert_parallel_mode_generates_what_transformers_generates(
-    checkpoints: dict[str, Path], world_size: int
+@pytest.mark.parametrize(("family", "world_size"), [("mixtral", 2), ("mixtral", 4), ("qwen3_moe", 2)])
+def test_moe_in_expert_parallel_mode_generates_what_transformers_generates(
+    checkpoints: dict[str, Path], family: str, world_size: int
 ) -> None:
     """Whole experts per rank (4 experts: two each at world size 2, one each at 4), the routed expert
     ids renumbered to each rank's own, the outputs summed over the ranks."""
-    root = checkpoints["mixtral"]
+    root = checkpoints[family]
     want_logits, want_tokens = _reference(root)
     sharded = values(run_ranks(world_size, _generate_tp, root, want_logits, want_tokens, "ep", timeout=240))
-    assert sharded == [SHARDED["mixtral"]] * world_size
+    assert sharded == [SHARDED[family]] * world_size
+
+
+def test_a_module_the_plan_shards_but_cannot_run_sharded_is_an_error_naming_it(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    plan = tmp_path / "norm_colwise.toml"
+    plan.write_text('extends = "llama"\n\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n')
+    config = transformers.AutoConfig.from_pretrained(checkpoints["llama"])
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    error = same_error(run_ranks(2, _parallelize_only, model, str(plan)))
+    assert error.type == "PlanError"
+    assert error.message.startswith(
+        "cannot run module 'model.norm' (LlamaRMSNorm) tensor-parallel with style 'colwise' [key=model.norm.weight]"
+    ), error.message
+
+
+def _parallelize_only(rank: int, world_size: int, model: torch.nn.Module, plan: str) -> None:
+    tp_loader.parallelize(model, mesh=init_device_mesh("cpu", (world_size,)), plan=plan)
