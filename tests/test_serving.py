@@ -268,3 +268,45 @@ def test_a_module_the_plan_shards_but_cannot_run_sharded_is_an_error_naming_it(
 
 def _parallelize_only(rank: int, world_size: int, model: torch.nn.Module, plan: str) -> None:
     tp_loader.parallelize(model, mesh=init_device_mesh("cpu", (world_size,)), plan=plan)
+
+
+def _parallelize_loaded(rank: int, world_size: int, root: Path, want_tokens: torch.Tensor, family: str) -> int:
+    """A model already holding its weights (``from_pretrained``): parallelize keeps each rank's slice."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    tp_loader.parallelize(model, mesh=init_device_mesh("cpu", (world_size,)), mode="ep" if family == "ep" else None)
+    _, tokens = _run(model)
+    assert torch.equal(tokens, want_tokens), (tokens, want_tokens)
+    gathered = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in model.state_dict().items()}
+    # fused tensors gather rank by rank (each rank's q, k, v together), so only the others compare whole
+    fused = ("qkv_proj", "gate_up_proj", ".experts.")
+    assert all(torch.equal(gathered[k], full[k]) for k in full if not any(f in k for f in fused)), family
+    return len(gathered)
+
+
+@pytest.mark.parametrize("family", ["phi3", "mixtral", "ep"])
+def test_parallelizing_a_model_that_holds_its_weights_keeps_each_ranks_slice(
+    checkpoints: dict[str, Path], family: str
+) -> None:
+    """Fused parts (phi3), fused experts split per expert (mixtral) and whole experts per rank (ep)."""
+    root = checkpoints["mixtral" if family == "ep" else family]
+    _, want_tokens = _reference(root)
+    assert len(set(values(run_ranks(2, _parallelize_loaded, root, want_tokens, family)))) == 1
+
+
+def _into_bf16(rank: int, world_size: int, root: Path) -> None:
+    config = transformers.AutoConfig.from_pretrained(root)
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    mesh = init_device_mesh("cpu", (world_size,))
+    tp_loader.parallelize(model, mesh=mesh)
+    tp_loader.load_into(model, root, mesh=mesh)
+    want = tp_loader.load(root, dtype=torch.bfloat16).state_dict
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.bfloat16, name
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        assert torch.equal(local, want[name].to_local()), name
+
+
+def test_load_into_converts_each_slice_to_its_destinations_dtype(checkpoints: dict[str, Path]) -> None:
+    values(run_ranks(2, _into_bf16, checkpoints["llama"]))
