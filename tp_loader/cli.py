@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ._version import __version__
 from .env import launch_env
-from .errors import TPLoaderError
+from .errors import ArgumentError, TPLoaderError
 
 logger = logging.getLogger("tp_loader")
 
@@ -52,13 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load even when most of the checkpoint's bytes are tensors the plan does not expect (replicated)",
     )
-    add(
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
         "--dry-run",
         type=int,
         default=None,
         metavar="WORLD_SIZE",
         help="plan every rank of WORLD_SIZE and print what each would read and hold; no process group, "
         "no tensor data read",
+    )
+    what.add_argument(
+        "--check-forward",
+        action="store_true",
+        help="load into transformers' causal LM made tensor-parallel, run a few fixed tokens and compare the "
+        "logits with from_pretrained on rank 0 (needs transformers; float32 unless --dtype); exit 1 on FAIL",
     )
     add(
         "--zero-copy",
@@ -93,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if rank == 0:
                 _dry_run(args)
             return 0
+        if args.check_forward:
+            return _check_forward(args, rank)
         from .loader import load
 
         result = load(
@@ -184,3 +193,37 @@ def _dry_run(args: argparse.Namespace) -> None:
         print(summary.format_table(full=args.verbose), flush=True)
     if args.report is not None:
         write_file(args.report, summary.to_json(), what="report")
+
+
+def _check_forward(args: argparse.Namespace, rank: int) -> int:
+    """``--check-forward``: rank 0 prints the load's table and one PASS line (stdout) or FAIL line
+    (stderr, also with ``-q``); every rank returns 1 on FAIL."""
+    for flag, value in (("--mode", args.mode), ("--zero-copy", args.zero_copy)):
+        if value is not None:
+            raise ArgumentError(
+                f"--check-forward does not take {flag}",
+                key=flag.lstrip("-").replace("-", "_"),
+                hint="It loads with tp_loader.parallelize and load_into: the plan's default layout, into the "
+                "model's own tensors",
+            )
+    from .check import check_forward
+
+    outcome = check_forward(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        plan=args.plan,
+        strict=args.strict,
+        allow_unmatched=args.allow_unmatched,
+        report=args.report,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        progress=not args.quiet,
+    )
+    if rank == 0 and not args.quiet:
+        print(outcome.report.format_table(full=args.verbose), flush=True)
+    if rank == 0 and outcome.passed and not args.quiet:
+        print(outcome.format_line(), flush=True)
+    if rank == 0 and not outcome.passed:
+        _write_line(outcome.format_line())
+    return 0 if outcome.passed else 1

@@ -199,7 +199,7 @@ def _load(
     start: float,
     into: Destinations | None = None,
 ) -> LoadResult:
-    root = _resolve(
+    root = resolve_on_ranks(
         ctx, model, hosts, revision=options.revision, cache_dir=options.cache_dir, demo_dir=settings.demo_dir
     )
 
@@ -306,7 +306,7 @@ def _write_report(ctx: Context, report: LoadReport, path: Path) -> None:
     run_agreed(ctx, "write report", write)
 
 
-def _resolve(
+def resolve_on_ranks(
     ctx: Context,
     model: str | os.PathLike[str] | None,
     hosts: list[str],
