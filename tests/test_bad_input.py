@@ -17,6 +17,7 @@ from conftest import llama_config, rewrite_header
 from safetensors.torch import save_file
 
 import tp_loader
+import tp_loader.loader
 from tp_loader.testing import errors, run_ranks, same_error, values
 
 SHARD1 = "model-00001-of-00002.safetensors"

@@ -10,6 +10,7 @@ from conftest import llama_config
 from safetensors.torch import load_file, save_file
 
 import tp_loader
+import tp_loader.loader
 import tp_loader.read
 from tp_loader.testing import run_ranks, same_error
 

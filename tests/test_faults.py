@@ -16,6 +16,7 @@ import torch
 from conftest import llama_config
 
 import tp_loader
+import tp_loader.loader
 import tp_loader.read
 from tp_loader.testing import run_ranks, values
 

@@ -21,6 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import tp_loader
+import tp_loader.index
+import tp_loader.loader
+import tp_loader.plan
+import tp_loader.read
 from tp_loader.demo import llama_tensors
 from tp_loader.testing import errors, run_ranks, same_error, values
 
@@ -384,3 +388,27 @@ def test_a_read_that_makes_no_progress_is_a_read_error_on_every_rank_within_the_
     assert error.type == "ReadError"
     assert error.wire["file"] == str(root / "model-00002-of-00002.safetensors")
     assert error.message.startswith("no read made progress for 2 s (half of TP_LOADER_TIMEOUT_S")
+
+
+def _stall_header_read(rank: int, world_size: int, root: Path) -> int:
+    """Rank 0's header read of the second shard never returns (a hung network mount)."""
+    original = tp_loader.index.read_safetensors_header
+    forever = threading.Event()
+
+    def stalling(directory: Path, name: str) -> list:
+        if rank == 0 and name == "model-00002-of-00002.safetensors":
+            forever.wait()
+        return original(directory, name)
+
+    tp_loader.index.read_safetensors_header = stalling
+    return len(tp_loader.load(root).state_dict)
+
+
+def test_a_header_read_that_never_returns_is_a_read_error_on_every_rank_within_the_timeout(make_checkpoint) -> None:
+    root = make_checkpoint(num_shards=2)
+    start = time.monotonic()
+    error = _refused_on_every_rank(root, _stall_header_read, env={"TP_LOADER_TIMEOUT_S": "4"})
+    assert 2 <= time.monotonic() - start < 4 + 10
+    assert error.type == "ReadError"
+    assert error.wire["file"] == str(root)
+    assert error.message.startswith("reading the checkpoint's headers did not finish within 2 s")

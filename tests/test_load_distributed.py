@@ -11,6 +11,7 @@ from reference import expected_shard, llama_forward, tp_llama_forward
 from safetensors.torch import load_file
 
 import tp_loader
+import tp_loader.loader
 from tp_loader.demo import llama_tensors, write_checkpoint
 from tp_loader.testing import run_ranks, same_error, values
 

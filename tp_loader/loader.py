@@ -29,13 +29,13 @@ from .arguments import (
 )
 from .demo import ensure_demo
 from .dist import Context, agree, host_name, make_context, open_control_group, run_agreed
-from .errors import DistributedError, TPLoaderError
+from .errors import DistributedError, ReadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
 from .plan import LoadPlan, plan_rank
 from .read import ReadOptions, read_tensors
 from .report import LoadReport, RankReport, build_report
-from .resolve import find_weights, resolve_source
+from .resolve import call_within, find_weights, resolve_source
 from .tie import apply_ties, local_tie_equality
 
 logger = logging.getLogger("tp_loader")
@@ -218,9 +218,25 @@ def _load(
         )
         return checkpoint, load_plan
 
+    def bounded_index_and_plan() -> tuple[Checkpoint, LoadPlan]:
+        """Reading headers on a hung network filesystem must not block this rank past the timeout."""
+        if ctx.world_size == 1:
+            return index_and_plan()
+        return call_within(
+            ctx.timeout_s / 2,
+            index_and_plan,
+            lambda: ReadError(
+                f"reading the checkpoint's headers did not finish within {ctx.timeout_s / 2:g} s (half of "
+                "TP_LOADER_TIMEOUT_S, so that every rank hears of it within the timeout)",
+                file=str(root),
+                hint="The storage is not answering (a stalled network filesystem?); check the mount, or raise "
+                "TP_LOADER_TIMEOUT_S for very slow storage",
+            ),
+        )
+
     # every rank's fingerprint, and rank 0's tie decisions, which every rank then uses
     (checkpoint, load_plan), seen = run_agreed(
-        ctx, "plan", index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties)
+        ctx, "plan", bounded_index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties)
     )
     fingerprints = [fingerprint for fingerprint, _ in seen]
     load_plan = dataclasses.replace(load_plan, ties=seen[0][1])

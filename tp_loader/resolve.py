@@ -19,9 +19,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from .errors import CheckpointError, ModelNotFoundError, short_text
+from .errors import CheckpointError, ModelNotFoundError, TPLoaderError, short_text
+
+T = TypeVar("T")
 
 logger = logging.getLogger("tp_loader")
 
@@ -105,8 +107,16 @@ def resolve_source(
         CheckpointError: the Hub cache cannot be written (permissions, disk space).
     """
     if deadline_s is not None:
-        return _within(
-            deadline_s, source, lambda: resolve_source(source, revision=revision, cache_dir=cache_dir, fetch=fetch)
+        return call_within(
+            deadline_s,
+            lambda: resolve_source(source, revision=revision, cache_dir=cache_dir, fetch=fetch),
+            lambda: ModelNotFoundError(
+                f"fetching {os.fspath(source)!r} did not finish within {deadline_s:g} s (half of TP_LOADER_TIMEOUT_S, "
+                "so that every rank hears of it within the timeout)",
+                file=os.fspath(source),
+                hint="The Hub or the network is not answering: try again, download first with `hf download`, or "
+                "raise TP_LOADER_TIMEOUT_S for a large download",
+            ),
         )
     path = Path(source).expanduser()
     if path.is_dir():
@@ -132,28 +142,23 @@ def resolve_source(
     return _snapshot(text, revision=revision, cache_dir=cache_dir, fetch=fetch)
 
 
-def _within(seconds: float, source: str | os.PathLike[str], fn: Callable[[], Path]) -> Path:
+def call_within(seconds: float, fn: Callable[[], T], timed_out: Callable[[], TPLoaderError]) -> T:
     """``fn()`` run in a daemon thread and waited for at most ``seconds``: a call that blocks past that
-    (a Hub that accepts a connection and never answers) is left behind and becomes an error."""
+    (a Hub that accepts a connection and never answers, a hung network filesystem) is left behind, and
+    ``timed_out()`` is raised instead. Exceptions from ``fn`` are re-raised here."""
     outcome: list[tuple[bool, Any]] = []
-    worker = threading.Thread(target=lambda: outcome.append(_outcome(fn)), name="tp_loader_fetch", daemon=True)
+    worker = threading.Thread(target=lambda: outcome.append(_outcome(fn)), name="tp_loader_bounded", daemon=True)
     worker.start()
     worker.join(seconds)
     if not outcome:
-        raise ModelNotFoundError(
-            f"fetching {os.fspath(source)!r} did not finish within {seconds:g} s (half of TP_LOADER_TIMEOUT_S, so that "
-            "every rank hears of it within the timeout)",
-            file=os.fspath(source),
-            hint="The Hub or the network is not answering: try again, download first with `hf download`, or raise "
-            "TP_LOADER_TIMEOUT_S for a large download",
-        )
+        raise timed_out()
     ok, value = outcome[0]
     if not ok:
         raise value
     return value
 
 
-def _outcome(fn: Callable[[], Path]) -> tuple[bool, Any]:
+def _outcome(fn: Callable[[], Any]) -> tuple[bool, Any]:
     try:
         return True, fn()
     except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
