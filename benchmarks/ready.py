@@ -1,0 +1,249 @@
+"""Time to a ready model: a transformers ``LlamaForCausalLM`` checkpoint (``save_pretrained``, fp32) made into a
+tensor-parallel model that can run a forward, by tp_loader's two ways and by transformers, in fresh ranks.
+
+    python -m benchmarks.ready                          # TP 1 and 2: 5 warm runs each, 3 cold at TP 2
+    python -m benchmarks.ready --reps 1 --cold-reps 0   # a quick look
+
+Each measurement forks fresh gloo ranks. Not timed: imports (in the parent before the fork; ``torch._dynamo`` in
+the rank), the process group and the 1-D mesh. Timed on each rank: from before the config is read until the model
+(or the shards) is ready and every 4 KiB page of every local tensor has been read (``systems.touch``); the figure
+is the slowest rank. Peak RSS: the rank's ``ru_maxrss`` as the clock stops. Warm runs read every file first; cold
+runs drop its pages (``POSIX_FADV_DONTNEED``). The first run of each row and every cold run check the result against
+the single-process transformers model (logits within 1e-4; for ``load()`` alone, every tensor) and fail loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import transformers
+import transformers.integrations.tensor_parallel  # noqa: F401 - import cost is not load cost
+import transformers.models.llama.modeling_llama  # noqa: F401
+from safetensors.torch import load_file
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+import tp_loader
+from benchmarks.run import evict, machine, versions, warm
+from benchmarks.systems import touch
+from tp_loader.testing import run_ranks, values
+
+#: 0.53 GB in fp32: hidden 1024, 6 layers, GQA 16/4, vocab 32000, untied LM head.
+CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16)
+CONFIG |= dict(num_key_value_heads=4, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=False)
+PROMPT = torch.tensor([[1, 306, 4966, 393, 278, 1900, 29871, 8310, 17, 3]])
+ATOL = 1e-4
+GOALS = [("load_into", "load() alone", "≤ 1.1×", lambda x: x <= 1.1)]  # numerator, denominator, goal
+GOALS += [("transformers", "load_into", "≥ 3×", lambda x: x >= 3)]
+
+
+def _load_into(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+    config = transformers.AutoConfig.from_pretrained(root)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tp_loader.parallelize(model, mesh=mesh)
+    tp_loader.load_into(model, root, mesh=mesh, progress=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval(), model.state_dict()
+
+
+def _load_assign(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+    """docs/serving.md's steps 2-4: ``load()``, torch's styles on a meta model, ``load_state_dict(assign=True)``."""
+    result = tp_loader.load(root, mesh=mesh, progress=False)
+    config = transformers.AutoConfig.from_pretrained(root)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate())}  # vocab: Shard(0)
+    plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())  # vocab: Shard(0), logits gathered
+    for i in range(config.num_hidden_layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"model.layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"model.layers.{i}.{name}"] = RowwiseParallel()
+    parallelize_module(model, mesh, plan)
+    current = model.state_dict(keep_vars=True)
+    state = {k: v if isinstance(current[k], DTensor) else v.to_local() for k, v in result.state_dict.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    return model.eval(), model.state_dict()
+
+
+def _transformers(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+    """``tp_plan="auto"``, in its non-deprecated spelling; tp_size comes from WORLD_SIZE (1: a plain load)."""
+    tp = transformers.DistributedConfig(tp_plan="auto")
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, distributed_config=tp, dtype=torch.float32)
+    return model.eval(), model.state_dict()
+
+
+SYSTEMS = {
+    "load_into": _load_into,
+    "load() + load_state_dict(assign)": _load_assign,
+    "load() alone": lambda root, mesh: (None, tp_loader.load(root, mesh=mesh, progress=False).state_dict),
+    "transformers": _transformers,
+}
+
+
+def _check(model: torch.nn.Module | None, state: dict, root: Path, reference: torch.Tensor) -> float:
+    """The largest error against the single-process model: logits, or for shards alone every tensor."""
+    if model is None:
+        want = {k: v for f in sorted(root.glob("*.safetensors")) for k, v in load_file(f).items()}
+        assert sorted(state) == sorted(want), f"keys differ: {sorted(set(state) ^ set(want))[:5]}"
+        return max((state[k].full_tensor() - v).abs().max().item() for k, v in want.items())
+    with torch.no_grad():
+        return (model(PROMPT).logits - reference).abs().max().item()
+
+
+def _proc(path: str, field: str) -> int:
+    """A field of /proc/self/status (kB) or /proc/self/io (bytes)."""
+    with open(f"/proc/self/{path}") as lines:
+        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
+
+
+def _measure(rank: int, world_size: int, system: str, root: Path, reference: torch.Tensor, check: bool) -> dict:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    importlib.import_module("torch._dynamo")  # a fresh process's first DTensor imports it: not load cost
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # as torchrun sets them
+    mesh = init_device_mesh("cpu", (world_size,))
+    dist.barrier()
+    modules, rss_start, read_start = set(sys.modules), _proc("status", "VmRSS") * 1024, _proc("io", "read_bytes")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    model, state = SYSTEMS[system](root, mesh)
+    built = time.perf_counter() - start
+    touch(state)
+    out = {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "built_s": built}
+    out["rss_start"], out["peak_rss"] = rss_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["storage_read"] = _proc("io", "read_bytes") - read_start
+    out["imported_on_clock"] = sorted(set(sys.modules) - modules)
+    q = state["model.layers.0.self_attn.q_proj.weight"]  # tp_size from WORLD_SIZE: unset, transformers loads whole
+    assert world_size == 1 or isinstance(q, DTensor) and q.to_local().shape[0] < q.shape[0], f"{system}: not sharded"
+    if check:
+        out["max_abs_error"] = error = _check(model, state, root, reference)
+        if not error <= ATOL:
+            raise AssertionError(f"{system} at TP{world_size}: rank {rank} differs by {error} (> {ATOL})")
+    return out
+
+
+def _prepare(rank: int, world_size: int, root: Path) -> None:
+    """Writes the checkpoint and the single-process model's logits on PROMPT, in a process of its own: built
+    here, the model would leave the parent's heap, which every rank inherits, large."""
+    if (root / "reference.pt").is_file() and torch.load(root / "reference.pt")["config"] == CONFIG:
+        return
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(root)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.save({"config": CONFIG, "logits": model(PROMPT).logits}, root / "reference.pt")
+
+
+def _summary(runs: list[dict]) -> dict:
+    """Medians over the runs: the slowest rank's time (with min and max), the busier rank's CPU time; the largest
+    memory and storage figures over ranks and runs."""
+    times, most = [r["seconds"] for r in runs], lambda key: max(max(r[key]) for r in runs) / 1e6
+    out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
+    out |= {"built_median_s": statistics.median(r["built_s"] for r in runs), "peak_rss_mb": most("peak_rss")}
+    out["cpu_median_s"] = statistics.median(max(r["cpu_s"]) for r in runs)
+    out |= {"rss_start_mb": most("rss_start"), "storage_read_mb": most("storage_read")}
+    out["max_abs_error"] = max((e for r in runs for e in r.get("max_abs_error", [])), default=None)
+    return out | {"runs": runs}
+
+
+def _goals(rows: list[dict]) -> list[dict]:
+    """The two ratios of warm medians at each degree, each against its goal."""
+    median = {(r["tp"], r["system"]): r["median_s"] for r in rows if r["cache"] == "warm"}
+    out = []
+    for tp in sorted({tp for tp, _ in median}):
+        for top, bottom, goal, ok in GOALS:
+            if (tp, top) in median and (tp, bottom) in median:
+                x = median[tp, top] / median[tp, bottom]
+                out.append({"tp": tp, "name": f"{top} / {bottom}", "ratio": x, "goal": goal, "pass": ok(x)})
+    return out
+
+
+def markdown(result: dict) -> str:
+    m, v = result["machine"], result["versions"]
+    lines = [
+        "# Time to a ready model (`python -m benchmarks.ready`)\n",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; tp_loader "
+        f"{v['tp_loader']}, torch {v['torch']}, transformers {v['transformers']}; gloo on CPU. Checkpoint: "
+        f"LlamaForCausalLM `save_pretrained`, fp32, {result['checkpoint_gb']:.2f} GB in {result['num_files']} "
+        f"file(s). Run {result['started']}; load average (1 min) {result['load_average']['before'][0]:.1f} before, "
+        f"{result['load_average']['after'][0]:.1f} after. Slowest rank, median (min–max) over the runs.",
+        "",
+        "| TP | cache | system | ready s | before page walk s | CPU s | peak RSS MB per rank | RSS at start MB "
+        "| storage read MB per rank | max abs error | runs |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        error = "—" if r["max_abs_error"] is None else f"{r['max_abs_error']:.1e}"
+        lines.append(
+            f"| {r['tp']} | {r['cache']} | {r['system']} | {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) "
+            f"| {r['built_median_s']:.3f} | {r['cpu_median_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['rss_start_mb']:.0f} "
+            f"| {r['storage_read_mb']:.0f} | {error} | {len(r['runs'])} |"
+        )
+    lines += ["", "Goals (ratios of warm medians):", ""]
+    lines += [
+        f"- {'PASS' if g['pass'] else 'FAIL'}: TP{g['tp']} {g['name']} = {g['ratio']:.2f}× (goal {g['goal']})"
+        for g in result["goals"]
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    data = Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench"))
+    parser.add_argument("--data", type=Path, default=data, help="where the checkpoint is written")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--cold-reps", type=int, default=3, help="cold-cache runs per system at the largest TP")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the parent never starts OpenMP's pool: forked ranks could deadlock on it
+    # Off the clock: the imports of tp_loader's lazily imported names and of a first load (its plan files).
+    for name in ("load", "load_into", "parallelize"):
+        getattr(tp_loader, name)
+    importlib.resources.files("tp_loader.plans")
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    root = args.data / "ready-llama-fp32"
+    values(run_ranks(1, _prepare, root, timeout=900))
+    reference = torch.load(root / "reference.pt")["logits"]
+    started, load_before = time.time(), os.getloadavg()
+    runs: dict[tuple[int, str, str], list[dict]] = {}
+    plan = [(rep, tp, "warm") for rep in range(args.reps) for tp in args.tp]
+    plan += [(rep, max(args.tp), "cold") for rep in range(args.cold_reps)]
+    for rep, tp, cache in plan:
+        for system in args.systems:
+            (evict if cache == "cold" else warm)(root)
+            found = runs.setdefault((tp, cache, system), [])
+            ranks = values(run_ranks(tp, _measure, system, root, reference, cache == "cold" or not found, timeout=900))
+            run = {key: [r[key] for r in ranks] for key in ranks[0]}
+            run["seconds"], run["built_s"] = max(run["seconds"]), max(run["built_s"])
+            found.append(run)
+            print(f"{cache} TP{tp} rep {rep + 1} {system:>34}: {run['seconds']:.2f} s", flush=True)
+    rows = [{"tp": tp, "cache": cache, "system": s, **_summary(r)} for (tp, cache, s), r in runs.items()]
+    files = sorted(root.glob("*.safetensors"))
+    result = {"machine": machine(), "versions": versions(), "config": CONFIG, "rows": rows, "goals": _goals(rows)}
+    result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
+    result["load_average"] = {"before": load_before, "after": os.getloadavg()}  # other work on the machine
+    result |= {"checkpoint_gb": sum(f.stat().st_size for f in files) / 1e9, "num_files": len(files)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ready.json").write_text(json.dumps(result, indent=1))
+    (args.out / "ready.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
