@@ -75,7 +75,13 @@ def test_hung_rank_ends_the_other_ranks_with_a_timeout_error_within_the_configur
 def test_rank_that_dies_mid_read_ends_the_other_ranks_with_an_error_not_a_hang(make_checkpoint) -> None:
     root = make_checkpoint()
     results = run_ranks(
-        2, _load_with_rank1_stuck, root, "exit", timeout=60, env={"TP_LOADER_TIMEOUT_S": "20"}, allow_lost=True
+        2,
+        _load_with_rank1_stuck,
+        root,
+        "exit",
+        timeout=60,
+        env={"TP_LOADER_TIMEOUT_S": "20", "TP_LOADER_ZERO_COPY": "0"},
+        allow_lost=True,
     )
     assert results[1] == ("lost", None)
     message, seconds = results[0][1]
@@ -112,7 +118,12 @@ def test_rank_killed_mid_load_under_torchrun_ends_the_job_with_tp_loaders_error_
         capture_output=True,
         text=True,
         timeout=110,
-        env={**os.environ, "TP_LOADER_TIMEOUT_S": "120", "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={
+            **os.environ,
+            "TP_LOADER_TIMEOUT_S": "120",
+            "TP_LOADER_ZERO_COPY": "0",  # the rank dies in a copying read
+            "PYTHONPATH": str(Path(__file__).parents[1]),
+        },
     )
     seconds = time.monotonic() - start
     errors = [line for line in done.stderr.splitlines() if line.startswith("tp_loader: error")]

@@ -307,7 +307,7 @@ def test_report_path_that_is_a_directory_is_refused_on_every_rank_before_the_mod
         ({"dtype": "fp32"}, {"dtype": torch.bfloat16}, "dtype='bfloat16' vs 'float32'"),
         ({"strict": False}, {"strict": True}, "strict=True vs False"),
         ({"plan": "auto"}, {"plan": "llama"}, "plan='llama' vs 'auto'"),
-        ({}, {"mode": "ep", "zero_copy": True}, "mode='ep' vs None; zero_copy=True vs False"),
+        ({}, {"mode": "ep", "zero_copy": False}, "mode='ep' vs None; zero_copy=False vs True"),
     ],
     ids=["dtype", "dtype aliases", "strict", "plan", "mode and zero_copy"],
 )

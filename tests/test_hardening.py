@@ -383,7 +383,7 @@ def _stall_one_read(rank: int, world_size: int, root: Path) -> int:
 def test_a_read_that_makes_no_progress_is_a_read_error_on_every_rank_within_the_timeout(make_checkpoint) -> None:
     root = make_checkpoint(num_shards=2)
     start = time.monotonic()
-    error = _refused_on_every_rank(root, _stall_one_read, env={"TP_LOADER_TIMEOUT_S": "4"})
+    error = _refused_on_every_rank(root, _stall_one_read, env={"TP_LOADER_TIMEOUT_S": "4", "TP_LOADER_ZERO_COPY": "0"})
     assert 2 <= time.monotonic() - start < 4 + 10
     assert error.type == "ReadError"
     assert error.wire["file"] == str(root / "model-00002-of-00002.safetensors")

@@ -9,6 +9,7 @@ import torch
 from conftest import llama_config
 from reference import expected_shard, llama_forward, tp_llama_forward
 from safetensors.torch import load_file
+from torch.distributed.tensor import Shard
 
 import tp_loader
 import tp_loader.loader
@@ -36,7 +37,8 @@ def _check_shards(rank: int, world_size: int, root: Path, config: dict, dtype: t
         local = loaded.to_local()
         want = shard.to(dtype) if dtype is not None else shard
         assert local.dtype == want.dtype, key
-        assert local.is_contiguous(), key
+        # zero-copy by default on CPU: a column shard is a strided view of the mapping, the rest contiguous
+        assert local.is_contiguous() or (dtype is None and loaded.placements[0] == Shard(1)), key
         assert torch.equal(local, want), f"rank {rank}: local shard of {key} differs"
         full = loaded.full_tensor()
         replicated_kv = kv < world_size and ("k_proj" in key or "v_proj" in key)

@@ -233,8 +233,8 @@ def _zero_copy_load(
             for k, v in state.items()
         }
 
-    mapped = tp_loader.load(root, zero_copy=True)
-    copied = tp_loader.load(root)
+    mapped = tp_loader.load(root)  # zero-copy is the default on CPU
+    copied = tp_loader.load(root, zero_copy=False)
     strided = sorted(k for k, v in mapped.state_dict.items() if not v.to_local().is_contiguous())
     assert all(v.to_local().is_contiguous() for v in copied.state_dict.values())
     return (

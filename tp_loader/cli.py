@@ -69,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--zero-copy",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="on CPU, keep shards as views of the file mapping instead of copying them (column shards as "
-        "strided views)",
+        help="on CPU without a dtype change, shards are views of the file mapping (the default; column shards "
+        "are strided views); --no-zero-copy copies them into memory of their own",
     )
     add("--revision", default=None, help="Hub branch, tag or commit")
     add("--cache-dir", default=None, help="Hub cache directory")

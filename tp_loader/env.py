@@ -46,7 +46,8 @@ class Settings:
         reader: how safetensors files are read (``TP_LOADER_READER``: ``mmap``, ``safetensors``, ``pread``).
         fadvise: whether to send ``POSIX_FADV_WILLNEED`` hints first (``TP_LOADER_FADVISE``, default off:
             a win on cold caches and network filesystems, about 0.1 s per GB of overhead on a warm cache).
-        zero_copy: keep single-range CPU shards as views of the file mapping (``TP_LOADER_ZERO_COPY``, default off).
+        zero_copy: on CPU without a dtype change, keep single-range shards as views of the file mapping
+            (``TP_LOADER_ZERO_COPY``, default on; ``0`` copies them).
     """
 
     num_threads: int
@@ -56,7 +57,7 @@ class Settings:
     demo_dir: str
     reader: str = "mmap"
     fadvise: bool = False
-    zero_copy: bool = False
+    zero_copy: bool = True
 
 
 def _int(name: str, default: int) -> int:
@@ -130,7 +131,7 @@ def settings(local_world_size: int) -> Settings:
         demo_dir=_demo_dir(),
         reader=_choice("TP_LOADER_READER", ("mmap", "safetensors", "pread")),
         fadvise=_flag("TP_LOADER_FADVISE", False),
-        zero_copy=_flag("TP_LOADER_ZERO_COPY", False),
+        zero_copy=_flag("TP_LOADER_ZERO_COPY", True),
     )
 
 

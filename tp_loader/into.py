@@ -93,6 +93,10 @@ class _Destinations:
         self.dtype = dtype
         self.strict = strict
         self.ties: list[tuple[str, str]] = []
+        self.adopted: dict[str, str] = {}
+        meta_dtypes = {t.dtype for t in self.tensors.values() if t.is_meta and t.dtype.is_floating_point}
+        #: the dtype the load converts to: the one asked for, else the one every meta tensor has
+        self.load_dtype = dtype if dtype is not None else meta_dtypes.pop() if len(meta_dtypes) == 1 else None
         self.module_missing: tuple[str, ...] = ()
         self.checkpoint_extra: tuple[str, ...] = ()
 
@@ -143,14 +147,37 @@ class _Destinations:
                 more = f" (and {len(refused) - 1} more destinations that do not fit)"
                 raise ShardingError(first.message + more, key=first.key, rank=first.rank, hint=first.hint)
             raise first
+        # a meta tensor that one checkpoint tensor fills, in the load's dtype, takes the loaded shard itself
+        # (a view of the file mapping when zero-copy applies): no allocation, no copy
+        composed_names = set(composed)
+        self.adopted = {
+            key: name
+            for key, name in names.items()
+            if checked.get(name)
+            and name not in composed_names
+            and key not in part_of
+            and (self.tensors[name].dtype == self.load_dtype or not self.tensors[name].dtype.is_floating_point)
+        }
         locals_ = {
             name: self._materialize(name, layouts[name], ctx) if must else self._local(name)
             for name, must in checked.items()
+            if name not in self.adopted.values()
         }
         out = {key: locals_[name] for key, name in names.items() if name in locals_ and key not in part_of}
         for c in composed.values():
             out.update(c.views(locals_[c.name], items))
         return out
+
+    def adopt(self, shards: dict[str, torch.Tensor]) -> None:
+        """After the read: each adopted meta tensor becomes its loaded shard, inside the same object."""
+        for key, name in self.adopted.items():
+            tensor, shard = self.tensors[name], shards[key]
+            new = shard if isinstance(tensor, DTensor) else shard.to_local() if isinstance(shard, DTensor) else shard
+            if isinstance(tensor, nn.Parameter):
+                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            torch.utils.swap_tensors(tensor, new)
+            if isinstance(self.target, dict):
+                self.target[name] = tensor
 
     def share_ties(self) -> None:
         """After the read: each tied name the checkpoint does not fill becomes the filled tensor (the
@@ -195,13 +222,12 @@ class _Destinations:
             )
         if local.is_meta:
             return True
-        if not local.is_contiguous() or local.device != ctx.device:
+        if local.device != ctx.device:  # a strided destination (a zero-copy column shard) is written through a copy
             raise ShardingError(
-                f"destination {name!r} is not a contiguous tensor on {ctx.device} "
-                f"(device {local.device}, contiguous {local.is_contiguous()})",
+                f"destination {name!r} is on {local.device}, but the load is on {ctx.device}",
                 key=item.key,
                 rank=ctx.rank,
-                hint="Allocate destinations contiguous on the load's device",
+                hint="Allocate destinations on the load's device (device=)",
             )
         return False
 
@@ -272,6 +298,7 @@ def load_into(
     """
     wanted = normalise_dtype(dtype)
     hook = _Destinations(target, key_map, wanted, strict)
-    result = load(model, plan=plan, mesh=mesh, zero_copy=False, _into=hook, **options)
+    result = load(model, plan=plan, mesh=mesh, dtype=hook.load_dtype, _into=hook, **options)
+    hook.adopt(result.state_dict)
     hook.share_ties()
     return dataclasses.replace(result.report, missing_keys=hook.module_missing, unexpected_keys=hook.checkpoint_extra)

@@ -109,7 +109,9 @@ def load(
             mapping of the file instead of copying them: pages are read on first use and writes
             never reach the file. Row shards and replicated tensors are contiguous views, column
             shards strided views (``is_contiguous()`` is False; matmuls take them as they are);
-            packed shards and converter targets are still copied. Default: ``TP_LOADER_ZERO_COPY`` (off).
+            packed shards and converter targets are still copied. Default: on (``TP_LOADER_ZERO_COPY=0``
+            turns it off): measured faster and lighter (docs/architecture.md); ``False`` gives every
+            shard memory of its own, for callers that rewrite checkpoint files in place.
         _into: for :func:`tp_loader.load_into`: given the agreed plan, returns the tensors to read
             each key into (raising a TPLoaderError, agreed on every rank before any read, if they do
             not fit).
