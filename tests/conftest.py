@@ -80,3 +80,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--fuzz-examples", type=int, default=25, help="examples per fuzz test (raise it for a long run, e.g. 2000)"
     )
+
+
+#: A small transformers Llama config (GQA: 8 query and 2 KV heads) for tests that build transformers models.
+TRANSFORMERS_LLAMA = {
+    "hidden_size": 64,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "vocab_size": 96,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+}

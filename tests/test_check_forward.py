@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRANSFORMERS_LLAMA
 from torch import nn
 
 from tp_loader import ArgumentError, PlanError
@@ -20,16 +21,7 @@ from tp_loader.cli import main
 
 transformers = pytest.importorskip("transformers", reason="the check builds transformers' models")
 
-LLAMA = {
-    "hidden_size": 64,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vocab_size": 96,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-}
+LLAMA = TRANSFORMERS_LLAMA
 LINE = (
     r"tp_loader forward check (PASS|FAIL): max abs logit difference (\S+) (<=|>) 1\.0e-04 "
     r"\(float32, 8 tokens, (2 ranks|one unsharded process) vs from_pretrained on rank 0\)"

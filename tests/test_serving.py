@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRANSFORMERS_LLAMA
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -17,16 +18,7 @@ from tp_loader.testing import run_ranks, same_error, values
 transformers = pytest.importorskip("transformers", reason="the models under test are transformers'")
 accelerate = pytest.importorskip("accelerate", reason="init_empty_weights builds the models without memory")
 
-LLAMA = {
-    "hidden_size": 64,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vocab_size": 96,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-}
+LLAMA = TRANSFORMERS_LLAMA
 QWEN2 = {**LLAMA, "tie_word_embeddings": True}
 PHI3 = {**LLAMA, "num_key_value_heads": 4}  # fused qkv_proj and gate_up_proj
 GEMMA2 = {**LLAMA, "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 4}

@@ -104,20 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_forward(args, rank)
         from .loader import load
 
-        result = load(
-            args.model,
-            dtype=args.dtype,
-            device=args.device,
-            plan=args.plan,
-            mode=args.mode,
-            strict=args.strict,
-            allow_unmatched=args.allow_unmatched,
-            report=args.report,
-            revision=args.revision,
-            cache_dir=args.cache_dir,
-            progress=not args.quiet,
-            zero_copy=args.zero_copy,
-        )
+        result = load(args.model, mode=args.mode, zero_copy=args.zero_copy, **_load_arguments(args))
         if rank == 0 and not args.quiet:
             print(result.report.format_table(full=args.verbose), flush=True)
     except TPLoaderError as exc:
@@ -195,6 +182,21 @@ def _dry_run(args: argparse.Namespace) -> None:
         write_file(args.report, summary.to_json(), what="report")
 
 
+def _load_arguments(args: argparse.Namespace) -> dict:
+    """The options a load and a forward check both take, from the command line."""
+    return {
+        "dtype": args.dtype,
+        "device": args.device,
+        "plan": args.plan,
+        "strict": args.strict,
+        "allow_unmatched": args.allow_unmatched,
+        "report": args.report,
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+        "progress": not args.quiet,
+    }
+
+
 def _check_forward(args: argparse.Namespace, rank: int) -> int:
     """``--check-forward``: rank 0 prints the load's table and one PASS line (stdout) or FAIL line
     (stderr, also with ``-q``); every rank returns 1 on FAIL."""
@@ -208,18 +210,7 @@ def _check_forward(args: argparse.Namespace, rank: int) -> int:
             )
     from .check import check_forward
 
-    outcome = check_forward(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        plan=args.plan,
-        strict=args.strict,
-        allow_unmatched=args.allow_unmatched,
-        report=args.report,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        progress=not args.quiet,
-    )
+    outcome = check_forward(args.model, **_load_arguments(args))
     if rank == 0 and not args.quiet:
         print(outcome.report.format_table(full=args.verbose), flush=True)
     if rank == 0 and outcome.passed and not args.quiet:
