@@ -297,3 +297,19 @@ def test_expected_tensor_that_no_rule_covers_in_a_later_layer_is_a_plan_error(tm
             Checkpoint(Path("/x"), "safetensors", {"num_hidden_layers": 2}, infos), load_spec(plan), 2, 0, model="m"
         )
     assert info.value.key == "model.layers.1.w"
+
+
+def test_a_plan_file_edited_between_loads_is_parsed_again_and_an_unchanged_one_is_reused(tmp_path: Path) -> None:
+    parent = tmp_path / "base.toml"
+    parent.write_text('extends = "llama"\nname = "base"\n')
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\nname = "child"\n')
+    first = load_spec(child)
+    assert load_spec(child) is first
+    parent.write_text(
+        'extends = "llama"\nname = "base"\n\n[[rules]]\npattern = "model.norm.weight"\nstyle = "colwise"\n'
+    )
+    edited = load_spec(child)
+    assert edited is not first
+    assert edited.match("model.norm.weight").style == "colwise"
+    assert first.match("model.norm.weight").style == "replicate"

@@ -182,6 +182,20 @@ def builtin_plan_paths() -> dict[str, Path]:
     return {Path(entry.name).stem: Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".toml")}
 
 
+#: Parsed plans, reused while none of the files each was read from has changed (size and mtime): a
+#: load parses its plan (and what it extends) once per process, not once per call.
+_SPECS: dict[tuple[str, str | None], tuple[tuple[tuple[str, int, int], ...], PlanSpec]] = {}
+_HEADERS: dict[str, tuple[tuple[int, int], tuple[list[str], list[str]]]] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        info = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (info.st_mtime_ns, info.st_size)
+
+
 def load_spec(path: str | os.PathLike[str], mode: str | None = None) -> PlanSpec:
     """Parses and validates one plan file, with one of its ``[modes.*]`` merged over it.
 
@@ -189,9 +203,19 @@ def load_spec(path: str | os.PathLike[str], mode: str | None = None) -> PlanSpec
         PlanError: the file is missing, is not valid TOML, has a malformed or unknown entry, or has no
             such mode.
     """
-    path = Path(path)
+    key = (os.fspath(path), mode)
+    cached = _SPECS.get(key)
+    if cached is not None and all(_stamp(Path(name)) == (mtime, size) for name, mtime, size in cached[0]):
+        return cached[1]
+    read: list[Path] = []
+    spec = _load_spec(Path(path), mode, read)
+    _SPECS[key] = (tuple((os.fspath(p), *_stamp(p)) for p in read), spec)
+    return spec
+
+
+def _load_spec(path: Path, mode: str | None, read: list[Path]) -> PlanSpec:
     try:
-        data = _read_toml(path, seen=())
+        data = _read_toml(path, seen=(), read=read)
         modes = data.pop("modes", {})
         if mode is not None:
             if mode not in modes:
@@ -224,8 +248,10 @@ def _read_toml_file(path: Path) -> dict[str, Any]:
         raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
 
 
-def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    """Reads a plan file, merged over the plan it ``extends`` (a built-in name or a path beside it)."""
+def _read_toml(path: Path, seen: tuple[Path, ...], read: list[Path]) -> dict[str, Any]:
+    """Reads a plan file, merged over the plan it ``extends`` (a built-in name or a path beside it);
+    every file read is appended to ``read``."""
+    read.append(path)
     data = _read_toml_file(path)
     parent_name = data.pop("extends", None)
     if parent_name is None:
@@ -235,7 +261,7 @@ def _read_toml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise PlanError(
             f"plan extends itself through {parent_name!r}", file=str(path), hint="Break the cycle of 'extends'"
         )
-    return merge_plan_data(_read_toml(parent_path, seen + (path,)), data)
+    return merge_plan_data(_read_toml(parent_path, seen + (path,), read), data)
 
 
 _MERGED = (
@@ -440,6 +466,16 @@ def _plan_header(path: Path) -> tuple[list[str], list[str]]:
     """A plan file's own ``model_types`` and ``architectures`` (what ``auto`` matches on). TOML puts
     top-level keys before any table, so only the text up to the first table header is parsed: ``auto``
     reads every built-in plan, and parsing them whole costs tens of milliseconds per load."""
+    stamp = _stamp(path)
+    cached = _HEADERS.get(os.fspath(path))
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    header = _read_plan_header(path)
+    _HEADERS[os.fspath(path)] = (stamp, header)
+    return header
+
+
+def _read_plan_header(path: Path) -> tuple[list[str], list[str]]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
