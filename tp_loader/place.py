@@ -50,5 +50,13 @@ def place(
             spec = specs[(placement, shape, tensor.dtype)] = DTensorSpec(
                 mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), tensor.dtype)
             )
-        out[item.key] = DTensor(tensor, spec, requires_grad=False)
+        out[item.key] = _new_dtensor(tensor, spec)
     return out
+
+
+def _new_dtensor(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
+    """``DTensor(local, spec, requires_grad=False)`` without its ``__init__``: that ``__init__`` only
+    calls ``Tensor.__init__``, but it is wrapped in ``torch._disable_dynamo``, whose first call imports
+    ``torch._dynamo`` (0.5 s here, most of a small load in a fresh process). ``__new__`` builds the
+    whole tensor; ``tests/test_place.py`` pins the result against ``DTensor.from_local``."""
+    return DTensor.__new__(DTensor, local, spec, requires_grad=False)

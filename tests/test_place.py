@@ -1,0 +1,65 @@
+"""The place stage builds DTensors without ``DTensor.__init__`` (whose first call imports torch._dynamo):
+each must equal what the public ``DTensor.from_local`` builds, and a load must not import dynamo."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+import tp_loader
+from tp_loader.testing import run_ranks, values
+
+
+def _same_as_from_local(rank: int, world_size: int, root: Path) -> int:
+    mesh = init_device_mesh("cpu", (world_size,))
+    result = tp_loader.load(root, mesh=mesh, zero_copy=False)
+    for key, built in result.state_dict.items():
+        local = built.to_local()
+        public = DTensor.from_local(
+            local, mesh, built.placements, run_check=False, shape=built.shape, stride=built.stride()
+        )
+        assert type(built) is DTensor and built.device_mesh is mesh, key
+        assert (built.placements, built.shape, built.stride(), built.dtype) == (
+            public.placements,
+            public.shape,
+            public.stride(),
+            public.dtype,
+        ), key
+        assert built.requires_grad is False and local.data_ptr() == built._local_tensor.data_ptr(), key
+        assert torch.equal(built.full_tensor(), public.full_tensor()), key
+        assert torch.equal((built * 2).to_local(), local * 2), key
+    return len(result.state_dict)
+
+
+def test_placed_dtensors_equal_what_from_local_builds(make_checkpoint) -> None:
+    assert values(run_ranks(2, _same_as_from_local, make_checkpoint())) == [21, 21]
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import sys
+from tp_loader.testing import run_ranks, values
+
+def load(rank, world_size, root):
+    import tp_loader
+    tp_loader.load(root)
+    return "torch._dynamo" in sys.modules
+
+print(values(run_ranks(2, load, sys.argv[1])))
+"""
+
+
+def test_a_load_in_a_fresh_process_does_not_import_torch_dynamo(make_checkpoint) -> None:
+    """Importing dynamo cost 0.5 s of a 0.55 s fresh-process load at TP 2 (measured on a 1 GB checkpoint)."""
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(make_checkpoint())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[False, False]"
