@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from transformers.initialization import no_init_weights
 
 import tp_loader
 from benchmarks.run import evict, machine, versions, warm
@@ -50,7 +51,7 @@ GOALS += [("transformers", "load_into", "≥ 3×", lambda x: x >= 3)]
 
 def _load_into(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     config = transformers.AutoConfig.from_pretrained(root)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():  # as from_pretrained: no random init of weights to be loaded
         model = transformers.AutoModelForCausalLM.from_config(config)
     tp_loader.parallelize(model, mesh=mesh)
     tp_loader.load_into(model, root, mesh=mesh, progress=False)
@@ -62,7 +63,7 @@ def _load_assign(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     """docs/serving.md's steps 2-4: ``load()``, torch's styles on a meta model, ``load_state_dict(assign=True)``."""
     result = tp_loader.load(root, mesh=mesh, progress=False)
     config = transformers.AutoConfig.from_pretrained(root)
-    with torch.device("meta"):
+    with torch.device("meta"), no_init_weights():  # as from_pretrained: no random init of weights to be loaded
         model = transformers.AutoModelForCausalLM.from_config(config)
     plan = {"model.embed_tokens": RowwiseParallel(input_layouts=Replicate())}  # vocab: Shard(0)
     plan["lm_head"] = ColwiseParallel(output_layouts=Replicate())  # vocab: Shard(0), logits gathered
