@@ -48,6 +48,9 @@ def _worker(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=60),
         )
+        # every rank's connections are up before any rank may finish: a rank that returns at once (one
+        # outside the mesh it passes) would otherwise close its sockets under a peer still connecting
+        dist.barrier()
         out: tuple = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the test
         to_wire = getattr(exc, "to_wire", None)
