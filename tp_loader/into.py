@@ -24,8 +24,7 @@ from .arguments import normalise_dtype
 from .dist import Context
 from .errors import ArgumentError, ShardingError, StrictLoadError
 from .loader import load
-from .parallel import composed_tensors, to_module_name
-from .place import contiguous_stride
+from .parallel import composed_tensors, planned_dtensor, to_module_name
 from .plan import LoadPlan
 from .report import LoadReport
 
@@ -102,7 +101,11 @@ class _Destinations:
 
     def __call__(self, load_plan: LoadPlan, ctx: Context) -> dict[str, torch.Tensor]:
         spec = load_plan.spec
-        names = {item.key: _mapped(to_module_name(item.key, spec), self.key_map) for item in load_plan.tensors}
+
+        def module_name(key: str) -> str:
+            return _mapped(to_module_name(key, spec), self.key_map)
+
+        names = {item.key: module_name(item.key) for item in load_plan.tensors}
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         composed = composed_tensors(spec, load_plan, shapes) if spec is not None else {}
         part_of = {key: c for c in composed.values() for key, *_ in c.parts}
@@ -111,7 +114,7 @@ class _Destinations:
         self.ties = []
         for tie in load_plan.ties:  # the side a checkpoint lacks is the stored side's tensor (shared below)
             kept, other = (tie.source, tie.target) if tie.stored in ("source", "both") else (tie.target, tie.source)
-            kept_name, other_name = names.get(kept, kept), _mapped(to_module_name(other, spec), self.key_map)
+            kept_name, other_name = module_name(kept), module_name(other)
             if tie.stored != "neither" and kept_name in covered and other_name in self.tensors:
                 covered.add(other_name)
                 self.ties.append((kept_name, other_name))
@@ -148,13 +151,12 @@ class _Destinations:
                 raise ShardingError(first.message + more, key=first.key, rank=first.rank, hint=first.hint)
             raise first
         # a meta tensor that one checkpoint tensor fills, in the load's dtype, takes the loaded shard itself
-        # (a view of the file mapping when zero-copy applies): no allocation, no copy
-        composed_names = set(composed)
+        # (a view of the file mapping when zero-copy applies): no allocation, no copy. Only plain keys
+        # have layouts under their own names, so a composed tensor is never adopted.
         self.adopted = {
             key: name
             for key, name in names.items()
             if checked.get(name)
-            and name not in composed_names
             and key not in part_of
             and (self.tensors[name].dtype == self.load_dtype or not self.tensors[name].dtype.is_floating_point)
         }
@@ -172,12 +174,9 @@ class _Destinations:
         """After the read: each adopted meta tensor becomes its loaded shard, inside the same object."""
         for key, name in self.adopted.items():
             tensor, shard = self.tensors[name], shards[key]
-            new = shard if isinstance(tensor, DTensor) else shard.to_local() if isinstance(shard, DTensor) else shard
-            if isinstance(tensor, nn.Parameter):
-                new = nn.Parameter(new, requires_grad=tensor.requires_grad)
-            torch.utils.swap_tensors(tensor, new)
-            if isinstance(self.target, dict):
-                self.target[name] = tensor
+            if isinstance(shard, DTensor) and not isinstance(tensor, DTensor):  # a plain destination's local shard
+                shard = shard.to_local()
+            self._replace(name, shard)
 
     def share_ties(self) -> None:
         """After the read: each tied name the checkpoint does not fill becomes the filled tensor (the
@@ -236,24 +235,18 @@ class _Destinations:
         tensor = self.tensors[name]
         dtype = self.dtype if self.dtype is not None and tensor.dtype.is_floating_point else tensor.dtype
         local = torch.empty(item.local_shape, dtype=dtype, device=ctx.device)
-        new = (
-            DTensor.from_local(
-                local,
-                ctx.mesh,
-                item.placements,
-                run_check=False,
-                shape=torch.Size(item.global_shape),
-                stride=contiguous_stride(item.global_shape),
-            )
-            if isinstance(tensor, DTensor)
-            else local
-        )
+        is_dtensor = isinstance(tensor, DTensor)
+        self._replace(name, planned_dtensor(local, ctx.mesh, item.dim, item.global_shape) if is_dtensor else local)
+        return self._local(name)
+
+    def _replace(self, name: str, new: torch.Tensor) -> None:
+        """Puts ``new`` inside ``name``'s tensor object (a Parameter stays the same Parameter)."""
+        tensor = self.tensors[name]
         if isinstance(tensor, nn.Parameter):
             new = nn.Parameter(new, requires_grad=tensor.requires_grad)
         torch.utils.swap_tensors(tensor, new)
         if isinstance(self.target, dict):
             self.target[name] = tensor
-        return self._local(name)
 
 
 def load_into(

@@ -58,6 +58,13 @@ def to_module_name(key: str, spec: PlanSpec | None) -> str:
     return key
 
 
+def to_checkpoint_name(name: str, spec: PlanSpec) -> str:
+    """A module's name for a tensor under the checkpoint's key (the plan's ``renames``, reversed)."""
+    for checkpoint, module in spec.renames:
+        name = name.replace(module, checkpoint)
+    return name
+
+
 def plan_module(
     module: nn.Module,
     config: dict,
@@ -70,19 +77,16 @@ def plan_module(
     """The plan of ``rank``, computed from the module's state dict as if it were a checkpoint's headers:
     module names renamed back to checkpoint names, and each module tensor that a plan target composes
     (fused experts) split back into the checkpoint tensors it is made of."""
-    shapes = {key: tuple(t.shape) for key, t in module.state_dict(keep_vars=True).items()}
-    dtypes = {key: t.dtype for key, t in module.state_dict(keep_vars=True).items()}
+    state = module.state_dict(keep_vars=True)
     spec = select_spec(plan, config, model=type(module).__name__, mode=mode)
-    spec = with_prefix(spec, detect_prefix(spec, shapes))
+    spec = with_prefix(spec, detect_prefix(spec, state))
     stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for key, shape in shapes.items():
-        parts = _split_target(spec, key, shape)
+    for name, tensor in state.items():
+        parts = _split_target(spec, name, tuple(tensor.shape))
         if parts is None:
-            for checkpoint_name, module_name in spec.renames:
-                key = key.replace(module_name, checkpoint_name)
-            stored[key] = (shape, dtypes[key] if key in dtypes else next(iter(dtypes.values())))
+            stored[to_checkpoint_name(name, spec)] = (tuple(tensor.shape), tensor.dtype)
         else:
-            stored.update({part: (part_shape, dtypes[key]) for part, part_shape in parts.items()})
+            stored.update({part: (part_shape, tensor.dtype) for part, part_shape in parts.items()})
     infos = {
         key: TensorInfo(key, "(module)", dtype, shape, 0, math.prod(shape) * dtype.itemsize)
         for key, (shape, dtype) in stored.items()
@@ -115,10 +119,10 @@ def local_piece(full: torch.Tensor, item: TensorPlan) -> torch.Tensor:
     return torch.cat([full.detach().narrow(dim, a, b - a) for a, b in item.slice.ranges], dim=dim).contiguous()
 
 
-def planned_dtensor(item: TensorPlan, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
-    """``local`` as the DTensor the plan describes (no communication)."""
-    placement = Replicate() if item.slice.dim is None else Shard(item.slice.dim)
-    shape = item.slice.global_shape
+def planned_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...]) -> DTensor:
+    """``local`` as a DTensor sharded on ``dim`` (replicated for ``None``) with global ``shape``, as the plan
+    describes it (no communication)."""
+    placement = Replicate() if dim is None else Shard(dim)
     return DTensor.from_local(
         local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
     )
@@ -139,7 +143,7 @@ class _Planned:
                 if param.is_meta
                 else local_piece(param, item)
             )
-            dtensor = planned_dtensor(item, local, device_mesh)
+            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
             module.register_parameter(pname, nn.Parameter(dtensor, requires_grad=param.requires_grad))
 
     _partition_embedding_fn = _partition_linear_fn
@@ -303,7 +307,8 @@ class ExpertsParallel(ParallelStyle):
                 if param.is_meta
                 else _compose_local(param, tensor, self._items)
             )
-            setattr(module, leaf, nn.Parameter(tensor.dtensor(local, device_mesh), requires_grad=param.requires_grad))
+            dtensor = planned_dtensor(local, device_mesh, tensor.dim, tensor.global_shape)
+            setattr(module, leaf, nn.Parameter(dtensor, requires_grad=param.requires_grad))
         expert_dim = {tensor.dim for tensor in self._tensors.values()}
         first = None
         if expert_dim == {0}:
@@ -434,13 +439,6 @@ class Composed:
                 local[expert].narrow(0, offset, shape[0]) if expert is not None else local.narrow(1, offset, shape[1])
             )
         return out
-
-    def dtensor(self, local: torch.Tensor, mesh: DeviceMesh) -> DTensor:
-        placement = Replicate() if self.dim is None else Shard(self.dim)
-        shape = self.global_shape
-        return DTensor.from_local(
-            local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
-        )
 
 
 def _template_regex(template: str) -> re.Pattern[str]:

@@ -231,8 +231,9 @@ class PreadSource(_Source):
 
     def read_into(self, item: TensorPlan, out: torch.Tensor) -> None:
         """Reads ``item``'s slice into ``out`` (contiguous, on the CPU, of ``item``'s local shape): straight
-        into it in the stored dtype, else through a staging buffer of at most ``STAGING_BUFFER_BYTES``,
-        converted block by block while the block is still in the CPU's cache."""
+        into it in the stored dtype, else through a staging buffer of ``CONVERT_BYTES``, converted block by
+        block while the block is still in the CPU's cache (a column shard of short rows: see
+        :meth:`_read_row_blocks`)."""
         ranges = slice_ranges(item)
         if item.slice.dim and len(ranges) > 1 and item.nbytes < self.EXACT_RUN_BYTES * len(ranges):
             self._read_row_blocks(item, out)
@@ -425,8 +426,8 @@ def read_tensors(
     destinations: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], ReadStats]:
     """Reads every item's slice into a fresh contiguous tensor on ``options.device``, or into the
-    tensor ``destinations`` gives for its key (contiguous, of the item's local shape, on
-    ``options.device``; checked by the caller), converted to that tensor's dtype.
+    tensor ``destinations`` gives for its key (of the item's local shape, on ``options.device``, checked
+    by the caller; a strided one is written through a copy), converted to that tensor's dtype.
 
     Items are read in file and byte-offset order by a bounded pool of threads; each slice is converted
     to the target dtype and device as it is copied out of the file (through a ring of pinned buffers
