@@ -67,7 +67,7 @@ def test_hung_rank_ends_the_other_ranks_with_a_timeout_error_within_the_configur
     assert results[1] == ("lost", None)
     message, seconds = results[0][1]
     assert message.startswith(
-        f"lost contact with the other ranks after stage 'report' (waited at most {HANG_TIMEOUT_S} s): "
+        f"lost contact with the other ranks after stage 'read' (waited at most {HANG_TIMEOUT_S} s): "
     ), message
     assert HANG_TIMEOUT_S <= seconds < HANG_TIMEOUT_S + MARGIN_S, f"the survivor ended after {seconds:.1f} s"
 

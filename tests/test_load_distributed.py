@@ -293,3 +293,27 @@ def test_strict_load_with_only_an_unexpected_key_is_refused_on_every_rank_before
     assert error.type == "StrictLoadError"
     assert error.wire["message"] == f"strict load of {root} refused: 1 unexpected: extra.weight"
     assert error.wire["hint"] == "Fix the checkpoint or the plan, or load with strict=False to see the full report"
+
+
+def _count_rounds(rank: int, world_size: int, model: object) -> list[str]:
+    import tp_loader.dist
+
+    stages: list[str] = []
+    real = tp_loader.dist.agree
+
+    def counting(ctx, error, payload=None, *, stage=""):
+        stages.append(stage)
+        return real(ctx, error, payload, stage=stage)
+
+    tp_loader.dist.agree = counting
+    tp_loader.load(model)
+    return stages
+
+
+def test_a_local_directory_loads_in_three_rounds_and_a_fetched_model_adds_two(make_checkpoint, tmp_path) -> None:
+    """Every collective round costs a gather on every rank: a directory all ranks see needs no fetch round, the
+    destinations are checked in the plan round and the read's outcome is agreed with the report's figures."""
+    root = make_checkpoint()
+    assert values(run_ranks(2, _count_rounds, root)) == [["arguments", "plan", "read"]] * 2
+    demo = values(run_ranks(2, _count_rounds, None, env={"TP_LOADER_DEMO_DIR": str(tmp_path / "demo")}))
+    assert demo == [["arguments", "fetch", "resolve", "plan", "read"]] * 2

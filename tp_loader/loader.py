@@ -28,12 +28,12 @@ from .arguments import (
     write_file,
 )
 from .demo import ensure_demo
-from .dist import Context, agree, host_name, make_context, open_control_group, run_agreed
+from .dist import Context, host_name, make_context, open_control_group, run_agreed
 from .errors import DistributedError, ReadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
 from .plan import LoadPlan, plan_rank
-from .read import ReadOptions, read_tensors
+from .read import ReadOptions, ReadStats, read_tensors
 from .report import LoadReport, RankReport, build_report
 from .resolve import call_within, find_weights, resolve_source
 from .tie import apply_ties, local_tie_equality
@@ -144,16 +144,16 @@ def load(
             dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, ctx.device.type
         )
 
-        def check() -> tuple[str, Fingerprint]:
+        def check() -> tuple[str, Fingerprint, bool]:
             if error is not None:
                 raise error
             if report is not None and ctx.rank == 0:
                 check_writable(report, what="report")
-            return host_name(), arguments
+            return host_name(), arguments, model is not None and os.path.isdir(model)
 
         _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
-        _refuse_differing_arguments([fingerprint for _, fingerprint in seen])
-        hosts = [host for host, _ in seen]
+        _refuse_differing_arguments([fingerprint for _, fingerprint, _ in seen])
+        hosts = [host for host, _, _ in seen] if not all(local for _, _, local in seen) else None
         options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
         result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start, into=_into)
         if report is not None:
@@ -194,50 +194,59 @@ def _load(
     ctx: Context,
     model: str | os.PathLike[str] | None,
     wanted: torch.dtype | None,
-    hosts: list[str],
+    hosts: list[str] | None,
     options: _LoadOptions,
     *,
     settings: envmod.Settings,
     start: float,
     into: Destinations | None = None,
 ) -> LoadResult:
-    root = resolve_on_ranks(
-        ctx, model, hosts, revision=options.revision, cache_dir=options.cache_dir, demo_dir=settings.demo_dir
-    )
+    # A directory every rank sees needs no fetch: it is resolved inside the plan round (no rounds of its own).
+    root = None
+    if hosts is not None:
+        root = resolve_on_ranks(
+            ctx, model, hosts, revision=options.revision, cache_dir=options.cache_dir, demo_dir=settings.demo_dir
+        )
 
     def index_and_plan() -> tuple[Checkpoint, LoadPlan]:
-        checkpoint = index_checkpoint(find_weights(root))
+        found = root if root is not None else resolve_source(model, revision=options.revision, fetch=False)
+        checkpoint = index_checkpoint(find_weights(found))
         load_plan = plan_rank(
             checkpoint,
             ctx.world_size,
             ctx.rank,
             plan=options.plan,
             mode=options.mode,
-            model=str(root),
+            model=str(found),
             dtype=wanted,
             strict=options.strict,
             allow_unmatched=options.allow_unmatched,
         )
         return checkpoint, load_plan
 
-    def bounded_index_and_plan() -> tuple[Checkpoint, LoadPlan]:
-        """Reading headers on a hung network filesystem must not block this rank past the timeout."""
+    def bounded_index_and_plan() -> tuple[Checkpoint, LoadPlan, dict[str, torch.Tensor] | None]:
+        """Reading headers on a hung network filesystem must not block this rank past the timeout. The
+        destinations are checked here too, so that their refusal is agreed in the same round."""
         if ctx.world_size == 1:
-            return index_and_plan()
-        return call_within(
-            ctx.timeout_s / 2,
-            index_and_plan,
-            lambda: ReadError(
-                f"reading the checkpoint's headers did not finish within {ctx.timeout_s / 2:g} s (half of "
-                "TP_LOADER_TIMEOUT_S, so that every rank hears of it within the timeout)",
-                file=str(root),
-                hint="The storage is not answering (a stalled network filesystem?); check the mount, or raise "
-                "TP_LOADER_TIMEOUT_S for very slow storage",
-            ),
-        )
+            checkpoint, load_plan = index_and_plan()
+        else:
+            checkpoint, load_plan = call_within(
+                ctx.timeout_s / 2,
+                index_and_plan,
+                lambda: ReadError(
+                    f"reading the checkpoint's headers did not finish within {ctx.timeout_s / 2:g} s (half of "
+                    "TP_LOADER_TIMEOUT_S, so that every rank hears of it within the timeout)",
+                    file=str(root if root is not None else model),
+                    hint="The storage is not answering (a stalled network filesystem?); check the mount, or raise "
+                    "TP_LOADER_TIMEOUT_S for very slow storage",
+                ),
+            )
+        # Ties follow from the config and the keys, which the fingerprints below compare: this rank's
+        # decisions are rank 0's whenever the load goes on.
+        return checkpoint, load_plan, into(load_plan, ctx) if into is not None else None
 
     # every rank's fingerprint, and rank 0's tie decisions, which every rank then uses
-    (checkpoint, load_plan), seen = run_agreed(
+    (checkpoint, load_plan, destinations), seen = run_agreed(
         ctx, "plan", bounded_index_and_plan, lambda result: (result[0].fingerprint(), result[1].ties)
     )
     fingerprints = [fingerprint for fingerprint, _ in seen]
@@ -263,27 +272,20 @@ def _load(
         zero_copy=settings.zero_copy,
         stall_s=settings.timeout_s / 2,
     )
-    destinations = None
-    if into is not None:
-        destinations, _ = run_agreed(ctx, "destinations", lambda: into(load_plan, ctx))
-    with _intra_op_threads(settings.num_threads):
-        (local, stats), _ = run_agreed(
-            ctx,
-            "read",
-            lambda: read_tensors(
-                checkpoint.root,
-                checkpoint.format,
-                load_plan.tensors,
-                read_options,
-                checkpoint.file_sizes,
-                destinations,
-            ),
-        )
-    state_dict = place(local, load_plan.tensors, ctx.mesh)
-    apply_ties(state_dict, load_plan.ties)
 
-    payload = (stats, local_tie_equality(local, load_plan.ties), time.perf_counter() - start)
-    gathered = agree(ctx, None, payload, stage="report")
+    def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats, list[bool]]:
+        with _intra_op_threads(settings.num_threads):
+            local, stats = read_tensors(
+                checkpoint.root, checkpoint.format, load_plan.tensors, read_options, checkpoint.file_sizes, destinations
+            )
+        state_dict = place(local, load_plan.tensors, ctx.mesh)
+        apply_ties(state_dict, load_plan.ties)
+        return state_dict, stats, local_tie_equality(local, load_plan.ties)
+
+    # one round agrees on the read's outcome and gathers the report's figures (place and ties talk to no rank)
+    (state_dict, _, _), gathered = run_agreed(
+        ctx, "read", read_and_place, lambda result: (result[1], result[2], time.perf_counter() - start)
+    )
     ranks = [
         RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds, s.zero_copy_tensors)
         for r, (s, _, seconds) in enumerate(gathered)
