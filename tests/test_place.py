@@ -63,3 +63,40 @@ def test_a_load_in_a_fresh_process_does_not_import_torch_dynamo(make_checkpoint)
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[False, False]"
+
+
+def _planned_like_from_local(rank: int, world_size: int) -> int:
+    from torch.distributed.tensor import Replicate, Shard
+
+    from tp_loader.parallel import planned_dtensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    checked = 0
+    for dim, shape, local in [
+        (0, (5, 3), torch.arange(9.0).reshape(3, 3) + rank),  # uneven: rank 0 holds 3 rows, rank 1 two
+        (1, (4, 6), torch.arange(12.0).reshape(4, 3) * (rank + 1)),
+        (None, (2, 2), torch.ones(2, 2)),
+        (0, (8, 2), torch.empty(4, 2, device="meta")),
+    ]:
+        placement = Replicate() if dim is None else Shard(dim)
+        built = planned_dtensor(local, mesh, dim, shape)
+        public = DTensor.from_local(
+            local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=built.stride()
+        )
+        assert (built.placements, built.shape, built.stride(), built.dtype, built.device) == (
+            public.placements,
+            public.shape,
+            public.stride(),
+            public.dtype,
+            public.device,
+        )
+        assert built.requires_grad is False and built._local_tensor is local
+        checked += 1
+    grad_input = torch.ones(2, 3, requires_grad=True)  # an activation in training keeps its autograd graph
+    (planned_dtensor(grad_input, mesh, 0, (4, 3)).to_local() * 3).sum().backward()
+    assert torch.equal(grad_input.grad, torch.full((2, 3), 3.0))
+    return checked
+
+
+def test_planned_dtensors_of_parallelize_and_load_into_equal_what_from_local_builds() -> None:
+    assert values(run_ranks(2, _planned_like_from_local)) == [4, 4]

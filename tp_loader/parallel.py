@@ -28,10 +28,11 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from .convert import fill
 from .errors import ArgumentError, PlanError
 from .index import Checkpoint, TensorInfo
-from .place import contiguous_stride
+from .place import as_dtensor, contiguous_stride
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .prefix import detect_prefix, with_prefix
 from .spec import ExpertModuleSpec, PlanSpec, config_values, evaluate, evaluate_size, glob_to_regex, select_spec
+from .styles import chunk_range
 
 logger = logging.getLogger("tp_loader")
 
@@ -78,7 +79,7 @@ def plan_module(
     module names renamed back to checkpoint names, and each module tensor that a plan target composes
     (fused experts) split back into the checkpoint tensors it is made of."""
     state = module.state_dict(keep_vars=True)
-    spec = select_spec(plan, config, model=type(module).__name__, mode=mode)
+    spec = select_spec(plan, config, model=type(module).__name__, mode=mode, keys=state.keys())
     spec = with_prefix(spec, detect_prefix(spec, state))
     stored: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for name, tensor in state.items():
@@ -121,7 +122,11 @@ def local_piece(full: torch.Tensor, item: TensorPlan) -> torch.Tensor:
 
 def planned_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...]) -> DTensor:
     """``local`` as a DTensor sharded on ``dim`` (replicated for ``None``) with global ``shape``, as the plan
-    describes it (no communication)."""
+    describes it (no communication). A tensor that requires grad goes through ``DTensor.from_local``, whose
+    autograd function keeps the graph; anything else (parameters, meta tensors, inference activations) is
+    wrapped as the load wraps its shards, at a tenth of the cost and without importing ``torch._dynamo``."""
+    if not local.requires_grad:
+        return as_dtensor(local, mesh, dim, shape)
     placement = Replicate() if dim is None else Shard(dim)
     return DTensor.from_local(
         local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
@@ -170,6 +175,41 @@ class PlannedRowwise(_Planned, RowwiseParallel):
     """``RowwiseParallel`` with the plan's slices, also for ``Conv1D``."""
 
 
+class LocalShards(ParallelStyle):
+    """A module's own parameters that the plan shards outside a linear layer (GPT-OSS's attention
+    ``sinks``, one logit per query head, sharded with the heads): DTensors with the plan's placement,
+    and the module's forward run on the local shards, as it runs on this rank's heads only."""
+
+    def __init__(self, items: dict[str, TensorPlan]) -> None:
+        super().__init__()
+        self._items = items
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        sharded = [name for name, item in self._items.items() if item.slice.dim is not None]
+        for name in sharded:
+            param, item = module.get_parameter(name), self._items[name]
+            local = (
+                torch.empty(item.local_shape, dtype=param.dtype, device="meta")
+                if param.is_meta
+                else local_piece(param, item)
+            )
+            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
+            module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        saved: dict[str, torch.Tensor] = {}
+
+        def to_local(mod: nn.Module, args: tuple) -> None:
+            for name in sharded:
+                saved[name] = mod._parameters[name]
+                mod._parameters[name] = saved[name].to_local()
+
+        def restore(mod: nn.Module, args: tuple, output: Any) -> None:
+            mod._parameters.update(saved)
+
+        module.register_forward_pre_hook(to_local)
+        module.register_forward_hook(restore)
+        return module
+
+
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (GPT-2), recognised without importing transformers."""
     weight = getattr(module, "weight", None)
@@ -179,8 +219,10 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _style(path: str, module: nn.Module, items: dict[str, TensorPlan]) -> ParallelStyle | None:
     """The style for one module from its weight's plan, or ``None`` when the plan replicates it."""
     weight = items.get("weight")
-    if weight is None or all(item.slice.dim is None for item in items.values()):
+    if all(item.slice.dim is None for item in items.values()):
         return None
+    if weight is None:  # parameters of the module's own, not a layer's weight (attention sinks)
+        return LocalShards(items)
     style = weight.style
     matmul = isinstance(module, nn.Linear) or _is_conv1d(module)
     if isinstance(module, nn.Embedding) and style in ("vocab", "rowwise"):
@@ -251,16 +293,21 @@ def parallelize(
         if item.key not in parts:
             path, _, leaf = to_module_name(item.key, spec).rpartition(".")
             by_module.setdefault(path, {})[leaf] = item
+    items_by_key = {item.key: item for item in load_plan.tensors}
     styles: dict[str, ParallelStyle] = {}
     for path, items in by_module.items():
-        style = _style(path, module.get_submodule(path), items)
-        if style is not None:
+        expert_module = _expert_module(spec, path)
+        if expert_module is not None:  # experts stored as the module holds them (fused, stacked)
+            stored = {leaf: _stored(f"{path}.{leaf}", item) for leaf, item in items.items()}
+            styles[path] = ExpertsParallel(stored, items_by_key, expert_module)
+        elif spec is not None and any(spec.match(item.key).gathered_norm for item in items.values()):
+            styles[path] = GatheredNorm(items)
+        elif (style := _style(path, module.get_submodule(path), items)) is not None:
             styles[path] = style
     by_owner: dict[str, dict[str, Composed]] = {}
     for name, tensor in composed.items():
         path, _, leaf = name.rpartition(".")
         by_owner.setdefault(path, {})[leaf] = tensor
-    items_by_key = {item.key: item for item in load_plan.tensors}
     for path, tensors in by_owner.items():
         styles[path] = ExpertsParallel(tensors, items_by_key, _expert_module(spec, path))
     parallelize_module(module, mesh, styles)
@@ -286,7 +333,8 @@ class ExpertsParallel(ParallelStyle):
     the plan's placement, the forward run on the local shards, its output summed over the ranks.
 
     Tensor-parallel experts (parameters sharded on dim 1 or 2) give each rank a part of every expert's
-    intermediate features: the sum after the expert sum completes every token's output. Expert
+    intermediate features: the sum after the expert sum completes every token's output; a replicated
+    output bias (a rowwise rule's) is added by the first rank only. Expert
     parallelism (dim 0: whole experts) renumbers the routed expert ids to this rank's experts and gives
     a token routed elsewhere weight 0, so that only the other ranks add its outputs, in the same sum.
     """
@@ -323,29 +371,100 @@ class ExpertsParallel(ParallelStyle):
             setattr(module, self._spec.num_experts, stop - first)
         group = device_mesh.get_group()
         saved: dict[str, torch.Tensor] = {}
+        num_experts = next(iter(self._tensors.values())).global_shape[0]
+        stacked_rows: list[int] = []  # routing "stacked": each expert's tokens, set per forward
+        # a replicated tensor under a rowwise rule (GPT-OSS's down_proj_bias) is added after the reduction:
+        # the first rank adds it, the others add zeros, so that the sum over the ranks counts it once
+        once = {
+            leaf
+            for leaf, tensor in self._tensors.items()
+            if tensor.dim is None and self._items[tensor.parts[0][0]].style == "rowwise"
+        }
+        zeroed = once if device_mesh.get_local_rank() else set()
 
         def to_local(mod: nn.Module, args: tuple) -> tuple:
             for leaf in self._tensors:
                 saved[leaf] = mod._parameters[leaf]
-                mod._parameters[leaf] = saved[leaf].to_local()
+                local = saved[leaf].to_local()
+                mod._parameters[leaf] = torch.zeros_like(local) if leaf in zeroed else local
             if first is not None and self._spec is not None:
                 spec = self._spec
-                index, weights = args[spec.index_arg], args[spec.weights_arg]
-                mine = (index >= first) & (index < first + getattr(mod, spec.num_experts))
+                local = getattr(mod, spec.num_experts)
                 renumbered = list(args)
-                renumbered[spec.index_arg] = torch.where(mine, index - first, 0)
-                renumbered[spec.weights_arg] = torch.where(mine, weights, 0)
+                if spec.routing == "stacked":  # this rank's experts' rows of [experts * tokens, hidden]
+                    rows = args[spec.input_arg].shape[0] // num_experts
+                    stacked_rows[:] = [rows]
+                    renumbered[spec.input_arg] = args[spec.input_arg][first * rows : (first + local) * rows]
+                else:
+                    index, weights = args[spec.index_arg], args[spec.weights_arg]
+                    mine = (index >= first) & (index < first + local)
+                    renumbered[spec.index_arg] = torch.where(mine, index - first, 0)
+                    renumbered[spec.weights_arg] = torch.where(mine, weights, 0)
                 args = tuple(renumbered)
             return args
 
         def summed(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             mod._parameters.update(saved)
+            if stacked_rows:  # zero in the other ranks' experts' rows
+                rows = stacked_rows.pop()
+                full = output.new_zeros((num_experts * rows, *output.shape[1:]))
+                output = full.index_copy_(0, torch.arange(first * rows, first * rows + len(output)), output)
             if device_mesh.size() > 1:
                 dist.all_reduce(output, group=group)
             return output
 
         module.register_forward_pre_hook(to_local)
         module.register_forward_hook(summed)
+        return module
+
+
+def _stored(name: str, item: TensorPlan) -> Composed:
+    """A module tensor that is one checkpoint tensor as stored (fused experts ``[experts, ...]``)."""
+    return Composed(name, ((item.key, None, 0, 0),), item.slice.dim, item.local_shape, item.slice.global_shape)
+
+
+class GatheredNorm(ParallelStyle):
+    """A norm over features that the ranks hold in parts (OLMo 2's ``q_norm`` over every head of a
+    colwise ``q_proj``), its weight sharded with them. The statistic needs every feature: the forward
+    gathers the input's parts from all ranks, runs the norm on the whole features, and keeps this rank's
+    part. The elementwise weight (and bias) need no gathering: each is this rank's shard placed at its
+    offset in a tensor of the whole size, whose other entries only touch outputs that are dropped."""
+
+    def __init__(self, items: dict[str, TensorPlan]) -> None:
+        super().__init__()
+        self._items = items
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        for name, param in list(module.named_parameters(recurse=False)):
+            item = self._items[name]
+            local = (
+                torch.empty(item.local_shape, dtype=param.dtype, device="meta")
+                if param.is_meta
+                else local_piece(param, item)
+            )
+            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
+            module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        size = next(item.slice.global_shape[0] for item in self._items.values() if item.slice.dim is not None)
+        start, stop = chunk_range(size, device_mesh.size(), device_mesh.get_local_rank())  # as Shard(0) lays out
+        saved: dict[str, torch.Tensor] = {}
+
+        def gather(mod: nn.Module, args: tuple) -> tuple:
+            for name, param in list(mod._parameters.items()):
+                saved[name] = param
+                local = param.to_local()
+                if param.placements[0].is_shard():
+                    local = local.new_zeros(size).index_copy_(0, torch.arange(start, stop), local)
+                mod._parameters[name] = local
+            x = args[0].contiguous()
+            parts = planned_dtensor(x, device_mesh, x.dim() - 1, (*x.shape[:-1], size))
+            return (parts.full_tensor(), *args[1:])
+
+        def split(mod: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            mod._parameters.update(saved)
+            return output[..., start:stop].contiguous()
+
+        module.register_forward_pre_hook(gather)
+        module.register_forward_hook(split)
         return module
 
 
@@ -372,8 +491,8 @@ def _set_attributes(module: nn.Module, config: dict, load_plan: LoadPlan, world_
             1 if heads.replicate_when_fewer and num < world_size else math.ceil(num / world_size)
         )
     copied: set[tuple[int, str]] = set()
-    for attribute in spec.attributes:
-        pattern = re.compile(glob_to_regex(attribute.module))
+    for attribute in spec.attributes:  # module patterns under the module's own names (the plan's renames)
+        pattern = re.compile(glob_to_regex(to_module_name(attribute.module + ".", spec).removesuffix(".")))
         owner_path, _, leaf = attribute.name.rpartition(".")
         value = None
         for path, sub in module.named_modules():

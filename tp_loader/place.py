@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 
 from .plan import TensorPlan
@@ -47,11 +47,20 @@ def place(
         shape = piece.global_shape
         spec = specs.get((placement, shape, tensor.dtype))
         if spec is None:
-            spec = specs[(placement, shape, tensor.dtype)] = DTensorSpec(
-                mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), tensor.dtype)
-            )
+            spec = specs[(placement, shape, tensor.dtype)] = _spec(mesh, placement, shape, tensor.dtype)
         out[item.key] = _new_dtensor(tensor, spec)
     return out
+
+
+def as_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...]) -> DTensor:
+    """One shard as :func:`place` wraps it: ``Shard(dim)`` (``Replicate()`` for ``None``), global ``shape``,
+    row-major strides, no autograd history (for parameters and buffers, not activations)."""
+    placement = Replicate() if dim is None else Shard(dim)
+    return _new_dtensor(local, _spec(mesh, placement, shape, local.dtype))
+
+
+def _spec(mesh: DeviceMesh, placement: Placement, shape: tuple[int, ...], dtype: torch.dtype) -> DTensorSpec:
+    return DTensorSpec(mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), dtype))
 
 
 def _new_dtensor(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
