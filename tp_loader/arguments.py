@@ -167,6 +167,7 @@ class Fingerprint:
     allow_unmatched: bool
     zero_copy: bool
     device_type: str
+    share: str = "none"
 
     def differences(self, other: Fingerprint) -> list[str]:
         """``name=mine vs theirs`` for each argument that differs."""
@@ -175,3 +176,27 @@ class Fingerprint:
             for name in self.__dataclass_fields__
             if getattr(self, name) != getattr(other, name)
         ]
+
+
+#: What ``share=`` accepts: each replica reads for itself, or the replicas split the reading.
+SHARE_MODES = ("none", "job")
+
+
+def normalise_share(share: str, device: torch.device | None) -> str:
+    """Checks ``share=``.
+
+    Raises:
+        ArgumentError: an unknown mode, or ``"job"`` for CUDA shards (the exchange runs over gloo on CPU
+            tensors; not built for CUDA yet).
+    """
+    if share not in SHARE_MODES:
+        raise ArgumentError(
+            f"share={share!r} is not one of {list(SHARE_MODES)}",
+            hint="share='none' (every replica reads for itself) or 'job' (the replicas split the reading)",
+        )
+    if share == "job" and device is not None and device.type != "cpu":
+        raise ArgumentError(
+            f"share='job' exchanges CPU tensors over gloo; shards on {device.type} are not supported yet",
+            hint="Load with share='none' on GPUs, or with device='cpu' and move the shards",
+        )
+    return share

@@ -86,6 +86,11 @@ def launch_env() -> LaunchEnv:
     )
 
 
+def node_override() -> str | None:
+    """``TP_LOADER_NODE``: this process's node name, when host names cannot tell nodes apart."""
+    return os.environ.get("TP_LOADER_NODE") or None
+
+
 def _default_threads(local_world_size: int) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cpus // max(1, local_world_size)))

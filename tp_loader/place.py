@@ -21,7 +21,7 @@ def contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def place(
-    local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: DeviceMesh | None
+    local: dict[str, torch.Tensor], items: tuple[TensorPlan, ...], mesh: DeviceMesh | None, tp_axis: int = 0
 ) -> dict[str, torch.Tensor]:
     """Wraps local shards as DTensors (``Shard(dim)`` or ``Replicate()``) with their global shape.
 
@@ -32,7 +32,9 @@ def place(
     Args:
         local: checkpoint key → this rank's shard.
         items: the plan of each key.
-        mesh: the 1-D mesh; ``None`` returns the local tensors unchanged (a plain single process).
+        mesh: the mesh; ``None`` returns the local tensors unchanged (a plain single process). On a 2-D
+            mesh the shards are ``Replicate()`` on the replicas' dimension.
+        tp_axis: the mesh dimension the plan shards over.
 
     Returns:
         Checkpoint key → DTensor (or plain tensor without a mesh), in plan order.
@@ -47,7 +49,7 @@ def place(
         shape = piece.global_shape
         spec = specs.get((placement, shape, tensor.dtype))
         if spec is None:
-            spec = specs[(placement, shape, tensor.dtype)] = _spec(mesh, placement, shape, tensor.dtype)
+            spec = specs[(placement, shape, tensor.dtype)] = _spec(mesh, placement, shape, tensor.dtype, tp_axis)
         out[item.key] = _new_dtensor(tensor, spec)
     return out
 
@@ -59,8 +61,12 @@ def as_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tu
     return _new_dtensor(local, _spec(mesh, placement, shape, local.dtype))
 
 
-def _spec(mesh: DeviceMesh, placement: Placement, shape: tuple[int, ...], dtype: torch.dtype) -> DTensorSpec:
-    return DTensorSpec(mesh, (placement,), tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), dtype))
+def _spec(
+    mesh: DeviceMesh, placement: Placement, shape: tuple[int, ...], dtype: torch.dtype, tp_axis: int = 0
+) -> DTensorSpec:
+    """``placement`` on the tensor-parallel dimension, ``Replicate()`` on any other."""
+    placements = tuple(placement if axis == tp_axis else Replicate() for axis in range(mesh.ndim))
+    return DTensorSpec(mesh, placements, tensor_meta=TensorMeta(torch.Size(shape), contiguous_stride(shape), dtype))
 
 
 def _new_dtensor(local: torch.Tensor, spec: DTensorSpec) -> DTensor:

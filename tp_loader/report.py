@@ -24,7 +24,19 @@ class TieReport:
 
 @dataclass(frozen=True)
 class RankReport:
-    """What one rank did."""
+    """What one rank did.
+
+    Attributes:
+        rank: the rank (global when the mesh has replicas).
+        bytes_read: bytes this rank requested from storage.
+        num_tensors: tensors it holds.
+        read_seconds: its read (and, with ``share="job"``, exchange) time.
+        seconds: from the call to the report.
+        zero_copy_tensors: how many of its tensors are views of a file mapping.
+        node: its node's name (``TP_LOADER_NODE`` or the host name).
+        replica: its coordinate on the replicas' dimension (0 without replicas).
+        bytes_received: bytes of shards it received from other ranks instead of reading (``share="job"``).
+    """
 
     rank: int
     bytes_read: int
@@ -32,6 +44,9 @@ class RankReport:
     read_seconds: float
     seconds: float
     zero_copy_tensors: int = 0
+    node: str = ""
+    replica: int = 0
+    bytes_received: int = 0
 
 
 @dataclass(frozen=True)
@@ -180,10 +195,24 @@ class LoadReport(KeyAccount):
         """Bytes read by all ranks together."""
         return sum(r.bytes_read for r in self.ranks)
 
+    @property
+    def bytes_read_per_node(self) -> dict[str, int]:
+        """Bytes each node's ranks requested from storage, by node name in rank order."""
+        out: dict[str, int] = {}
+        for r in self.ranks:
+            out[r.node] = out.get(r.node, 0) + r.bytes_read
+        return out
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of shards that moved between ranks instead of being read (``share="job"``)."""
+        return sum(r.bytes_received for r in self.ranks)
+
     def to_dict(self) -> dict[str, Any]:
         data = super().to_dict()
         data["seconds"] = self.seconds
         data["read_seconds"] = self.read_seconds
+        data["bytes_read_per_node"] = self.bytes_read_per_node
         return data
 
     def format_table(self, *, full: bool = False) -> str:
@@ -195,12 +224,17 @@ class LoadReport(KeyAccount):
             f"  {self.num_tensors} tensors, {_size(self.bytes_read)}: read in {self.read_seconds:.2f} s, "
             f"{self.seconds:.2f} s in all (slowest rank)",
             "",
-            f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'read s':>7}  {'total s':>7}",
+            f"  {'rank':>4}  {'tensors':>7}  {'bytes read':>12}  {'read s':>7}  {'total s':>7}"
+            + (f"  {'received':>12}  node" if self.bytes_received else ""),
         ]
         lines += [
             f"  {r.rank:>4}  {r.num_tensors:>7}  {_size(r.bytes_read):>12}  {r.read_seconds:>7.3f}  {r.seconds:>7.3f}"
+            + (f"  {_size(r.bytes_received):>12}  {r.node}" if self.bytes_received else "")
             for r in self.ranks
         ]
+        if self.bytes_received:
+            per_node = ", ".join(f"{node} {_size(n)}" for node, n in self.bytes_read_per_node.items())
+            lines.append(f"  read from storage per node: {per_node}; {_size(self.bytes_received)} exchanged")
         return "\n".join(lines + self._sections(full))
 
 
