@@ -34,6 +34,8 @@ def slice_ranges(item: TensorPlan) -> list[ByteRange]:
     A converter target made of several stored tensors gives the ranges of every piece it reads.
     """
     info, piece = item.info, item.slice
+    if item.quant is not None:  # a quantized weight dequantized on load: its stored tensors' windows
+        return sorted((r for sub in item.quant_plans() for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset))
     if info.segments:  # a converter target: the ranges of each stored piece it reads
         return coalesce(
             sorted((r for _, sub in item.segment_plans() for r in slice_ranges(sub)), key=lambda r: (r.file, r.offset))

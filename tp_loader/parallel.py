@@ -300,7 +300,7 @@ def parallelize(
         if expert_module is not None:  # experts stored as the module holds them (fused, stacked)
             stored = {leaf: _stored(f"{path}.{leaf}", item) for leaf, item in items.items()}
             styles[path] = ExpertsParallel(stored, items_by_key, expert_module)
-        elif spec is not None and any(spec.match(item.key).gathered_norm for item in items.values()):
+        elif spec is not None and any(getattr(spec.match(item.key), "gathered_norm", False) for item in items.values()):
             styles[path] = GatheredNorm(items)
         elif (style := _style(path, module.get_submodule(path), items)) is not None:
             styles[path] = style

@@ -9,6 +9,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -17,8 +18,18 @@ from .convert import Conversion, SegmentRead, apply_converters, expand, segment_
 from .errors import ArgumentError, CheckpointError, PlanError, ShardingError, StrictLoadError
 from .index import Checkpoint, TensorInfo
 from .prefix import detect_prefix, present_groups, with_prefix
-from .spec import PlanSpec, Rule, config_values, evaluate, evaluate_size, select_spec
-from .styles import STYLES, Heads, Part, Slice, block_slice, head_world_sizes
+from .quant import (
+    MAX_WORLD,
+    Dequantize,
+    PieceFor,
+    QuantWeight,
+    find_quantized,
+    plan_quantized,
+    quant_format,
+    refuse_cuts,
+)
+from .spec import ExpectedTensor, PlanSpec, Rule, config_values, evaluate, evaluate_size, select_spec
+from .styles import STYLES, Heads, Part, Slice, StyleFn, block_slice, head_world_sizes, stacked
 
 MAX_LAYERS = 100_000
 
@@ -34,6 +45,8 @@ class TensorPlan:
         rule: the matching rule's pattern, or ``None`` when no rule matched.
         scale: for a block-fp8 weight dequantized on load, the read of the scale blocks covering
             this rank's slice; ``block`` is the block size.
+        quant: for a weight of another quantized format dequantized on load (``info`` is then the
+            weight as the plan expects it, in float32), the windows of its stored tensors to read.
     """
 
     info: TensorInfo
@@ -42,6 +55,7 @@ class TensorPlan:
     rule: str | None
     scale: TensorPlan | None = None
     block: tuple[int, int] = ()
+    quant: Dequantize | None = None
 
     @property
     def key(self) -> str:
@@ -60,8 +74,20 @@ class TensorPlan:
     def read_bytes(self) -> int:
         """Bytes read for this slice: ``nbytes``, more where a converter must widen a read, plus the
         scale blocks of a weight dequantized on load."""
+        if self.quant is not None:
+            return self.quant.read_bytes
         own = sum(sub.nbytes for _, sub in self.segment_plans()) if self.info.segments else self.nbytes
         return own + (self.scale.read_bytes if self.scale is not None else 0)
+
+    def quant_plans(self) -> list[TensorPlan]:
+        """For a quantized weight dequantized on load: each read of its stored tensors (empty otherwise)."""
+        if self.quant is None:
+            return []
+        return [
+            TensorPlan(info, piece, self.style, self.rule)
+            for window in self.quant.windows
+            for _, info, piece in window.reads
+        ]
 
     def segment_plans(self) -> list[tuple[SegmentRead, TensorPlan]]:
         """For a converter target: each stored piece's read, with the plan of that read of its own
@@ -147,7 +173,7 @@ def plan_rank(
             key="dtype",
             hint="tp_loader does not quantize: pass float32, bfloat16 or float16, or no dtype",
         )
-    spec = select_spec(plan, checkpoint.config, model=model, mode=mode)
+    spec = select_spec(plan, checkpoint.config, model=model, mode=mode, keys=checkpoint.tensors.keys())
     dequantize = conversion_dtype(dtype) is not None
     load_plan = make_plan(
         checkpoint, spec, world_size, rank, model=model, dequantize=dequantize, allow_unmatched=allow_unmatched
@@ -192,8 +218,9 @@ def make_plan(
         world_size: number of tensor-parallel ranks.
         rank: this rank, ``0 <= rank < world_size``.
         model: the model's name for messages.
-        dequantize: block-fp8 weights are dequantized on load (the caller asked for a wider dtype):
-            each rank reads its slice and the scale blocks covering it, and scales are not loaded.
+        dequantize: quantized weights are dequantized on load (the caller asked for a wider dtype):
+            each rank reads its slice and the scale blocks (or, :mod:`tp_loader.quant`, the words and
+            groups) covering it, and scales and other companions are not loaded.
         allow_unmatched: load a checkpoint even when most of its bytes are tensors the plan does not
             expect (they load replicated); otherwise that is a :class:`PlanError`.
 
@@ -205,7 +232,8 @@ def make_plan(
 
     Raises:
         ShardingError: a head group cannot be split over ``world_size``, or (without ``dequantize``)
-            a shard boundary cuts a block-fp8 weight's scale blocks.
+            a shard boundary cuts a block-fp8 weight's scale blocks or a quantized weight's packed
+            words, groups or blocks (:func:`tp_loader.quant.refuse_cuts`).
         CheckpointError: the config lacks a value the plan needs.
         PlanError: a plan expression is malformed, or most bytes are unexpected (see ``allow_unmatched``).
     """
@@ -215,7 +243,7 @@ def make_plan(
         values = config_values(spec, checkpoint.config)
         num_layers = _count(spec, spec.layers, "{layer}", values, "number of layers")
         num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
-        _check_key_budget(spec, num_layers, num_experts, len(checkpoint.tensors))
+        _check_key_budget(spec, num_layers, num_experts, len(checkpoint.tensors), values)
         expected = _expected_shapes(spec, values, num_layers, num_experts, groups)
         heads = {
             name: Heads(
@@ -230,22 +258,29 @@ def make_plan(
             checkpoint, spec, values, {name: h.head_dim for name, h in heads.items()}, num_layers, num_experts
         )
         block = fp8_block(checkpoint.config)
+        quant = quant_format(checkpoint.config)
     except CheckpointError as exc:
         raise CheckpointError(
             exc.message, file=exc.file or str(checkpoint.root / "config.json"), key=exc.key, hint=exc.hint
         ) from None
     scales = _expect_scales(stored, expected, block) if block else {}
-    rules = {key: spec.match(key) for key in (*stored, *expected)}
-    _check_heads(heads, {rules[k] for k in expected}, world_size, model)
+    quantized = find_quantized(quant, stored, expected)  # by the key of the quantized values
+    logical = [q.key for q in quantized.values()]
+    companions = {c.key for q in quantized.values() for c in q.scheme.companions if c.key != q.primary}
+    rules = {key: spec.match(key) for key in (*stored, *expected, *logical)}
+    head_groups = _check_heads(heads, {rules[k] for k in (*expected, *logical)}, world_size, model)
 
     tensors: list[TensorPlan] = []
+    quant_notes: dict[str, str] = {}
+    cuts: list[tuple[QuantWeight, PieceFor, str]] = []  # stored-form slices must not cut words or groups
     unexpected: list[str] = []
     unmatched: list[str] = []
     mismatched: list[Mismatch] = []
     for key, info in stored.items():
-        rule = rules[key]
+        weight = quantized.get(key)  # a quantized weight is planned as the weight the plan expects
+        rule = rules[weight.key if weight else key]
         want = expected.get(key)
-        if key in scales:
+        if key in scales or key in companions:
             continue  # placed with its weight, below
         if want is None:
             unexpected.append(key)
@@ -274,13 +309,32 @@ def make_plan(
                 Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None)
                 for size, h in rule.parts
             )
+            style = partial(stacked, STYLES[rule.style]) if rule.stacked else STYLES[rule.style]
+            shape = weight.shape if weight else info.shape
             try:
-                piece = STYLES[rule.style](info.shape, group, world_size, rank, parts, transposed=rule.transposed)
+                piece = style(shape, group, world_size, rank, parts, transposed=rule.transposed)
             except ShardingError as exc:
-                raise ShardingError(exc.message, key=key, file=info.file, hint=exc.hint) from None
-            tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
+                raise ShardingError(
+                    exc.message, key=weight.key if weight else key, file=info.file, hint=exc.hint
+                ) from None
+            if weight is None:
+                tensors.append(TensorPlan(info, piece, rule.style, rule.pattern))
+            else:
+                tensors += _place_quantized(weight, stored, piece, rule, dequantize, world_size, quant_notes)
+                piece_for = partial(_piece_for, style, shape, group, parts, rule.transposed)
+                cuts.append((weight, piece_for, rule.pattern))
 
-    notes: dict[str, str] = {}
+    if not dequantize:
+        refuse_cuts(cuts, stored, world_size, head_world_sizes(head_groups, limit=MAX_WORLD))
+    notes: dict[str, str] = quant_notes
+    placed = {t.key for t in tensors} | {t.quant.weight.primary for t in tensors if t.quant}
+    mismatched += [  # the stored tensors of a quantized weight whose values are mismatched are not loaded
+        Mismatch(c.key, expected[c.key], stored[c.key].shape)
+        for primary, q in quantized.items()
+        if primary not in placed
+        for c in q.scheme.companions
+        if c.key != primary and c.key in stored and c.key in expected
+    ]
     if scales:
         tensors = _place_scales(tensors, scales, stored, block, dequantize, notes)
         planned = {t.key for t in tensors}  # a scale whose weight is not loaded is not loaded either
@@ -340,12 +394,14 @@ KEY_BUDGET_FACTOR = 4
 KEY_BUDGET_SLACK = 10_000
 
 
-def _check_key_budget(spec: PlanSpec, num_layers: int, num_experts: int, num_stored: int) -> None:
+def _check_key_budget(spec: PlanSpec, num_layers: int, num_experts: int, num_stored: int, values: dict) -> None:
     """Refuses, before expanding any template, a config that would make the plan name more keys than
     the budget (layers x experts of a few thousand each is 10^7 keys or more, minutes and gigabytes)."""
-    templates = [t.key for t in spec.tensors] + [k for c in spec.converters for k in (*c.sources, *c.targets)]
+    templates = [(t.key, _layers_of(t, values, num_layers)) for t in spec.tensors] + [
+        (k, num_layers) for c in spec.converters for k in (*c.sources, *c.targets)
+    ]
     planned = sum(
-        (num_layers if "{layer}" in key else 1) * (num_experts if "{expert}" in key else 1) for key in templates
+        (layers if "{layer}" in key else 1) * (num_experts if "{expert}" in key else 1) for key, layers in templates
     )
     budget = KEY_BUDGET_FACTOR * num_stored + KEY_BUDGET_SLACK
     if planned > budget:
@@ -371,6 +427,14 @@ def _convert(
     return apply_converters(checkpoint.tensors, spec.converters, sizes, head_dims, num_layers, num_experts)
 
 
+def _layers_of(tensor: ExpectedTensor, values: dict, num_layers: int) -> int:
+    """What ``{layer}`` ranges over in ``tensor``'s key: its own ``layers`` (a vision tower's blocks), else
+    the plan's."""
+    if tensor.layers is None or "{layer}" not in tensor.key:
+        return num_layers
+    return evaluate_size(tensor.layers, values, where=f"number of layers of {tensor.key}", maximum=MAX_LAYERS)
+
+
 def _expected_shapes(
     spec: PlanSpec, values: dict, num_layers: int, num_experts: int, groups: tuple[str, ...]
 ) -> dict[str, tuple[int, ...]]:
@@ -381,7 +445,7 @@ def _expected_shapes(
         if tensor.group is not None and tensor.group not in groups:
             continue
         shape = tuple(evaluate_size(d, values, where=f"shape of {tensor.key}") for d in tensor.shape)
-        for layer in range(num_layers) if "{layer}" in tensor.key else [None]:
+        for layer in range(_layers_of(tensor, values, num_layers)) if "{layer}" in tensor.key else [None]:
             scope = values if layer is None else {**values, "layer": layer}
             if tensor.when is not None and not evaluate(tensor.when, scope, where=f"when of {tensor.key}"):
                 continue
@@ -390,14 +454,15 @@ def _expected_shapes(
     return expected
 
 
-def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: int, model: str) -> None:
-    """Fails before any I/O when a head group that expected tensors use cannot be split over ``world_size``."""
+def _check_heads(heads: dict[str, Heads], rules: set[Rule | None], world_size: int, model: str) -> list[Heads]:
+    """Fails before any I/O when a head group that expected tensors use cannot be split over ``world_size``;
+    returns the head groups in use."""
     names = {r.heads for r in rules if r is not None and r.heads} | {
         h for r in rules if r is not None for _, h in r.parts if h
     }
     groups = [heads[name] for name in sorted(names)]
     if not groups or world_size in head_world_sizes(groups, limit=world_size):
-        return
+        return groups
     counts = ", ".join(f"{g.num_heads} {g.name} heads" for g in groups)
     working = head_world_sizes(groups, limit=max(64, world_size))
     raise ShardingError(
@@ -569,3 +634,36 @@ def _place_scales(
             raise ShardingError(exc.message, file=item.info.file, key=item.key, hint=exc.hint) from None
         out += [item, TensorPlan(scale, piece, f"{item.style} scale", item.rule)]
     return out
+
+
+def _place_quantized(
+    weight: QuantWeight,
+    stored: dict[str, TensorInfo],
+    piece: Slice,
+    rule: Rule,
+    dequantize: bool,
+    world_size: int,
+    notes: dict[str, str],
+) -> list[TensorPlan]:
+    """A quantized weight's stored tensors sharded in step with its slice (style ``colwise qzeros``...),
+    or, when dequantizing, one plan of the weight as the plan expects it (:mod:`tp_loader.quant`)."""
+    planned, windows, found = plan_quantized(weight, stored, piece, dequantize=dequantize, world_size=world_size)
+    notes.update(found)
+    if windows is None:
+        return [TensorPlan(info, part, f"{rule.style} {role}", rule.pattern) for info, part, role in planned]
+    values = stored[weight.primary]
+    info = TensorInfo(weight.key, values.file, torch.float32, weight.shape, values.begin, values.end)
+    return [TensorPlan(info, piece, rule.style, rule.pattern, quant=windows)]
+
+
+def _piece_for(
+    style: StyleFn,
+    shape: tuple[int, ...],
+    heads: Heads | None,
+    parts: tuple[Part, ...],
+    transposed: bool,
+    world_size: int,
+    rank: int,
+) -> Slice:
+    """The style's slice of ``shape`` for any world size and rank (quantized weights check every rank's)."""
+    return style(shape, heads, world_size, rank, parts, transposed=transposed)

@@ -24,6 +24,7 @@ from .convert import finish_read
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
 from .plan import TensorPlan
+from .quant import dequantize as dequantize_quantized
 from .staging import StagingRing, cuda_copy
 
 logger = logging.getLogger("tp_loader")
@@ -292,7 +293,7 @@ class MappedSource(PreadSource):
         self._maps: dict[str, torch.Tensor] = {}  # file → its bytes
 
     def can_view(self, item: TensorPlan) -> bool:
-        return len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None
+        return len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None and item.quant is None
 
     def view(self, item: TensorPlan) -> torch.Tensor:
         info = item.info
@@ -370,7 +371,10 @@ READERS: dict[str, type[_Source]] = {"mmap": MappedSource, "safetensors": Safete
 
 def _read_slice(source: _Source, item: TensorPlan) -> torch.Tensor:
     """``item``'s slice in the stored dtype; a converter target's is assembled from reads of each
-    stored piece it needs, concatenated along dim 0."""
+    stored piece it needs, concatenated along dim 0; a quantized weight's is dequantized (float32) from
+    the windows of its stored tensors covering it."""
+    if item.quant is not None:
+        return dequantize_quantized(item.quant, lambda info, piece: source.slice(TensorPlan(info, piece, "", None)))
     if not item.info.segments:
         return source.slice(item)
     pieces = [finish_read(read, source.slice(sub)) for read, sub in item.segment_plans()]
@@ -495,6 +499,7 @@ def read_tensors(
                     and (given is None or given.is_contiguous())
                     and not item.info.segments
                     and item.scale is None
+                    and item.quant is None
                     and item.info.begin >= 0
                 ):
                     local = given if given is not None else torch.empty(item.local_shape, dtype=wanted)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import importlib.resources
 import operator
 import os
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +32,19 @@ from .styles import STYLES
 class Rule:
     """One plan rule: keys matching ``pattern`` are loaded with ``style``. ``parts`` (for ``packed``)
     lists each fused part as ``(size expression, head group or None)``; ``transposed`` marks weights
-    stored ``[in, out]`` (GPT-2's Conv1D), so that the style's output and input dims swap."""
+    stored ``[in, out]`` (GPT-2's Conv1D), so that the style's output and input dims swap; ``stacked``
+    marks a stack of such weights along a leading dim (fused experts ``[experts, out, in]``), each
+    sharded as the style says; ``gathered_norm`` marks the weight (or bias) of a norm over features
+    that a colwise layer before it shards (OLMo 2's ``q_norm``): ``parallelize`` gathers the features
+    for the norm's statistic."""
 
     pattern: str
     style: str
     heads: str | None = None
     parts: tuple[tuple[str, str | None], ...] = ()
     transposed: bool = False
+    stacked: bool = False
+    gathered_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,12 +68,15 @@ class HeadGroup:
 class ExpectedTensor:
     """A tensor the config implies: ``key`` may contain ``{layer}`` and ``{expert}``; ``shape`` holds
     expressions; ``when`` may use ``layer`` (dense and sparse layers of one model); ``group`` names the
-    task head (or optional module) the tensor belongs to, expected only when that group is present."""
+    task head (or optional module) the tensor belongs to, expected only when that group is present;
+    ``layers`` is what ``{layer}`` ranges over for this tensor when not the plan's ``layers`` (a vision
+    tower's blocks beside the language model's layers)."""
 
     key: str
     shape: tuple[str, ...]
     when: str | None = None
     group: str | None = None
+    layers: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,12 +132,19 @@ class ExpertModuleSpec:
     its output over the ranks. Under expert parallelism its argument ``index_arg`` (the routed expert
     ids) is renumbered to this rank's experts, a token routed to another rank's expert gets the local
     expert 0 with weight 0 in argument ``weights_arg`` (so every implementation of the forward adds
-    nothing for it), and the attribute ``num_experts`` is set to the local count."""
+    nothing for it), and the attribute ``num_experts`` is set to the local count.
+
+    ``routing = "stacked"`` is for a forward that takes every expert's (router-weighted) copy of the
+    tokens, expert-major ``[experts * tokens, hidden]``, in argument ``input_arg`` and returns the same
+    layout (Llama 4): under expert parallelism a rank runs its experts' rows, and its output is zero in
+    the other experts' rows before the sum."""
 
     module: str
     index_arg: int
     weights_arg: int
     num_experts: str
+    routing: str = "index"
+    input_arg: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,6 +340,8 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
             r.get("heads"),
             tuple((str(p["size"]), p.get("heads")) for p in r.get("parts", [])),
             bool(r.get("transposed", False)),
+            bool(r.get("stacked", False)),
+            bool(r.get("gathered_norm", False)),
         )
         for r in data.get("rules", [])
     )
@@ -345,6 +365,13 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
                 file=str(path),
                 hint="Use a known style or add one to tp_loader.styles",
             )
+        if rule.gathered_norm and rule.style != "colwise":
+            raise PlanError(
+                f"rule {rule.pattern!r}: gathered_norm needs style 'colwise' (the norm's weight sharded with the "
+                f"features it normalizes), not {rule.style!r}",
+                file=str(path),
+                hint="Give the norm's weight the style and heads of the layer whose output it normalizes",
+            )
         if rule.heads is not None and rule.heads not in heads:
             raise PlanError(
                 f"rule {rule.pattern!r} names head group {rule.heads!r}, which [heads] does not define",
@@ -356,7 +383,7 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
         for name, group in data.get("groups", {}).items()
     }
     tensors = tuple(
-        ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when"), t.get("group"))
+        ExpectedTensor(str(t["key"]), tuple(str(d) for d in t["shape"]), t.get("when"), t.get("group"), t.get("layers"))
         for t in data.get("tensors", [])
     )
     for tensor in tensors:
@@ -395,11 +422,21 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
                 int(e.get("index_arg", 1)),
                 int(e.get("weights_arg", 2)),
                 str(e.get("num_experts", "num_experts")),
+                str(e.get("routing", "index")),
+                int(e.get("input_arg", 0)),
             )
             for e in data.get("expert_modules", [])
         ),
         groups=groups,
     )
+    for expert_module in spec.expert_modules:
+        if expert_module.routing not in ("index", "stacked"):
+            raise PlanError(
+                f"expert module {expert_module.module!r} has routing {expert_module.routing!r}; "
+                "known: 'index' (routed ids and weights), 'stacked' (each expert's tokens stacked)",
+                file=str(path),
+                hint="Use one of the known routings",
+            )
     for conv in spec.converters:
         if conv.heads is not None and conv.heads not in heads:
             raise PlanError(
@@ -427,9 +464,20 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
     return spec
 
 
-def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str, mode: str | None = None) -> PlanSpec:
+def select_spec(
+    plan: str | os.PathLike[str],
+    config: dict,
+    *,
+    model: str,
+    mode: str | None = None,
+    keys: Collection[str] = (),
+) -> PlanSpec:
     """Picks the plan: ``"auto"`` (by ``model_type``, then ``architectures``), a built-in name, or a
     path; then merges its ``mode`` (for example ``"ep"``: expert parallelism) over it.
+
+    Args:
+        keys: the checkpoint's tensor names; when no plan fits, the error names the plans whose tensor
+            names are most like them (with the plans whose model types or architectures are most alike).
 
     Raises:
         PlanError: no plan fits, or the named plan does not exist.
@@ -455,10 +503,67 @@ def select_spec(plan: str | os.PathLike[str], config: dict, *, model: str, mode:
     for name, (_, plan_architectures) in heads.items():
         if any(a in plan_architectures for a in architectures):
             return load_spec(builtin[name], mode)
+    by_name = _closest_by_name(model_type, architectures, heads)
+    by_keys = (_closest_by_keys(keys, builtin) or "none") if keys else ""
     raise PlanError(
-        f"no built-in plan for model_type={model_type!r}, architectures={architectures}",
+        f"no built-in plan for model_type={model_type!r}, architectures={architectures}; closest plans by "
+        f"name: {by_name or 'none'}{f'; by tensor names: {by_keys}' if by_keys else ''}",
         file=model,
-        hint=f"Pass plan= one of {', '.join(sorted(builtin))} or a path to your own .toml plan",
+        hint="If one of them has this checkpoint's layout, pass plan=NAME (--plan NAME); otherwise write a plan "
+        "for it (docs/plan-format.md, 'Write a plan in 15 minutes') and pass its path. Built-in plans: "
+        + ", ".join(sorted(builtin)),
+    )
+
+
+#: How many plans an error for an unknown architecture suggests, and how alike a name must be.
+CLOSEST_PLANS = 3
+CLOSEST_NAME_RATIO = 0.6
+
+
+def _closest_by_name(model_type: Any, architectures: list, heads: dict[str, tuple[list[str], list[str]]]) -> str:
+    """The built-in plans whose model types or architectures are most alike the config's (difflib), an
+    architecture compared by its stem (``OlmoForCausalLM`` as ``olmo``: the task suffix says nothing)."""
+    wanted = {_stem(n) for n in [model_type, *architectures] if isinstance(n, str) and n}
+    scored = []
+    for name, (model_types, plan_architectures) in heads.items():
+        best = max(
+            (
+                (difflib.SequenceMatcher(None, a, b).ratio(), b)
+                for a in wanted
+                for b in map(_stem, [*model_types, *plan_architectures])
+            ),
+            default=(0.0, ""),
+        )
+        if best[0] >= CLOSEST_NAME_RATIO:
+            scored.append((-best[0], name, best[1]))
+    return ", ".join(f"{name} ({stem!r})" for _, name, stem in sorted(scored)[:CLOSEST_PLANS])
+
+
+def _stem(name: str) -> str:
+    """``Olmo2ForCausalLM`` → ``olmo2``, ``gpt_neox`` → ``gptneox``: what names a model family."""
+    return re.sub(r"(For[A-Z]\w*|LMHeadModel|Model)$", "", name).replace("_", "").replace("-", "").lower()
+
+
+def _closest_by_keys(keys: Collection[str], builtin: dict[str, Path]) -> str:
+    """The built-in plans whose tensors share most key names with the stored keys (layer and expert
+    numbers aside, each plan's prefix dropped), over the names in either: the stored ones and the plan's
+    unconditional base-model tensors. Parses every plan, so only for this error."""
+    number = re.compile(r"\.\d+(?=\.|$)")
+    scored = []
+    for name, path in builtin.items():
+        spec = load_spec(path)
+
+        def short(key: str, spec: PlanSpec = spec) -> str:
+            return re.sub(r"\{(layer|expert)\}", "#", key).removeprefix(spec.prefix)
+
+        required = {short(t.key) for t in spec.tensors if t.group is None and t.when is None}
+        known = required | {short(t.key) for t in spec.tensors}
+        stored = {number.sub(".#", key).removeprefix(spec.prefix) for key in keys}
+        shared, either = len(stored & known), len(stored | required)
+        if shared:
+            scored.append((-shared / either, name, shared, either))
+    return ", ".join(
+        f"{name} (shares {shared} of {either} key names)" for _, name, shared, either in sorted(scored)[:CLOSEST_PLANS]
     )
 
 
@@ -511,8 +616,8 @@ _COMPARE = {
 
 def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
     """Evaluates a plan expression over config values: names, numbers, ``+ - * // %`` on whole numbers,
-    comparisons (``in`` included, for config lists), ``not``/``and``/``or`` and ``len(name)``. Nothing
-    else (no other calls, no attributes).
+    comparisons (``in`` included, for config lists), ``not``/``and``/``or``, ``len(name)`` and a value of
+    a config section (``vision_config.hidden_size``). Nothing else (no other calls or attributes).
 
     Raises:
         CheckpointError: the config lacks a name the expression uses.
@@ -529,8 +634,17 @@ def evaluate(expression: str, values: dict[str, Any], *, where: str) -> Any:
     except TPLoaderError:
         raise
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as exc:
-        used = sorted({n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values})
-        shown = ", ".join(f"{name}={short_repr(values[name])}" for name in used)
+        used = {n.id: values[n.id] for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in values}
+        used.update(
+            {
+                f"{n.value.id}.{n.attr}": used[n.value.id].get(n.attr)
+                for n in ast.walk(tree)
+                if isinstance(n, ast.Attribute) and isinstance(used.get(getattr(n.value, "id", None)), dict)
+            }
+        )
+        shown = ", ".join(
+            f"{name}={short_repr(value)}" for name, value in sorted(used.items()) if not isinstance(value, dict)
+        )
         raise CheckpointError(
             f"config values {shown} give no valid {where} ({expression}: {exc})", hint="Fix these values in config.json"
         ) from None
@@ -578,6 +692,16 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
                 hint=f"Add {node.id} to config.json",
             )
         return values[node.id]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):  # a config section's value
+        section = _eval(node.value, values, expression, where)
+        if not isinstance(section, dict) or section.get(node.attr) is None:
+            name = f"{node.value.id}.{node.attr}"
+            raise CheckpointError(
+                f"config.json has no {name!r}, which the plan needs for {where}",
+                key=name,
+                hint=f"Add {node.attr} to {node.value.id} in config.json",
+            )
+        return section[node.attr]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _eval(node.left, values, expression, where), _eval(node.right, values, expression, where)
         for operand in (left, right):  # never str * int: a config string must not become a huge string
@@ -612,14 +736,25 @@ def _eval(node: ast.AST, values: dict[str, Any], expression: str, where: str) ->
 def config_values(spec: PlanSpec, config: dict) -> dict[str, Any]:
     """The config's values, then names the config lacks (or sets to null) filled in: first from their
     aliases (:data:`tp_loader.aliases.CONFIG_ALIASES`: ``num_local_experts`` for ``num_experts``, ``n_embd``
-    for ``hidden_size``, ...), then from the plan's defaults. A default that needs a name the config
-    lacks is left out, so that only an expression that uses it fails, naming that name."""
+    for ``hidden_size``, ...), then from the plan's defaults, which may use each other in any order. A
+    default named ``section.name`` fills a value that a config section lacks (``text_config.head_dim``:
+    configs omit values equal to their class's defaults). A default that needs a name the config lacks
+    is left out, so that only an expression that uses it fails, naming that name."""
     values = with_aliases({k: v for k, v in config.items() if v is not None})
-    for name, expression in spec.defaults.items():
-        if name not in values:
-            try:
-                values[name] = evaluate(expression, values, where=f"default {name}")
-            except CheckpointError as exc:
-                if exc.key is None:
-                    raise
+    pending, progress = dict(spec.defaults), True
+    while pending and progress:  # defaults may use each other in any order (a child's come after its parent's)
+        progress = False
+        for name, expression in list(pending.items()):
+            section, _, leaf = name.rpartition(".")  # "text_config.head_dim": a value the section lacks
+            holder = values.get(section) if section else values
+            if isinstance(holder, dict) and holder.get(leaf) is None:
+                try:
+                    value = evaluate(expression, values, where=f"default {name}")
+                except CheckpointError as exc:
+                    if exc.key is None:
+                        raise
+                    continue
+                values.update({section: {**holder, leaf: value}} if section else {name: value})
+            del pending[name]
+            progress = True
     return values

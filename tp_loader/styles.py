@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ShardingError
 
@@ -200,6 +201,17 @@ def packed(
         "; ".join([f"fused parts {[p.size for p in parts]} regrouped rank by rank", *notes]) if world_size > 1 else None
     )
     return Slice(dim, tuple(ranges), shape[:dim] + (world_size * local_rows,) + shape[dim + 1 :], note)
+
+
+def stacked(style: StyleFn, shape: tuple[int, ...], *args: Any, **kwargs: Any) -> Slice:
+    """``style`` applied to each matrix of a stack along dim 0 (transformers 5's fused experts
+    ``[experts, out, in]``, or ``[experts, in, out]`` when transposed): the style sees one matrix's
+    shape, and its dims shift by one. Every expert is sharded alike; a rank reads its rows or columns
+    of every expert."""
+    piece = style(shape[1:], *args, **kwargs)
+    if piece.dim is None:
+        return Slice(None, global_shape=shape)
+    return Slice(piece.dim + 1, piece.ranges, shape[:1] + piece.global_shape, piece.note)
 
 
 def block_slice(
