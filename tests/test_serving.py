@@ -137,6 +137,16 @@ def test_a_meta_model_parallelized_and_loaded_into_generates_what_transformers_g
     assert sharded == [SHARDED[family]] * world_size
 
 
+def test_uneven_shards_of_the_mlp_and_the_vocabulary_generate_what_transformers_generates(tmp_path: Path) -> None:
+    """42 intermediate features and 98 tokens over 4 ranks: 11, 11, 10, 10 and 25, 25, 24, 24. A rowwise
+    layer's input then has no even global size for torch to infer (it took 4 x 11 = 44 and refused the
+    matmul with the 42-column weight)."""
+    config = {**LLAMA, "intermediate_size": 42, "vocab_size": 98}
+    root = _save(tmp_path / "uneven", transformers.LlamaConfig, transformers.LlamaForCausalLM, config, 10)
+    want_logits, want_tokens = _reference(root)
+    assert values(run_ranks(4, _generate_tp, root, want_logits, want_tokens, timeout=240)) == [SHARDED["llama"]] * 4
+
+
 def _data_ptrs(model: torch.nn.Module) -> dict[str, int]:
     return {n: (t.to_local() if isinstance(t, DTensor) else t).data_ptr() for n, t in model.state_dict().items()}
 

@@ -174,6 +174,21 @@ class PlannedColwise(_Planned, ColwiseParallel):
 class PlannedRowwise(_Planned, RowwiseParallel):
     """``RowwiseParallel`` with the plan's slices, also for ``Conv1D``."""
 
+    @staticmethod
+    def _prepare_input_fn(input_layouts, desired_input_layouts, mod, inputs, device_mesh):  # noqa: ANN001, ANN205
+        """torch's, with the input's global size taken from the weight: torch infers it as the local size
+        times the world size, which is wrong for the plan's uneven shards (42 features over 4 ranks)."""
+        x = inputs[0]
+        if not isinstance(x, DTensor) and input_layouts[0].is_shard():
+            features = mod.weight.shape[0] if _is_conv1d(mod) else mod.weight.shape[-1]
+            shape = (*x.shape[:-1], features)
+            x = DTensor.from_local(
+                x, device_mesh, input_layouts, run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
+            )
+        return RowwiseParallel._prepare_input_fn(
+            input_layouts, desired_input_layouts, mod, (x, *inputs[1:]), device_mesh
+        )
+
 
 class LocalShards(ParallelStyle):
     """A module's own parameters that the plan shards outside a linear layer (GPT-OSS's attention
