@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from transformers.initialization import no_init_weights
 
 import tp_loader
-from benchmarks.run import evict, machine, versions, warm
+from benchmarks.measure import evict, machine, versions, warm
 from benchmarks.systems import touch
 from tp_loader.testing import run_ranks, values
 
@@ -49,13 +49,22 @@ GOALS = [("load_into", "load() alone", "≤ 1.1×", lambda x: x <= 1.1)]  # nume
 GOALS += [("transformers", "load_into", "≥ 3×", lambda x: x >= 3)]
 
 
+#: Seconds of each step of the last ``_load_into`` in this process (the rows show where the time goes).
+PHASES: dict[str, float] = {}
+
+
 def _load_into(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+    start = time.perf_counter()
     config = transformers.AutoConfig.from_pretrained(root)
     with torch.device("meta"), no_init_weights():  # as from_pretrained: no random init of weights to be loaded
         model = transformers.AutoModelForCausalLM.from_config(config)
+    built = time.perf_counter()
     tp_loader.parallelize(model, mesh=mesh)
+    parallelized = time.perf_counter()
     tp_loader.load_into(model, root, mesh=mesh, progress=False)
+    loaded = time.perf_counter()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    PHASES.update(model_s=built - start, parallelize_s=parallelized - built, load_into_s=loaded - parallelized)
     return model.eval(), model.state_dict()
 
 
@@ -123,6 +132,7 @@ def _measure(rank: int, world_size: int, system: str, root: Path, reference: tor
     built = time.perf_counter() - start
     touch(state)
     out = {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "built_s": built}
+    out |= PHASES if system == "load_into" else {}
     out["rss_start"], out["peak_rss"] = rss_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     out["storage_read"] = _proc("io", "read_bytes") - read_start
     out["imported_on_clock"] = sorted(set(sys.modules) - modules)
@@ -156,18 +166,30 @@ def _summary(runs: list[dict]) -> dict:
     out["cpu_median_s"] = statistics.median(max(r["cpu_s"]) for r in runs)
     out |= {"rss_start_mb": most("rss_start"), "storage_read_mb": most("storage_read")}
     out["max_abs_error"] = max((e for r in runs for e in r.get("max_abs_error", [])), default=None)
+    for phase in ("model_s", "parallelize_s", "load_into_s"):  # load_into's steps: the slowest rank's, median
+        if phase in runs[0]:
+            out[phase] = statistics.median(max(r[phase]) for r in runs)
     return out | {"runs": runs}
 
 
 def _goals(rows: list[dict]) -> list[dict]:
-    """The two ratios of warm medians at each degree, each against its goal."""
-    median = {(r["tp"], r["system"]): r["median_s"] for r in rows if r["cache"] == "warm"}
+    """The two ratios of warm medians at each degree, each against its goal; and, for the first, the same
+    ratio without the model's construction (config, ``from_config`` on meta, ``parallelize``), which
+    ``load()`` alone does not do: how the ``load_into`` call itself compares with ``load()``."""
+    warm_rows = {(r["tp"], r["system"]): r for r in rows if r["cache"] == "warm"}
+    median = {key: r["median_s"] for key, r in warm_rows.items()}
     out = []
     for tp in sorted({tp for tp, _ in median}):
         for top, bottom, goal, ok in GOALS:
             if (tp, top) in median and (tp, bottom) in median:
                 x = median[tp, top] / median[tp, bottom]
                 out.append({"tp": tp, "name": f"{top} / {bottom}", "ratio": x, "goal": goal, "pass": ok(x)})
+        into, alone = warm_rows.get((tp, "load_into")), warm_rows.get((tp, "load() alone"))
+        if into and alone and "load_into_s" in into:
+            walk = into["median_s"] - into["built_median_s"]  # the page walk after the model is ready
+            x = (into["load_into_s"] + walk) / alone["median_s"]
+            name = "load_into call + page walk / load() alone (model construction left out)"
+            out.append({"tp": tp, "name": name, "ratio": x, "goal": "≤ 1.1×", "pass": x <= 1.1})
     return out
 
 
@@ -192,6 +214,14 @@ def markdown(result: dict) -> str:
             f"| {r['built_median_s']:.3f} | {r['cpu_median_s']:.3f} | {r['peak_rss_mb']:.0f} | {r['rss_start_mb']:.0f} "
             f"| {r['storage_read_mb']:.0f} | {error} | {len(r['runs'])} |"
         )
+    steps = [r for r in result["rows"] if "load_into_s" in r]
+    if steps:
+        lines += ["", "Where `load_into`'s time goes (slowest rank, medians):", ""]
+        lines += ["| TP | cache | config + model on meta s | parallelize s | load_into s |", "|---|---|---:|---:|---:|"]
+        lines += [
+            f"| {r['tp']} | {r['cache']} | {r['model_s']:.3f} | {r['parallelize_s']:.3f} | {r['load_into_s']:.3f} |"
+            for r in steps
+        ]
     lines += ["", "Goals (ratios of warm medians):", ""]
     lines += [
         f"- {'PASS' if g['pass'] else 'FAIL'}: TP{g['tp']} {g['name']} = {g['ratio']:.2f}× (goal {g['goal']})"

@@ -1,14 +1,15 @@
-"""Load-time benchmark: tp_loader, the raw-read limit, naive, DCP and transformers, in one run.
+"""Load-time benchmark in warm processes (the second table; ``benchmarks.fresh`` is the headline): tp_loader, the
+raw-read limit, naive, DCP, transformers and fastsafetensors, in one run.
 
     python -m benchmarks.run                       # full run: TP 1/2/4 and the size sweep, 5 reps
     python -m benchmarks.run --reps 3 --sweep      # TP 1/2/4 only (what docs/benchmarks.md shows)
     python -m benchmarks.run --reps 1 --tp 2 --sweep   # a quick look
 
-Each measurement forks fresh gloo ranks; each rank times its own load from the call to a complete
-state dict whose every page has been read (a page walk inside the timed region), and the measurement
-is the slowest rank. Systems alternate within each repetition; medians with min and max are reported.
-Before the timed repetitions, each configuration has an untimed cold pass: storage bytes read per rank
-and every system's shards checked against tp_loader's. Writes results.json, results.md and
+Each measurement forks gloo ranks from this process, which has imported torch already (a warm process); each
+rank times its own load from the call to a complete state dict whose every page has been read (a page walk inside
+the timed region), and the measurement is the slowest rank. Systems alternate within each repetition; medians
+with min and max are reported. Before the timed repetitions, each configuration has an untimed cold pass: storage
+bytes read per rank and every system's shards checked against tp_loader's. Writes results.json, results.md and
 load_times.png to --out.
 """
 
@@ -16,15 +17,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib
 import json
 import os
-import platform
-import resource
 import shutil
-import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -33,61 +29,23 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from benchmarks.checkpoint import BASE, TINY, checkpoint_bytes, ensure_checkpoint, sweep_config
-from benchmarks.systems import PAGE, RAW, SYSTEMS, Transformers, local, rank_plan, touch
+from benchmarks.measure import (
+    AnonPeak,
+    add_data_argument,
+    checksums,
+    compare,
+    evict,
+    faults,
+    io_counters,
+    machine,
+    status_bytes,
+    versions,
+    warm,
+)
+from benchmarks.report import rows_with_limit, timing
+from benchmarks.systems import PAGE, REFERENCE, SYSTEMS, rank_plan, runnable, touch
 from tp_loader.byteranges import slice_ranges
 from tp_loader.testing import run_ranks, values
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class AnonPeak:
-    """Samples RssAnon (anonymous memory, not file-backed pages) every millisecond; keeps the peak."""
-
-    def __init__(self) -> None:
-        self.peak = _status("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _status("RssAnon"))
-            time.sleep(0.001)
-
-    def __enter__(self) -> AnonPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _status("RssAnon"))
-
-
-def _io() -> dict[str, int]:
-    with open("/proc/self/io") as io:
-        return {line.split(":")[0]: int(line.split()[1]) for line in io}
-
-
-def _faults() -> tuple[int, int]:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_minflt, usage.ru_majflt
-
-
-def evict(root: Path) -> None:
-    """Drops ``root``'s safetensors files from the page cache (their pages only, nothing else's)."""
-    for path in sorted(root.glob("*.safetensors")):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def rank_root(root: Path, rank: int) -> Path:
@@ -107,15 +65,6 @@ def page_bytes(plan) -> int:
     return len(pages) * PAGE
 
 
-def _checksums(state: dict[str, torch.Tensor]) -> dict[str, tuple[list[int], str]]:
-    out = {}
-    for key, tensor in state.items():
-        t = local(tensor).detach().contiguous()
-        digest = hashlib.blake2b(t.reshape(-1).view(torch.uint8).numpy(), digest_size=8).hexdigest()
-        out[key] = (list(t.shape), digest)
-    return out
-
-
 def _measure(rank: int, world_size: int, system: str, root: Path, cold: bool) -> dict:
     """One load on this rank, timed from the call to a complete state dict whose every page was read.
 
@@ -129,19 +78,19 @@ def _measure(rank: int, world_size: int, system: str, root: Path, cold: bool) ->
     if cold:
         root = rank_root(root, rank)
     runner = SYSTEMS[system]()
-    runner.prepare(root)
+    runner.prepare(root, init_device_mesh("cpu", (world_size,)))
     planned = rank_plan(root).read_bytes
     gc.collect()
     if cold:
         evict(root)
     dist.barrier()
-    before, io_before, faults_before = _status("RssAnon"), _io(), _faults()
+    before, io_before, faults_before = status_bytes("RssAnon"), io_counters(), faults()
     with AnonPeak() as peak:
         start = time.perf_counter()
         runner.load(root)
         touch(runner.state())
         seconds = time.perf_counter() - start
-    io_after, faults_after = _io(), _faults()
+    io_after, faults_after = io_counters(), faults()
     out = {
         "seconds": seconds,
         "planned_bytes": planned,
@@ -153,7 +102,7 @@ def _measure(rank: int, world_size: int, system: str, root: Path, cold: bool) ->
     if cold:
         out["page_bytes"] = page_bytes(rank_plan(root))
         out["storage_read_bytes"] = io_after["read_bytes"] - io_before["read_bytes"]
-        out["checksums"] = _checksums(runner.state())
+        out["checksums"] = checksums(runner.state())
     return out
 
 
@@ -198,73 +147,14 @@ def fixed_cost(root: Path, world_size: int, reps: int) -> dict:
     }
 
 
-def machine() -> dict:
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
-    mem = _meminfo_total()
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(mem / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("tp_loader", "torch", "transformers", "accelerate", "safetensors", "huggingface_hub"):
-        try:
-            out[name] = (
-                version(name.replace("_", "-")) if name != "tp_loader" else importlib.import_module(name).__version__
-            )
-        except (PackageNotFoundError, ImportError):
-            out[name] = "not installed"
-    return out
-
-
-def _meminfo_total() -> int:
-    with open("/proc/meminfo") as meminfo:
-        return int(meminfo.readline().split()[1]) * 1024
-
-
-def warm(root: Path) -> None:
-    """Reads every file once so the page cache is warm."""
-    for path in sorted(root.glob("*.safetensors")):
-        with open(path, "rb") as handle:
-            while handle.read(64 << 20):
-                pass
-
-
-def _compare(ours: list[dict], theirs: list[dict]) -> list[str]:
-    """Differences between two systems' per-rank shards (tp_loader's keys; shape and checksum per key)."""
-    problems = []
-    for rank, (mine, other) in enumerate(zip(ours, theirs)):
-        for key, (shape, digest) in mine.items():
-            if key not in other:
-                problems.append(f"rank {rank} {key}: missing")
-            elif other[key][0] != shape:
-                problems.append(f"rank {rank} {key}: shape {other[key][0]} not {shape}")
-            elif other[key][1] != digest:
-                problems.append(f"rank {rank} {key}: different bytes")
-        extra = sorted(set(other) - set(mine))
-        if extra:
-            problems.append(f"rank {rank}: {len(extra)} extra keys ({extra[0]}, ...)")
-    return problems
-
-
 def check_pass(label: str, root: Path, world_size: int, systems: list[str], log) -> dict[str, dict]:
     """Once per configuration, untimed: every system loads from a cold cache, each rank from its own copy;
     storage bytes read per rank, and each system's shards checked against tp_loader's."""
     found = {system: measure(system, root, world_size, cold=True) for system in systems}
-    reference = [r["checksums"] for r in found.get("tp_loader", [])]
+    reference = [r["checksums"] for r in found.get(REFERENCE, [])]
     out = {}
     for system, ranks in found.items():
-        problems = _compare(reference, [r["checksums"] for r in ranks]) if reference else ["no tp_loader reference"]
+        problems = compare(reference, [r["checksums"] for r in ranks]) if reference else [f"no {REFERENCE} run"]
         out[system] = {
             "storage_read_bytes": [r["storage_read_bytes"] for r in ranks],
             "page_bytes": [r["page_bytes"] for r in ranks],
@@ -307,25 +197,11 @@ def run_grid(cases: list[tuple[str, Path, int]], systems: list[str], reps: int, 
                 rows[(label, system)]["runs"].append(run)
                 log(f"rep {rep + 1}/{reps} {label:>10} {system:>20}: {run['seconds']:.3f} s")
     for row in rows.values():
-        times = [r["seconds"] for r in row["runs"]]
-        row["median_s"], row["min_s"], row["max_s"] = statistics.median(times), min(times), max(times)
-        row["spread"] = (row["max_s"] - row["min_s"]) / row["median_s"]
+        row |= timing([r["seconds"] for r in row["runs"]])
         row["peak_anon_bytes"] = max(max(r["peak_anon_bytes"]) for r in row["runs"])
         row["planned_bytes"] = row["runs"][0]["planned_bytes"]
         row["read_syscall_bytes"] = row["runs"][-1]["read_syscall_bytes"]
     return rows_with_limit(list(rows.values()))
-
-
-def rows_with_limit(rows: list[dict]) -> list[dict]:
-    """Marks, per case, the raw-read strategy with the lowest median: the raw-read limit."""
-    for case in dict.fromkeys(r["case"] for r in rows):
-        raw = [r for r in rows if r["case"] == case and r["system"] in RAW]
-        best = min(raw, key=lambda r: r["median_s"]) if raw else None
-        for row in rows:
-            if row["case"] == case:
-                row["limit_system"] = best["system"] if best else None
-                row["limit_s"] = best["median_s"] if best else None
-    return rows
 
 
 def _generate_apart(wanted: dict[Path, dict]) -> None:
@@ -349,12 +225,7 @@ def _generate_apart(wanted: dict[Path, dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench")),
-        help="where checkpoints are generated",
-    )
+    add_data_argument(parser)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument(
@@ -369,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     # can deadlock on a lock one of those threads held (seen here while generating checkpoints).
     torch.set_num_threads(1)
 
-    notes = []
-    systems = list(args.systems)
-    if "transformers" in systems and (reason := Transformers.available()):
-        systems.remove("transformers")
-        notes.append(f"transformers {reason}")
+    systems, notes = runnable(args.systems)
 
     def log(text: str) -> None:
         print(text, flush=True)

@@ -1,6 +1,8 @@
-"""The systems compared, each run on every rank of a gloo job: ``prepare`` (untimed) then ``load``
-(timed: from the call to a complete state dict). ``state`` gives the rank's local tensors by checkpoint
-key, for the page walk inside the timed region and the shard check outside it."""
+"""The systems compared, each run on every rank of a gloo job: ``prepare`` (untimed, given the rank's 1-D mesh)
+then ``load`` (timed: from the call to a complete state dict). ``state`` gives the rank's local tensors by
+checkpoint key, for the page walk inside the timed region and the shard check outside it. ``modules`` names what a
+fresh process imports for the system before its clock starts (``benchmarks.fresh``); ``available`` says why a
+system cannot run here, or None."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from tp_loader.byteranges import slice_ranges
@@ -26,11 +28,12 @@ from tp_loader.spec import select_spec
 PAGE = 4096
 
 
-def rank_plan(root: Path) -> LoadPlan:
-    """This rank's tp_loader plan: the slices every system must end up with."""
+def rank_plan(root: Path, world_size: int | None = None, rank: int | None = None) -> LoadPlan:
+    """A rank's tp_loader plan (this process group's rank unless given): the slices every system must end up with."""
     checkpoint = index_checkpoint(find_weights(root))
     spec = select_spec("auto", checkpoint.config, model=str(root))
-    return make_plan(checkpoint, spec, dist.get_world_size(), dist.get_rank(), model=str(root))
+    world_size = dist.get_world_size() if world_size is None else world_size
+    return make_plan(checkpoint, spec, world_size, dist.get_rank() if rank is None else rank, model=str(root))
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -55,12 +58,30 @@ def touch(tensors: dict[str, torch.Tensor]) -> float:
     return total
 
 
-class TPLoader:
-    name = "tp_loader"
-    zero_copy = False
+class System:
+    """What every system has: nothing extra to import, available everywhere."""
 
-    def prepare(self, root: Path) -> None:
-        self.mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    name = ""
+    modules: tuple[str, ...] = ()
+
+    @staticmethod
+    def available() -> str | None:
+        return None
+
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
+        pass
+
+
+class TPLoader(System):
+    """``tp_loader.load`` with its CPU default, ``zero_copy=True``: shards stay views of a private file mapping
+    (row shards and replicated tensors contiguous, column shards strided); the page walk faults them in."""
+
+    name = "tp_loader zero-copy"
+    modules = ("tp_loader.loader",)  # ``tp_loader.load`` imports its pipeline on first use
+    zero_copy = True
+
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
+        self.mesh = mesh
 
     def load(self, root: Path) -> None:
         import tp_loader
@@ -71,12 +92,11 @@ class TPLoader:
         return self.result.state_dict
 
 
-class TPLoaderZeroCopy(TPLoader):
-    """tp_loader with ``zero_copy=True``: shards stay views of the file mapping (row shards as
-    transformers keeps them, column shards as strided views where transformers copies)."""
+class TPLoaderCopying(TPLoader):
+    """``tp_loader.load(..., zero_copy=False)``: every shard copied into memory of its own."""
 
-    name = "tp_loader zero-copy"
-    zero_copy = True
+    name = "tp_loader copying"
+    zero_copy = False
 
 
 def _writable(out: torch.Tensor) -> memoryview:
@@ -86,14 +106,14 @@ def _writable(out: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
 
 
-class RawRead:
+class RawRead(System):
     """A raw-read strategy: exactly this rank's byte ranges into fresh tensors, planning done before the
     clock starts. This one: ``os.preadv`` on one thread."""
 
     name = "raw preadv"
     num_threads = 1
 
-    def prepare(self, root: Path) -> None:
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
         self.items: list[TensorPlan] = list(rank_plan(root).tensors)
 
     def _read(self, root: Path, items: list[TensorPlan], out: dict[str, torch.Tensor]) -> None:
@@ -173,12 +193,13 @@ class RawMmapCopy(RawRead):
         del maps  # unmapped once the last view is gone; the copies own their memory
 
 
-class Naive:
+class Naive(System):
     """Every rank ``safetensors.torch.load_file`` of every file, then clones the slices it needs."""
 
     name = "naive"
+    modules = ("safetensors.torch",)
 
-    def prepare(self, root: Path) -> None:
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
         self.plan = rank_plan(root)
         self.files = sorted({t.info.file for t in self.plan.tensors})
 
@@ -204,15 +225,16 @@ class Naive:
         return self.out
 
 
-class DCPReader:
+class DCPReader(System):
     """``torch.distributed.checkpoint.load`` with ``HuggingFaceStorageReader`` into DTensors of the same
     placements (the empty DTensors are built inside the timed region)."""
 
     name = "DCP"
+    modules = ("torch.distributed.checkpoint",)
 
-    def prepare(self, root: Path) -> None:
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
         self.plan = rank_plan(root)
-        self.mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        self.mesh = mesh
 
     def load(self, root: Path) -> None:
         import torch.distributed.checkpoint as dcp
@@ -226,11 +248,12 @@ class DCPReader:
         return self.out
 
 
-class Transformers:
+class Transformers(System):
     """``AutoModelForCausalLM.from_pretrained(tp_plan="auto")``: builds a whole model (modules, buffers,
     the TP hooks) besides loading its weights (transformers and accelerate needed)."""
 
     name = "transformers"
+    modules = ("transformers", "transformers.models.llama.modeling_llama", "transformers.integrations.tensor_parallel")
 
     @staticmethod
     def available() -> str | None:
@@ -241,7 +264,7 @@ class Transformers:
             return f"skipped: {exc.name} is not installed (pip install -e '.[bench]')"
         return None
 
-    def prepare(self, root: Path) -> None:
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
         import transformers.models.llama.modeling_llama  # noqa: F401 - import cost is not load cost
@@ -259,8 +282,70 @@ class Transformers:
         return self.model.state_dict()
 
 
+class FastSafeTensors(System):
+    """fastsafetensors' own tensor-parallel path on CPU (``nogds=True``): the files are dealt out to the ranks
+    round-robin, each rank reads its whole files (``pread`` into one buffer per file), then every tensor is
+    ``get_sharded`` along its tp_loader shard dim (a gloo ``scatter`` from the rank holding the file) or
+    ``get_tensor`` when replicated (a ``broadcast``). Buffered reads (``FASTSAFETENSORS_ODIRECT=0``): on a local
+    filesystem its default is ``O_DIRECT``, which skips the page cache, so a warm run would still read storage."""
+
+    name = "fastsafetensors"
+    modules = ("fastsafetensors",)
+
+    @staticmethod
+    def available() -> str | None:
+        try:
+            import fastsafetensors  # noqa: F401
+        except ImportError:
+            return "skipped: fastsafetensors is not installed (pip install -e '.[bench]')"
+        return None
+
+    def prepare(self, root: Path, mesh: DeviceMesh) -> None:
+        os.environ["FASTSAFETENSORS_ODIRECT"] = "0"
+        self.dims = {item.key: item.slice.dim for item in rank_plan(root).tensors}
+        files = sorted(str(path) for path in root.glob("*.safetensors"))
+        world = dist.get_world_size()
+        self.files = {rank: files[rank::world] for rank in range(world)}
+
+    def load(self, root: Path) -> None:
+        from fastsafetensors import SafeTensorsFileLoader
+
+        loader = SafeTensorsFileLoader(dist.group.WORLD, "cpu", nogds=True)
+        try:
+            loader.add_filenames(self.files)
+            buffers = loader.copy_files_to_device()
+            self.out = {
+                key: buffers.get_tensor(key) if dim is None else buffers.get_sharded(key, dim)
+                for key, dim in sorted(self.dims.items())  # the same order on every rank: they are collectives
+            }
+            buffers.close()
+        finally:
+            loader.close()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.out
+
+
 SYSTEMS = {
     cls.name: cls
-    for cls in (TPLoader, TPLoaderZeroCopy, RawRead, RawReadThreads, RawMmapCopy, Naive, DCPReader, Transformers)
+    for cls in (
+        TPLoader,
+        TPLoaderCopying,
+        RawRead,
+        RawReadThreads,
+        RawMmapCopy,
+        Naive,
+        DCPReader,
+        Transformers,
+        FastSafeTensors,
+    )
 }
 RAW = (RawRead.name, RawReadThreads.name, RawMmapCopy.name)
+#: Every system's shards are checked against this one's.
+REFERENCE = TPLoader.name
+
+
+def runnable(names: list[str]) -> tuple[list[str], list[str]]:
+    """The systems of ``names`` that can run here, and a note for each one that cannot."""
+    reasons = {name: SYSTEMS[name].available() for name in names}
+    return [n for n in names if not reasons[n]], [f"{n} {reason}" for n, reason in reasons.items() if reason]
