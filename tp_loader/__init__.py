@@ -18,6 +18,7 @@ from .errors import (
     PlanError,
     ReadError,
     ShardingError,
+    StaleShardsError,
     StrictLoadError,
     TPLoaderError,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "ModelNotFoundError",
     "PlanError",
     "ShardingError",
+    "StaleShardsError",
     "StrictLoadError",
     "ReadError",
     "DistributedError",

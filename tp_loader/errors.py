@@ -84,6 +84,11 @@ class ModelNotFoundError(CheckpointError, FileNotFoundError):
     """The model source names no directory, file or reachable Hub repository."""
 
 
+class StaleShardsError(CheckpointError):
+    """A pre-sharded directory (``save-sharded``) does not match this load: another world size, plan, dtype or
+    format version, a source changed since, or a rank file missing, resized or altered."""
+
+
 class PlanError(TPLoaderError, ValueError):
     """A plan file is malformed, names an unknown style, or no plan fits the model."""
 
@@ -111,6 +116,7 @@ _TYPES: dict[str, type[TPLoaderError]] = {
         ArgumentError,
         CheckpointError,
         ModelNotFoundError,
+        StaleShardsError,
         PlanError,
         ShardingError,
         StrictLoadError,
