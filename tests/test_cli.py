@@ -143,3 +143,27 @@ def test_dry_run_prints_every_ranks_pieces_in_aligned_columns(make_checkpoint) -
         "(2 kv heads, 12 q heads) cannot be sharded over 3 ranks. World sizes that work: 1, 2, 4, 6, 12"
         in failed.stderr
     )
+
+
+def test_torchrun_with_tp_smaller_than_the_job_loads_replicas_that_read_each_byte_once(
+    make_checkpoint, tmp_path: Path
+) -> None:
+    """--tp 2 on 4 ranks: two replicas of a 2-way group; --share job: between them they read one replica's
+    bytes (here one node, so the column's two members split the reading), and each receives the rest."""
+    root = make_checkpoint(llama_config(num_key_value_heads=2))
+    report_path = tmp_path / "report.json"
+    args = [str(root), "--tp", "2", "--share", "job", "--report", str(report_path), "-q"]
+    done = _torchrun(args, nproc=4, env={"TP_LOADER_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(report_path.read_text())
+    assert report["world_size"] == 2 and [r["replica"] for r in report["ranks"]] == [0, 0, 1, 1]
+    read, received = [r["bytes_read"] for r in report["ranks"]], [r["bytes_received"] for r in report["ranks"]]
+    assert read[0] + received[0] == read[2] + received[2] and read[1] + received[1] == read[3] + received[3]
+    assert sum(read) == read[0] + received[0] + read[1] + received[1]  # one replica's bytes, read once
+    assert min(read) > 0
+
+
+def test_a_tp_degree_that_does_not_divide_the_job_is_refused_on_every_rank(make_checkpoint) -> None:
+    done = _torchrun([str(make_checkpoint()), "--tp", "3"], nproc=2, env={})
+    assert done.returncode != 0
+    assert done.stderr.count("a tensor-parallel degree of 3 does not divide the job's 2 ranks into replicas") == 2

@@ -28,6 +28,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
+class _ListPlans(argparse.Action):
+    """``--list-plans``: the coverage table (plans × formats × modes, with the tests that prove each), then exit."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)  # type: ignore[arg-type]
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        from .coverage import render_text
+
+        print(render_text(), end="", flush=True)
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tp-loader",
@@ -74,6 +87,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CPU without a dtype change, shards are views of the file mapping (the default; column shards "
         "are strided views); --no-zero-copy copies them into memory of their own",
     )
+    add(
+        "--rebuild",
+        action="store_true",
+        help="MODEL is a directory save-sharded wrote: if it does not match this load, rebuild it from its source",
+    )
+    add(
+        "--verify",
+        action="store_true",
+        help="MODEL is a directory save-sharded wrote: check every byte of each rank's file against its checksums",
+    )
+    add(
+        "--tp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tensor-parallel degree, when smaller than the job: the ranks form WORLD_SIZE/N replicas of an N-way "
+        "group on a (dp, tp) mesh (default: one group over every rank)",
+    )
+    add(
+        "--share",
+        choices=["none", "job"],
+        default="none",
+        help="job: the replicas split the reading of the checkpoint between their nodes and exchange the shards, "
+        "so each byte leaves the storage once per job (CPU shards; default: none, every rank reads its own)",
+    )
+    add(
+        "--list-plans",
+        action=_ListPlans,
+        help="print every built-in plan with the formats and modes a test proves for it, and exit",
+    )
     add("--revision", default=None, help="Hub branch, tag or commit")
     add("--cache-dir", default=None, help="Hub cache directory")
     add("--version", action="version", version=f"%(prog)s {__version__}")
@@ -90,11 +133,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     never swallows it: rank 0 the full message, other ranks one line.
     """
     rank = _rank()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == [SAVE_SHARDED]:
+        return _save_sharded(argv[1:], rank)
     args = build_parser().parse_args(argv)
-    level = logging.ERROR if args.quiet else logging.DEBUG if args.verbose else logging.INFO
-    logging.basicConfig(
-        level=level if rank == 0 else max(level, logging.ERROR), format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args, rank)
     try:
         if args.dry_run is not None:
             if rank == 0:
@@ -104,7 +147,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_forward(args, rank)
         from .loader import load
 
-        result = load(args.model, mode=args.mode, zero_copy=args.zero_copy, **_load_arguments(args))
+        result = load(
+            args.model,
+            mode=args.mode,
+            zero_copy=args.zero_copy,
+            rebuild=args.rebuild,
+            verify=args.verify,
+            tp_size=args.tp,
+            share=args.share,
+            **_load_arguments(args),
+        )
         if rank == 0 and not args.quiet:
             print(result.report.format_table(full=args.verbose), flush=True)
     except TPLoaderError as exc:
@@ -114,6 +166,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _configure_logging(args: argparse.Namespace, rank: int) -> None:
+    """INFO on rank 0 (DEBUG with -v, errors only with -q); other ranks log errors only."""
+    level = logging.ERROR if args.quiet else logging.DEBUG if getattr(args, "verbose", False) else logging.INFO
+    logging.basicConfig(
+        level=level if rank == 0 else max(level, logging.ERROR), format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _rank() -> int:
@@ -200,7 +260,12 @@ def _load_arguments(args: argparse.Namespace) -> dict:
 def _check_forward(args: argparse.Namespace, rank: int) -> int:
     """``--check-forward``: rank 0 prints the load's table and one PASS line (stdout) or FAIL line
     (stderr, also with ``-q``); every rank returns 1 on FAIL."""
-    for flag, value in (("--mode", args.mode), ("--zero-copy", args.zero_copy)):
+    for flag, value in (
+        ("--mode", args.mode),
+        ("--zero-copy", args.zero_copy),
+        ("--rebuild", args.rebuild or None),
+        ("--verify", args.verify or None),
+    ):
         if value is not None:
             raise ArgumentError(
                 f"--check-forward does not take {flag}",
@@ -218,3 +283,92 @@ def _check_forward(args: argparse.Namespace, rank: int) -> int:
     if rank == 0 and not outcome.passed:
         _write_line(outcome.format_line())
     return 0 if outcome.passed else 1
+
+
+#: The subcommand that writes a pre-sharded directory (``python -m tp_loader save-sharded MODEL OUT``).
+SAVE_SHARDED = "save-sharded"
+
+
+def build_save_sharded_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=f"tp-loader {SAVE_SHARDED}",
+        description="Write every rank's shards of MODEL to OUT (one safetensors file per rank and a manifest), from "
+        "which `tp-loader OUT` / tp_loader.load(OUT) restarts by reading each rank's file whole. Under torchrun each "
+        "rank writes its own; in one process, --tp N plans and writes every rank in turn on the CPU.",
+    )
+    add = parser.add_argument
+    add("model", help="checkpoint directory or Hub repository id")
+    add("out", type=Path, help="the directory to write (new, empty, or one save-sharded wrote)")
+    add("--tp", type=int, default=None, metavar="N", help="the world size to write for (default: torchrun's)")
+    add("--plan", default="auto", help="built-in plan name or path to a plan file (default: auto, from config.json)")
+    add("--mode", default=None, help="one of the plan's modes, e.g. ep (MoE plans: whole experts per rank)")
+    add("--dtype", default=None, help="convert floating-point tensors to float32, bfloat16 or float16 first")
+    add("--strict", action="store_true", help="fail on missing, unexpected or mismatched keys")
+    add("--allow-unmatched", action="store_true", help="save tensors the plan does not expect (replicated)")
+    add("--revision", default=None, help="Hub branch, tag or commit")
+    add("--cache-dir", default=None, help="Hub cache directory")
+    add("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _save_sharded(argv: list[str], rank: int) -> int:
+    """``save-sharded``: under torchrun every rank loads MODEL on the CPU and writes its file; alone, ``--tp N``
+    writes all N in turn (the same files). Rank 0 prints one line per file."""
+    args = build_save_sharded_parser().parse_args(argv)
+    _configure_logging(args, rank)
+    options = {
+        "dtype": args.dtype,
+        "plan": args.plan,
+        "mode": args.mode,
+        "strict": args.strict,
+        "allow_unmatched": args.allow_unmatched,
+        "revision": args.revision,
+        "cache_dir": args.cache_dir,
+    }
+    try:
+        launch = launch_env()
+        if launch.launched:
+            if args.tp is not None and args.tp != launch.world_size:
+                raise ArgumentError(
+                    f"--tp {args.tp} under a launcher of {launch.world_size} ranks",
+                    key="tp",
+                    hint=f"Leave --tp out, or launch {args.tp} ranks (torchrun --nproc-per-node {args.tp})",
+                )
+            from .loader import load
+
+            load(args.model, save_sharded=args.out, device="cpu", progress=not args.quiet, **options)
+        else:
+            if args.tp is None:
+                raise ArgumentError(
+                    "save-sharded in one process needs the world size to write for",
+                    key="tp",
+                    hint="Pass --tp N (the number of tensor-parallel ranks that will load it), or run it under "
+                    "torchrun --nproc-per-node N",
+                )
+            from .sharded import save_offline
+
+            save_offline(args.model, args.out, args.tp, **options)
+        if rank == 0 and not args.quiet:
+            _print_saved(args.out)
+    except TPLoaderError as exc:
+        _print_error(exc, rank)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _print_saved(out: Path) -> None:
+    import json
+
+    from .sharded import MANIFEST
+
+    manifest = json.loads((out / MANIFEST).read_text())
+    for entry in manifest["files"]:
+        print(f"  {out / entry['name']}  {entry['size'] / 2**20:.2f} MiB", flush=True)
+    print(
+        f"tp_loader: wrote {len(manifest['files'])} rank files of {manifest['source']['model']} "
+        f"(plan {manifest['plan']}, dtype {manifest['dtype'] or 'as stored'}) to {out}",
+        flush=True,
+    )

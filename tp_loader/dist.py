@@ -92,6 +92,7 @@ def make_context(
     env: LaunchEnv,
     settings: Settings,
     tp_dim: str = "tp",
+    tp_size: int | None = None,
 ) -> Context:
     """Builds the context, initializing the process group when launched under torchrun without one.
 
@@ -102,6 +103,8 @@ def make_context(
         env: the launcher's variables.
         settings: tunables (the collective timeout).
         tp_dim: the name of a 2-D mesh's tensor-parallel dimension.
+        tp_size: without a mesh, under a launcher: the tensor-parallel degree, when smaller than the job (the
+            job then holds ``world_size / tp_size`` replicas on a ``("dp", "tp")`` mesh).
 
     Raises:
         DistributedError: a mesh of more than two dimensions, a 2-D mesh without ``tp_dim`` or over part of
@@ -137,6 +140,16 @@ def make_context(
                 hint="Check MASTER_ADDR, MASTER_PORT, RANK and WORLD_SIZE (torchrun sets them)",
             ) from None
     world_size = dist.get_world_size()
+    if tp_size is not None and tp_size != world_size:
+        if tp_size < 1 or world_size % tp_size:
+            raise DistributedError(
+                f"a tensor-parallel degree of {tp_size} does not divide the job's {world_size} ranks into replicas",
+                rank=dist.get_rank(),
+                hint=f"Pass a divisor of {world_size} as tp_size (--tp)",
+            )
+        mesh = init_device_mesh(target.type, (world_size // tp_size, tp_size), mesh_dim_names=("dp", "tp"))
+        ctx = _replicated_context(mesh, target, settings, "tp")
+        return dataclasses.replace(ctx, initialized_gloo=initialized_gloo)
     mesh = init_device_mesh(target.type, (world_size,), mesh_dim_names=("tp",))
     return Context(
         dist.get_rank(),

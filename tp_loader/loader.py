@@ -18,6 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
+from . import sharded
 from .arguments import (
     Fingerprint,
     check_writable,
@@ -25,6 +26,7 @@ from .arguments import (
     dtype_name,
     normalise_device,
     normalise_dtype,
+    normalise_share,
     write_file,
 )
 from .demo import ensure_demo
@@ -32,10 +34,11 @@ from .dist import Context, host_name, make_context, open_control_group, run_agre
 from .errors import DistributedError, ReadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
-from .plan import LoadPlan, plan_rank
+from .plan import LoadPlan, TensorPlan, plan_rank
 from .read import ReadOptions, ReadStats, read_tensors
 from .report import LoadReport, RankReport, build_report
 from .resolve import call_within, find_weights, resolve_source
+from .share import share_with_replicas
 from .tie import apply_ties, local_tie_equality
 
 logger = logging.getLogger("tp_loader")
@@ -68,6 +71,9 @@ def load(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     mesh: DeviceMesh | None = None,
+    tp_dim: str = "tp",
+    tp_size: int | None = None,
+    share: str = "none",
     plan: str | os.PathLike[str] = "auto",
     mode: str | None = None,
     strict: bool = False,
@@ -77,6 +83,9 @@ def load(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     zero_copy: bool | None = None,
+    save_sharded: str | os.PathLike[str] | None = None,
+    rebuild: bool = False,
+    verify: bool = False,
     _into: Destinations | None = None,
 ) -> LoadResult:
     """Loads a Hugging Face checkpoint into this rank's tensor-parallel shards.
@@ -93,7 +102,16 @@ def load(
             work too); an fp8 dtype keeps fp8 weights as stored; ``None`` keeps every tensor as stored.
         device: ``"cpu"``, ``"cuda"`` (``cuda:LOCAL_RANK``) or ``"cuda:N"`` (default: the mesh's device,
             else ``cuda:LOCAL_RANK`` when CUDA is present, else the CPU).
-        mesh: a 1-D device mesh over the tensor-parallel ranks.
+        mesh: a 1-D device mesh over the tensor-parallel ranks, or a 2-D mesh over the whole job whose
+            ``tp_dim`` dimension is tensor-parallel and whose other dimension holds replicas: the shards are
+            then DTensors on the whole mesh, ``Replicate()`` on the replicas' dimension.
+        tp_dim: the name of a 2-D mesh's tensor-parallel dimension.
+        tp_size: without ``mesh``, under torchrun: the tensor-parallel degree when smaller than the job; the job
+            is then ``world_size / tp_size`` replicas on a ``("dp", "tp")`` mesh (``result.mesh``).
+        share: ``"none"``: every rank reads its own slices. ``"job"``: with replicas, the nodes split the
+            reading of what several replicas need, and the shards reach the others by broadcasts over each
+            replica group (bitwise the same shards; the report counts bytes read per node and received).
+            CPU shards only, owned memory (no zero-copy views).
         plan: ``"auto"`` (by config.json), a built-in plan name, or a path to a plan file.
         mode: one of the plan's modes, merged over it: ``"ep"`` in the MoE plans loads stacked
             experts divided whole among the ranks (expert parallelism) instead of sharding every
@@ -112,6 +130,12 @@ def load(
             packed shards and converter targets are still copied. Default: on (``TP_LOADER_ZERO_COPY=0``
             turns it off): measured faster and lighter (docs/architecture.md); ``False`` gives every
             shard memory of its own, for callers that rewrite checkpoint files in place.
+        save_sharded: also write every rank's shards to this directory (one file per rank and a manifest,
+            README "Fast restarts"), from which ``load(DIR)`` restarts by reading each rank's file whole.
+        rebuild: for a pre-sharded ``model``: when it does not match this load (world size, plan, dtype,
+            source changed, a rank file missing or altered), rebuild it from its source instead of refusing.
+        verify: for a pre-sharded ``model``: check every byte of the rank's file against its checksums
+            (sizes and headers are always checked).
         _into: for :func:`tp_loader.load_into`: given the agreed plan, returns the tensors to read
             each key into (raising a TPLoaderError, agreed on every rank before any read, if they do
             not fit).
@@ -134,28 +158,46 @@ def load(
             settings = envmod.settings(launch.local_world_size)
             wanted = normalise_dtype(dtype)
             target = normalise_device(device, launch.local_rank)
+            share = normalise_share(share, target)
         except TPLoaderError as exc:  # agreed below, once the ranks can talk
             error = exc
             settings = envmod.default_settings(launch.local_world_size)
         if zero_copy is not None:
             settings = dataclasses.replace(settings, zero_copy=zero_copy)
-        ctx = open_control_group(make_context(mesh, target, launch, settings))
+        ctx = open_control_group(make_context(mesh, target, launch, settings, tp_dim, tp_size))
         arguments = Fingerprint(
-            dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, ctx.device.type
+            dtype_name(wanted),
+            os.fspath(plan),
+            mode,
+            strict,
+            allow_unmatched,
+            settings.zero_copy,
+            ctx.device.type,
+            share,
         )
 
-        def check() -> tuple[str, Fingerprint, bool]:
+        def check() -> tuple[str, Fingerprint, bool, sharded.Manifest | None]:
             if error is not None:
                 raise error
-            if report is not None and ctx.rank == 0:
+            if report is not None and ctx.leader:
                 check_writable(report, what="report")
-            return host_name(), arguments, model is not None and os.path.isdir(model)
+            presharded = sharded.find_manifest(model)  # a save-sharded directory, recognised before resolve
+            return host_name(), arguments, model is not None and os.path.isdir(model), presharded
 
-        _, seen = run_agreed(ctx, "arguments", check, lambda result: result)
-        _refuse_differing_arguments([fingerprint for _, fingerprint, _ in seen])
-        hosts = [host for host, _, _ in seen] if not all(local for _, _, local in seen) else None
+        (*_, presharded), seen = run_agreed(
+            ctx, "arguments", check, lambda result: (*result[:3], sharded.digest(result[3]))
+        )
+        _refuse_differing_arguments([fingerprint for _, fingerprint, *_ in seen])
+        nodes = [host for host, *_ in seen]
+        hosts = nodes if not all(local for _, _, local, _ in seen) else None
         options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
-        result = _load(ctx, model, wanted, hosts, options, settings=settings, start=start, into=_into)
+        options = dataclasses.replace(
+            options, save_sharded=save_sharded, rebuild=rebuild, verify=verify, share=share, nodes=tuple(nodes)
+        )
+        sharded.refuse_differing(presharded, [digest for *_, digest in seen], model, options)
+        result = _load(
+            ctx, model, wanted, hosts, options, settings=settings, start=start, into=_into, presharded=presharded
+        )
         if report is not None:
             _write_report(ctx, result.report, Path(report))
         return result
@@ -174,6 +216,11 @@ class _LoadOptions:
     revision: str | None
     cache_dir: str | os.PathLike[str] | None
     progress: bool
+    save_sharded: str | os.PathLike[str] | None = None
+    rebuild: bool = False
+    verify: bool = False
+    share: str = "none"
+    nodes: tuple[str, ...] = ()  # each rank's node, in the order of the loader's collectives
 
 
 def _refuse_differing_arguments(every: list[Fingerprint]) -> None:
@@ -200,7 +247,13 @@ def _load(
     settings: envmod.Settings,
     start: float,
     into: Destinations | None = None,
+    presharded: sharded.Manifest | None = None,
 ) -> LoadResult:
+    if presharded is not None:  # a save-sharded directory: each rank reads its own file
+        restarted = sharded.restart(ctx, presharded, wanted, options, settings=settings, start=start, into=into)
+        if restarted is not None:
+            return LoadResult(*restarted, ctx.mesh)
+        model, wanted, options = sharded.rebuild_arguments(presharded, wanted, options)  # rebuild=True: stale
     # A directory every rank sees needs no fetch: it is resolved inside the plan round (no rounds of its own).
     root = None
     if hosts is not None:
@@ -258,7 +311,7 @@ def _load(
             rank=differing[0],
             hint="Make every rank see the same files (a shared filesystem or identical copies)",
         )
-    if ctx.rank == 0:
+    if ctx.leader:
         _warn_key_problems(load_plan)
 
     read_options = ReadOptions(
@@ -266,38 +319,60 @@ def _load(
         ctx.device,
         settings.num_threads,
         settings.max_inflight_bytes,
-        progress=options.progress and ctx.rank == 0,
+        progress=options.progress and ctx.leader,
         reader=settings.reader,
         fadvise=settings.fadvise,
         zero_copy=settings.zero_copy,
         stall_s=settings.timeout_s / 2,
     )
 
-    def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats, list[bool]]:
+    def read(items: tuple[TensorPlan, ...], how: ReadOptions) -> tuple[dict[str, torch.Tensor], ReadStats]:
+        return read_tensors(checkpoint.root, checkpoint.format, items, how, checkpoint.file_sizes, destinations)
+
+    def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats, list[bool], int]:
+        received = 0
         with _intra_op_threads(settings.num_threads):
-            local, stats = read_tensors(
-                checkpoint.root, checkpoint.format, load_plan.tensors, read_options, checkpoint.file_sizes, destinations
-            )
-        state_dict = place(local, load_plan.tensors, ctx.mesh)
+            if options.share == "job" and ctx.num_replicas > 1:
+                owned = dataclasses.replace(read_options, zero_copy=False, progress=False)
+                local, stats, received = share_with_replicas(
+                    ctx, load_plan.tensors, options.nodes, lambda i: read(i, owned), read_options.dtype
+                )
+            else:
+                local, stats = read(load_plan.tensors, read_options)
+        state_dict = place(local, load_plan.tensors, ctx.mesh, ctx.tp_axis)
         apply_ties(state_dict, load_plan.ties)
-        return state_dict, stats, local_tie_equality(local, load_plan.ties)
+        return state_dict, stats, local_tie_equality(local, load_plan.ties), received
 
     # one round agrees on the read's outcome and gathers the report's figures (place and ties talk to no rank)
-    (state_dict, _, _), gathered = run_agreed(
-        ctx, "read", read_and_place, lambda result: (result[1], result[2], time.perf_counter() - start)
+    (state_dict, *_), gathered = run_agreed(
+        ctx, "read", read_and_place, lambda result: (result[1], result[2], time.perf_counter() - start, result[3])
     )
+    if options.save_sharded is not None:  # every rank's shards to a pre-sharded directory
+        tie_equal = [eq for _, eq, *_ in gathered]
+        sharded.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
+    replica_of = {rank: i for column in ctx.columns() for i, rank in enumerate(column)}
     ranks = [
-        RankReport(r, s.bytes_read, s.num_tensors, s.seconds, seconds, s.zero_copy_tensors)
-        for r, (s, _, seconds) in enumerate(gathered)
+        RankReport(
+            r,
+            s.bytes_read,
+            s.num_tensors,
+            s.seconds,
+            seconds,
+            s.zero_copy_tensors,
+            node=options.nodes[r] if options.nodes else "",
+            replica=replica_of.get(r, 0),
+            bytes_received=received,
+        )
+        for r, (s, _, seconds, received) in enumerate(gathered)
     ]
     report = build_report(
         load_plan,
         dtype=dtype_name(wanted),
         device=ctx.device.type,
         ranks=ranks,
-        tie_equal=[eq for _, eq, _ in gathered],
+        tie_equal=[eq for _, eq, *_ in gathered],
     )
-    if ctx.rank == 0:
+    if ctx.leader:
         logger.info(
             "loaded %d tensors from %s: read in %.2f s, %.2f s in all (slowest rank)",
             report.num_tensors,
@@ -320,7 +395,7 @@ def _write_report(ctx: Context, report: LoadReport, path: Path) -> None:
     """Rank 0 writes the report; a failure is every rank's error."""
 
     def write() -> None:
-        if ctx.rank == 0:
+        if ctx.leader:
             write_file(path, report.to_json(), what="report")
 
     run_agreed(ctx, "write report", write)
@@ -337,7 +412,7 @@ def resolve_on_ranks(
 ) -> Path:
     """Resolves the source; the first rank of each node fetches (download or demo generation) while
     the node's other ranks wait, then look only at what is local."""
-    fetcher = hosts.index(hosts[ctx.rank]) == ctx.rank
+    fetcher = hosts.index(hosts[ctx.control_rank]) == ctx.control_rank
 
     def fetch(allowed: bool) -> Path:
         if model is None:
