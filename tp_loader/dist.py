@@ -67,6 +67,10 @@ class Context:
         """Whether this rank speaks for the load (the report, warnings, the progress bar)."""
         return self.control_rank == 0
 
+    def replica_of(self) -> dict[int, int]:
+        """Each rank's replica, by global rank."""
+        return {rank: i for column in self.columns() for i, rank in enumerate(column)}
+
     def columns(self) -> list[tuple[int, ...]]:
         """The global ranks of each replica group (one tensor-parallel coordinate in every replica), in
         tensor-parallel order; a 1-D mesh has one rank per column."""

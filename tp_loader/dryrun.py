@@ -15,7 +15,7 @@ from . import env as envmod
 from .arguments import conversion_dtype, dtype_name, normalise_dtype
 from .demo import ensure_demo
 from .errors import ArgumentError
-from .index import index_checkpoint
+from .index import Checkpoint, index_checkpoint
 from .plan import LoadPlan, plan_rank
 from .read import target_dtype
 from .report import PlanSummary, RankPlan, key_account, placements
@@ -59,10 +59,45 @@ def plan_load(
         )
     wanted = normalise_dtype(dtype)
     settings = envmod.settings(1)
-    if model is None:
-        root = ensure_demo(settings.demo_dir)
-    else:
-        root = resolve_source(model, revision=revision, cache_dir=cache_dir)
+    _, plans = plan_every_rank(
+        model,
+        world_size,
+        wanted,
+        settings,
+        plan=plan,
+        mode=mode,
+        strict=strict,
+        allow_unmatched=allow_unmatched,
+        revision=revision,
+        cache_dir=cache_dir,
+    )
+    ranks = tuple(_rank_plan(p, conversion_dtype(wanted), settings.max_inflight_bytes) for p in plans)
+    local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
+    account = key_account(plans[0], dtype=dtype_name(wanted))
+    account["placements"] = placements(plans[0], local_shapes)
+    return PlanSummary(**account, ranks=ranks)
+
+
+def plan_every_rank(
+    model: str | os.PathLike[str] | None,
+    world_size: int,
+    wanted: torch.dtype | None,
+    settings: envmod.Settings,
+    *,
+    plan: str | os.PathLike[str],
+    mode: str | None,
+    strict: bool,
+    allow_unmatched: bool,
+    revision: str | None,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[Checkpoint, list[LoadPlan]]:
+    """Resolves and indexes ``model`` in this process and plans each of ``world_size`` ranks (no process group,
+    no tensor data): what a dry run prints and what ``save-sharded --tp N`` writes rank by rank."""
+    root = (
+        ensure_demo(settings.demo_dir)
+        if model is None
+        else resolve_source(model, revision=revision, cache_dir=cache_dir)
+    )
     checkpoint = index_checkpoint(find_weights(root))
     plans = [
         plan_rank(
@@ -78,11 +113,7 @@ def plan_load(
         )
         for rank in range(world_size)
     ]
-    ranks = tuple(_rank_plan(p, conversion_dtype(wanted), settings.max_inflight_bytes) for p in plans)
-    local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
-    account = key_account(plans[0], dtype=dtype_name(wanted))
-    account["placements"] = placements(plans[0], local_shapes)
-    return PlanSummary(**account, ranks=ranks)
+    return checkpoint, plans
 
 
 def _rank_plan(load_plan: LoadPlan, dtype: torch.dtype | None, max_inflight_bytes: int) -> RankPlan:

@@ -36,7 +36,7 @@ from .index import Checkpoint, index_checkpoint
 from .place import place
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .read import ReadOptions, ReadStats, read_tensors
-from .report import LoadReport, RankReport, build_report
+from .report import LoadReport, build_report, rank_reports
 from .resolve import call_within, find_weights, resolve_source
 from .share import share_with_replicas
 from .tie import apply_ties, local_tie_equality
@@ -314,16 +314,8 @@ def _load(
     if ctx.leader:
         _warn_key_problems(load_plan)
 
-    read_options = ReadOptions(
-        conversion_dtype(wanted),
-        ctx.device,
-        settings.num_threads,
-        settings.max_inflight_bytes,
-        progress=options.progress and ctx.leader,
-        reader=settings.reader,
-        fadvise=settings.fadvise,
-        zero_copy=settings.zero_copy,
-        stall_s=settings.timeout_s / 2,
+    read_options = ReadOptions.from_settings(
+        settings, conversion_dtype(wanted), ctx.device, progress=options.progress and ctx.leader
     )
 
     def read(items: tuple[TensorPlan, ...], how: ReadOptions) -> tuple[dict[str, torch.Tensor], ReadStats]:
@@ -350,21 +342,7 @@ def _load(
     if options.save_sharded is not None:  # every rank's shards to a pre-sharded directory
         tie_equal = [eq for _, eq, *_ in gathered]
         sharded.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
-    replica_of = {rank: i for column in ctx.columns() for i, rank in enumerate(column)}
-    ranks = [
-        RankReport(
-            r,
-            s.bytes_read,
-            s.num_tensors,
-            s.seconds,
-            seconds,
-            s.zero_copy_tensors,
-            node=options.nodes[r] if options.nodes else "",
-            replica=replica_of.get(r, 0),
-            bytes_received=received,
-        )
-        for r, (s, _, seconds, received) in enumerate(gathered)
-    ]
+    ranks = rank_reports([(s, sec, got) for s, _, sec, got in gathered], options.nodes, ctx.replica_of())
     report = build_report(
         load_plan,
         dtype=dtype_name(wanted),

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .byteranges import read_ranges, slice_ranges
 from .convert import finish_read
+from .env import Settings
 from .errors import ReadError, TPLoaderError
 from .index import load_pickle
 from .plan import TensorPlan
@@ -61,6 +62,23 @@ class ReadOptions:
     fadvise: bool = False
     zero_copy: bool = False
     stall_s: float = math.inf
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, dtype: torch.dtype | None, device: torch.device, *, progress: bool = False
+    ) -> ReadOptions:
+        """The options the environment's settings give a load converting to ``dtype`` on ``device``."""
+        return cls(
+            dtype,
+            device,
+            settings.num_threads,
+            settings.max_inflight_bytes,
+            progress=progress,
+            reader=settings.reader,
+            fadvise=settings.fadvise,
+            zero_copy=settings.zero_copy,
+            stall_s=settings.timeout_s / 2,
+        )
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,32 @@ class RankReport:
     bytes_received: int = 0
 
 
+def rank_reports(
+    gathered: list[tuple[Any, float, int]], nodes: tuple[str, ...], replica_of: dict[int, int]
+) -> list[RankReport]:
+    """One :class:`RankReport` per rank, in rank order.
+
+    Args:
+        gathered: each rank's read statistics (``ReadStats``), seconds since the call, and bytes received.
+        nodes: each rank's node name (empty: not known).
+        replica_of: each rank's replica (absent: 0).
+    """
+    return [
+        RankReport(
+            r,
+            stats.bytes_read,
+            stats.num_tensors,
+            stats.seconds,
+            seconds,
+            stats.zero_copy_tensors,
+            node=nodes[r] if nodes else "",
+            replica=replica_of.get(r, 0),
+            bytes_received=received,
+        )
+        for r, (stats, seconds, received) in enumerate(gathered)
+    ]
+
+
 @dataclass(frozen=True)
 class Placement:
     """How one loaded tensor is placed: its style, the DTensor's global shape and placement, its stored

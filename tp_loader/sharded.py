@@ -43,15 +43,15 @@ from torch.distributed.tensor import DTensor
 from . import env as envmod
 from ._version import __version__
 from .arguments import Fingerprint, conversion_dtype, dtype_name, normalise_dtype
-from .demo import ensure_demo
 from .dist import Context, run_agreed
+from .dryrun import plan_every_rank
 from .errors import ArgumentError, CheckpointError, DistributedError, ReadError, StaleShardsError, TPLoaderError
-from .index import DTYPES, MAX_HEADER_BYTES, Checkpoint, TensorInfo, index_checkpoint
+from .index import DTYPES, MAX_HEADER_BYTES, Checkpoint, TensorInfo
 from .place import place
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .read import ReadOptions, ReadStats, read_tensors, target_dtype
-from .report import LoadReport, RankReport, build_report
-from .resolve import PICKLE_INDEX, SAFETENSORS_INDEX, find_weights, resolve_source
+from .report import LoadReport, build_report, rank_reports
+from .resolve import PICKLE_INDEX, SAFETENSORS_INDEX
 from .spec import builtin_plan_paths
 from .styles import Slice
 from .tie import apply_ties, local_tie_equality
@@ -375,17 +375,7 @@ def _restart(
     # then uses (as a load does)
     (load_plan, entry, destinations), seen = run_agreed(ctx, "check pre-sharded", check, lambda result: result[0].ties)
     load_plan = dataclasses.replace(load_plan, ties=seen[0])
-    read_options = ReadOptions(
-        conversion,
-        ctx.device,
-        settings.num_threads,
-        settings.max_inflight_bytes,
-        progress=options.progress and ctx.leader,
-        reader=settings.reader,
-        fadvise=settings.fadvise,
-        zero_copy=settings.zero_copy,
-        stall_s=settings.timeout_s / 2,
-    )
+    read_options = ReadOptions.from_settings(settings, conversion, ctx.device, progress=options.progress and ctx.leader)
 
     def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats]:
         items = _file_items(manifest, entry, load_plan, conversion)
@@ -401,20 +391,7 @@ def _restart(
     (state_dict, _), gathered = run_agreed(
         ctx, "read pre-sharded", read_and_place, lambda result: (result[1], time.perf_counter() - start)
     )
-    replica_of = {rank: i for column in ctx.columns() for i, rank in enumerate(column)}
-    ranks = [
-        RankReport(
-            r,
-            s.bytes_read,
-            s.num_tensors,
-            s.seconds,
-            seconds,
-            s.zero_copy_tensors,
-            node=options.nodes[r] if options.nodes else "",
-            replica=replica_of.get(r, 0),
-        )
-        for r, (s, seconds) in enumerate(gathered)
-    ]
+    ranks = rank_reports([(s, seconds, 0) for s, seconds in gathered], options.nodes, ctx.replica_of())
     # a tie stored on both sides was saved as its source (what the load keeps): its report comes from the manifest
     tie_equal = [list(per_rank) for per_rank in manifest.tie_equal]
     report = build_report(load_plan, dtype=dtype_name(dtype), device=ctx.device.type, ranks=ranks, tie_equal=tie_equal)
@@ -992,39 +969,23 @@ def save_offline(
     wanted = normalise_dtype(dtype)
     settings = envmod.settings(1)
     started_ns = time.time_ns()
-    root = (
-        ensure_demo(settings.demo_dir)
-        if model is None
-        else resolve_source(model, revision=revision, cache_dir=cache_dir)
+    checkpoint, plans = plan_every_rank(
+        model,
+        world_size,
+        wanted,
+        settings,
+        plan=plan,
+        mode=mode,
+        strict=strict,
+        allow_unmatched=allow_unmatched,
+        revision=revision,
+        cache_dir=cache_dir,
     )
-    checkpoint = index_checkpoint(find_weights(root))
-    plans = [
-        plan_rank(
-            checkpoint,
-            world_size,
-            rank,
-            plan=plan,
-            mode=mode,
-            model=str(root),
-            dtype=wanted,
-            strict=strict,
-            allow_unmatched=allow_unmatched,
-        )
-        for rank in range(world_size)
-    ]
     arguments = Fingerprint(
         dtype_name(wanted), os.fspath(plan), mode, strict, allow_unmatched, settings.zero_copy, "cpu"
     )
     conversion = conversion_dtype(wanted)
-    options = ReadOptions(
-        conversion,
-        torch.device("cpu"),
-        settings.num_threads,
-        settings.max_inflight_bytes,
-        reader=settings.reader,
-        zero_copy=settings.zero_copy,
-        stall_s=settings.timeout_s / 2,
-    )
+    options = dataclasses.replace(ReadOptions.from_settings(settings, conversion, torch.device("cpu")), fadvise=False)
     target = Path(out).expanduser()
     stats = source_state(checkpoint, started_ns)
     prepare(target, checkpoint.root, world_size)
