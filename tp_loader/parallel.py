@@ -133,6 +133,22 @@ def planned_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shap
     )
 
 
+def place_parameters(
+    module: nn.Module, items: dict[str, TensorPlan], mesh: DeviceMesh, names: list[str] | None = None
+) -> None:
+    """Each of ``module``'s own parameters (or those ``names``) becomes a Parameter holding its planned
+    DTensor: this rank's piece of the values it holds, or a meta piece of the plan's local shape."""
+    for name in names if names is not None else [n for n, _ in module.named_parameters(recurse=False)]:
+        param, item = module.get_parameter(name), items[name]
+        local = (
+            torch.empty(item.local_shape, dtype=param.dtype, device="meta")
+            if param.is_meta
+            else local_piece(param, item)
+        )
+        dtensor = planned_dtensor(local, mesh, item.slice.dim, item.slice.global_shape)
+        module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+
+
 class _Planned:
     """Places a module's parameters as the plan says instead of splitting them evenly."""
 
@@ -141,15 +157,7 @@ class _Planned:
         self._items = items
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
-        for pname, param in list(module.named_parameters(recurse=False)):
-            item = self._items[pname]
-            local = (
-                torch.empty(item.local_shape, dtype=param.dtype, device="meta")
-                if param.is_meta
-                else local_piece(param, item)
-            )
-            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
-            module.register_parameter(pname, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        place_parameters(module, self._items, device_mesh)
 
     _partition_embedding_fn = _partition_linear_fn
 
@@ -201,15 +209,7 @@ class LocalShards(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         sharded = [name for name, item in self._items.items() if item.slice.dim is not None]
-        for name in sharded:
-            param, item = module.get_parameter(name), self._items[name]
-            local = (
-                torch.empty(item.local_shape, dtype=param.dtype, device="meta")
-                if param.is_meta
-                else local_piece(param, item)
-            )
-            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
-            module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        place_parameters(module, self._items, device_mesh, sharded)
         saved: dict[str, torch.Tensor] = {}
 
         def to_local(mod: nn.Module, args: tuple) -> None:
@@ -450,15 +450,7 @@ class GatheredNorm(ParallelStyle):
         self._items = items
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        for name, param in list(module.named_parameters(recurse=False)):
-            item = self._items[name]
-            local = (
-                torch.empty(item.local_shape, dtype=param.dtype, device="meta")
-                if param.is_meta
-                else local_piece(param, item)
-            )
-            dtensor = planned_dtensor(local, device_mesh, item.slice.dim, item.slice.global_shape)
-            module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        place_parameters(module, self._items, device_mesh)
         size = next(item.slice.global_shape[0] for item in self._items.values() if item.slice.dim is not None)
         start, stop = chunk_range(size, device_mesh.size(), device_mesh.get_local_rank())  # as Shard(0) lays out
         saved: dict[str, torch.Tensor] = {}
