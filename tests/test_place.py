@@ -100,3 +100,42 @@ def _planned_like_from_local(rank: int, world_size: int) -> int:
 
 def test_planned_dtensors_of_parallelize_and_load_into_equal_what_from_local_builds() -> None:
     assert values(run_ranks(2, _planned_like_from_local)) == [4, 4]
+
+
+def _parameters_like_nn_parameter(rank: int, world_size: int) -> int:
+    from torch import nn
+
+    from tp_loader.parallel import planned_dtensor
+    from tp_loader.place import as_parameter
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    checked = 0
+    for requires_grad in (True, False):
+        for local, dim, shape in [
+            (torch.arange(6.0).reshape(3, 2), 0, (5, 2)),
+            (torch.empty(2, 2, device="meta"), 1, (2, 4)),
+        ]:
+            ours = as_parameter(planned_dtensor(local, mesh, dim, shape), requires_grad)
+            theirs = nn.Parameter(planned_dtensor(local, mesh, dim, shape), requires_grad=requires_grad)
+            assert isinstance(ours, nn.Parameter) and isinstance(ours, DTensor) and type(ours) is type(theirs)
+            assert (ours.requires_grad, ours.is_leaf, ours.grad_fn) == (theirs.requires_grad, True, None)
+            assert (ours.placements, ours.shape, ours.stride(), ours.dtype) == (
+                theirs.placements,
+                theirs.shape,
+                theirs.stride(),
+                theirs.dtype,
+            )
+            assert ours._local_tensor is local and ours.to_local().requires_grad == theirs.to_local().requires_grad
+            if not local.is_meta:
+                assert torch.equal(ours.full_tensor(), theirs.full_tensor())
+            module = nn.Linear(1, 1)
+            module.register_parameter("weight", ours)  # accepted as a Parameter, and listed as one
+            assert dict(module.named_parameters())["weight"] is ours
+            checked += 1
+    plain = as_parameter(torch.ones(2), True)
+    assert type(plain) is nn.Parameter and plain.requires_grad
+    return checked
+
+
+def test_parameters_built_without_detach_equal_what_nn_parameter_makes_of_a_dtensor() -> None:
+    assert values(run_ranks(2, _parameters_like_nn_parameter)) == [4, 4]

@@ -25,6 +25,7 @@ from .dist import Context
 from .errors import ArgumentError, ShardingError, StrictLoadError
 from .loader import load
 from .parallel import composed_tensors, planned_dtensor, to_module_name
+from .place import as_parameter
 from .plan import LoadPlan
 from .report import LoadReport
 
@@ -243,7 +244,7 @@ class _Destinations:
         """Puts ``new`` inside ``name``'s tensor object (a Parameter stays the same Parameter)."""
         tensor = self.tensors[name]
         if isinstance(tensor, nn.Parameter):
-            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
+            new = as_parameter(new, tensor.requires_grad)
         torch.utils.swap_tensors(tensor, new)
         if isinstance(self.target, dict):
             self.target[name] = tensor

@@ -28,7 +28,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from .convert import fill
 from .errors import ArgumentError, PlanError
 from .index import Checkpoint, TensorInfo
-from .place import as_dtensor, contiguous_stride
+from .place import as_dtensor, as_parameter, contiguous_stride
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .prefix import detect_prefix, with_prefix
 from .spec import ExpertModuleSpec, PlanSpec, config_values, evaluate, evaluate_size, glob_to_regex, select_spec
@@ -146,7 +146,7 @@ def place_parameters(
             else local_piece(param, item)
         )
         dtensor = planned_dtensor(local, mesh, item.slice.dim, item.slice.global_shape)
-        module.register_parameter(name, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+        module.register_parameter(name, as_parameter(dtensor, param.requires_grad))
 
 
 class _Planned:
@@ -371,7 +371,7 @@ class ExpertsParallel(ParallelStyle):
                 else _compose_local(param, tensor, self._items)
             )
             dtensor = planned_dtensor(local, device_mesh, tensor.dim, tensor.global_shape)
-            setattr(module, leaf, nn.Parameter(dtensor, requires_grad=param.requires_grad))
+            setattr(module, leaf, as_parameter(dtensor, param.requires_grad))
         expert_dim = {tensor.dim for tensor in self._tensors.values()}
         first = None
         if expert_dim == {0}:
