@@ -211,3 +211,15 @@ def test_meshes_and_share_modes_it_cannot_take_are_refused_with_what_it_takes(
     for outcome in outcomes:
         assert outcome[0] == "error" and outcome[1].type == kind, outcome
         assert outcome[1].message.startswith(message), outcome[1].message
+
+
+def _load_into_with_replicas(rank: int, world_size: int, root: Path) -> None:
+    tp_loader.load_into({}, root, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp")), strict=False)
+
+
+def test_load_into_a_model_with_a_mesh_of_replicas_is_refused_naming_the_mesh_to_pass(make_checkpoint) -> None:
+    error = same_error(run_ranks(4, _load_into_with_replicas, make_checkpoint(CONFIG)))
+    assert error.type == "ArgumentError"
+    assert error.message.startswith(
+        "load_into fills one tensor-parallel group's model: it takes a 1-D mesh, not a mesh with replicas"
+    )

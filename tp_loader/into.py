@@ -290,6 +290,13 @@ def load_into(
         StrictLoadError: ``strict`` and the names differ.
         TPLoaderError: as :func:`tp_loader.load`.
     """
+    if (mesh is not None and mesh.ndim != 1) or options.get("tp_size") is not None:
+        raise ArgumentError(
+            "load_into fills one tensor-parallel group's model: it takes a 1-D mesh, not a mesh with replicas",
+            key="mesh",
+            hint="Pass mesh['tp'] (each replica loads into its own model), or use tp_loader.load for the whole "
+            "(dp, tp) mesh",
+        )
     wanted = normalise_dtype(dtype)
     hook = _Destinations(target, key_map, wanted, strict)
     result = load(model, plan=plan, mesh=mesh, dtype=hook.load_dtype, _into=hook, **options)
