@@ -22,7 +22,8 @@ def _stand_ins(tmp_path: Path) -> dict[str, str]:
     bin_dir.mkdir()
     for name in ("torchrun", "srun"):
         (bin_dir / name).write_text(f'#!/usr/bin/env bash\necho "{name}"; printf "%s\\n" "$@"\n')
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho node-a; echo node-b\n")
+    # as for a large job: a recipe that stops reading after the first line (head -n 1) under pipefail dies of SIGPIPE
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho node-a\nfor i in $(seq 5000); do echo node-$i; done\n")
     for path in bin_dir.iterdir():
         path.chmod(0o755)
     return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
