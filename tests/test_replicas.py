@@ -223,3 +223,16 @@ def test_load_into_a_model_with_a_mesh_of_replicas_is_refused_naming_the_mesh_to
     assert error.message.startswith(
         "load_into fills one tensor-parallel group's model: it takes a 1-D mesh, not a mesh with replicas"
     )
+
+
+def test_share_job_for_cuda_shards_is_refused_saying_what_to_do_instead() -> None:
+    from tp_loader.arguments import normalise_share
+    from tp_loader.errors import ArgumentError
+
+    with pytest.raises(ArgumentError) as info:
+        normalise_share("job", torch.device("cuda", 0))
+    assert str(info.value) == (
+        "share='job' exchanges CPU tensors over gloo; shards on cuda are not supported yet. "
+        "Load with share='none' on GPUs, or with device='cpu' and move the shards"
+    )
+    assert normalise_share("job", torch.device("cpu")) == "job" and normalise_share("none", None) == "none"
