@@ -27,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import tp_loader
-from tp_loader import cli, sharded
+from tp_loader import cli, sharded, sharded_save
 from tp_loader.demo import llama_tensors, write_checkpoint
 from tp_loader.errors import ArgumentError, CheckpointError, StaleShardsError
 from tp_loader.testing import run_ranks, same_error, values
@@ -290,7 +290,7 @@ def test_every_mismatch_is_refused_on_every_rank_naming_what_differs(tmp_path: P
             tmp_path / name / "src", config, llama_tensors(config, dtype=torch.bfloat16), num_shards=2
         )
         out = tmp_path / name / "out"
-        sharded.save_offline(src, out, saved_for)
+        sharded_save.save_offline(src, out, saved_for)
         change(src, out)
         dirs[name] = out
     per_rank = values(run_ranks(2, _refusals, dirs, timeout=300))
@@ -312,7 +312,7 @@ def _one_rank_elsewhere(rank: int, world_size: int, src: Path, out: Path) -> Non
 def test_ranks_that_do_not_all_see_the_directory_refuse_together(tmp_path: Path) -> None:
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config), num_shards=1)
-    sharded.save_offline(src, tmp_path / "out", 2)
+    sharded_save.save_offline(src, tmp_path / "out", 2)
     error = same_error(run_ranks(2, _one_rank_elsewhere, src, tmp_path / "out"))
     assert error.type == "DistributedError"
     assert error.wire["message"].startswith("ranks [1] see a different tp_loader-sharded.json (or none)")
@@ -321,7 +321,7 @@ def test_ranks_that_do_not_all_see_the_directory_refuse_together(tmp_path: Path)
 def test_a_mode_other_than_the_directorys_is_refused_naming_it(tmp_path: Path) -> None:
     config = mixtral_config(num_local_experts=4)
     src = write_checkpoint(tmp_path / "src", config, moe_tensors(config), num_shards=1)
-    sharded.save_offline(src, tmp_path / "out", 1)
+    sharded_save.save_offline(src, tmp_path / "out", 1)
     with pytest.raises(StaleShardsError, match="does not match this load's plan: mode None → 'ep'"):
         tp_loader.load(tmp_path / "out", mode="ep")
 
@@ -329,7 +329,7 @@ def test_a_mode_other_than_the_directorys_is_refused_naming_it(tmp_path: Path) -
 def test_a_data_byte_damaged_is_found_only_by_verify_and_an_intact_directory_passes_it(tmp_path: Path) -> None:
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config), num_shards=1)
-    sharded.save_offline(src, tmp_path / "out", 1)
+    sharded_save.save_offline(src, tmp_path / "out", 1)
     tp_loader.load(tmp_path / "out", verify=True)
     path = tmp_path / "out" / sharded.rank_file(0, 1)
     _flip_byte(path, _data_start(path))
@@ -348,7 +348,7 @@ def _rebuild(rank: int, world_size: int, src: Path, out: Path) -> None:
 def test_rebuild_rebuilds_a_stale_directory_from_its_source_for_this_load(tmp_path: Path) -> None:
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config, dtype=torch.bfloat16), num_shards=2)
-    sharded.save_offline(src, tmp_path / "out", 4)
+    sharded_save.save_offline(src, tmp_path / "out", 4)
     _rewrite_weights(src)
     values(run_ranks(2, _rebuild, src, tmp_path / "out"))
     assert sorted(os.listdir(tmp_path / "out")) == [
@@ -361,7 +361,7 @@ def test_rebuild_rebuilds_a_stale_directory_from_its_source_for_this_load(tmp_pa
 def test_rebuild_of_a_directory_whose_source_is_gone_says_so(tmp_path: Path) -> None:
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config), num_shards=1)
-    sharded.save_offline(src, tmp_path / "out", 2)
+    sharded_save.save_offline(src, tmp_path / "out", 2)
     shutil.rmtree(src)
     with pytest.raises(StaleShardsError, match="rebuild=True cannot rebuild it: its source .* is gone"):
         tp_loader.load(tmp_path / "out", rebuild=True)
@@ -371,13 +371,13 @@ def test_a_directory_whose_source_is_gone_still_restarts(tmp_path: Path) -> None
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config), num_shards=1)
     normal = tp_loader.load(src)
-    sharded.save_offline(src, tmp_path / "out", 1)
+    sharded_save.save_offline(src, tmp_path / "out", 1)
     shutil.rmtree(src)
     _same_tensors(tp_loader.load(tmp_path / "out").state_dict, normal.state_dict, "source gone")
 
 
 def _failing_save(rank: int, world_size: int, src: Path, out: Path) -> None:
-    write = sharded.write_rank
+    write = sharded_save.write_rank
 
     def fail_on_rank_1(*args, **kwargs):
         written = write(*args, **kwargs)
@@ -385,14 +385,14 @@ def _failing_save(rank: int, world_size: int, src: Path, out: Path) -> None:
             raise ArgumentError("disk full (injected)", key="save_sharded")
         return written
 
-    sharded.write_rank = fail_on_rank_1
+    sharded_save.write_rank = fail_on_rank_1
     tp_loader.load(src, save_sharded=out)
 
 
 def test_a_save_that_fails_on_one_rank_fails_everywhere_and_leaves_no_valid_directory(tmp_path: Path) -> None:
     config = llama_config()
     src = write_checkpoint(tmp_path / "src", config, llama_tensors(config), num_shards=1)
-    sharded.save_offline(src, tmp_path / "out", 2)  # a complete directory, about to be overwritten
+    sharded_save.save_offline(src, tmp_path / "out", 2)  # a complete directory, about to be overwritten
     _rewrite_weights(src)
     errors = [value for _, value in run_ranks(2, _failing_save, src, tmp_path / "out")]
     assert [(e.type, e.wire["message"], e.wire["rank"]) for e in errors] == [
@@ -422,7 +422,7 @@ def test_rebuild_and_verify_need_a_pre_sharded_directory_and_it_is_not_saved_aga
     for flag in ("rebuild", "verify"):
         with pytest.raises(ArgumentError, match=f"{flag}=True applies to a pre-sharded directory"):
             tp_loader.load(src, **{flag: True})
-    sharded.save_offline(src, tmp_path / "out", 1)
+    sharded_save.save_offline(src, tmp_path / "out", 1)
     with pytest.raises(ArgumentError, match="with a model that is already pre-sharded"):
         tp_loader.load(tmp_path / "out", save_sharded=tmp_path / "again")
 

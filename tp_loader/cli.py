@@ -345,7 +345,7 @@ def _save_sharded(argv: list[str], rank: int) -> int:
                     hint="Pass --tp N (the number of tensor-parallel ranks that will load it), or run it under "
                     "torchrun --nproc-per-node N",
                 )
-            from .sharded import save_offline
+            from .sharded_save import save_offline
 
             save_offline(args.model, args.out, args.tp, **options)
         if rank == 0 and not args.quiet:

@@ -18,7 +18,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import env as envmod
-from . import sharded
+from . import sharded, sharded_save
 from .arguments import (
     Fingerprint,
     check_writable,
@@ -341,7 +341,7 @@ def _load(
     )
     if options.save_sharded is not None:  # every rank's shards to a pre-sharded directory
         tie_equal = [eq for _, eq, *_ in gathered]
-        sharded.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
+        sharded_save.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
     ranks = rank_reports([(s, sec, got) for s, _, sec, got in gathered], options.nodes, ctx.replica_of())
     report = build_report(
         load_plan,
