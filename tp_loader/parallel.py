@@ -325,7 +325,8 @@ def parallelize(
         by_owner.setdefault(path, {})[leaf] = tensor
     for path, tensors in by_owner.items():
         styles[path] = ExpertsParallel(tensors, items_by_key, _expert_module(spec, path))
-    parallelize_module(module, mesh, styles)
+    for path, style in styles.items():  # exact paths: no walk of the module tree matching patterns per entry
+        parallelize_module(module.get_submodule(path), mesh, style)
     for names in tied.values():  # re-tie: each module got a parameter of its own
         if len(names) > 1:
             source = module.get_parameter(names[0])
