@@ -12,6 +12,9 @@ import statistics
 import sys
 import time
 from multiprocessing import Barrier, Process, Queue
+from pathlib import Path
+
+from benchmarks.measure import evict_files
 
 #: Bytes per preadv call (a multiple of the 4 KiB alignment O_DIRECT needs; mmap'd buffers are page-aligned).
 CHUNK = 16 << 20
@@ -27,18 +30,12 @@ def _read(path: str, size: int, direct: bool, start: Barrier, out: Queue) -> Non
     out.put(time.perf_counter() - began)
 
 
-def _evict(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    os.close(fd)
-
-
 def measure(path: str, direct: bool, readers: int, reps: int = 3) -> float:
     """Median over ``reps`` of the slowest of ``readers`` processes reading the same whole MiBs of ``path``."""
     size = os.path.getsize(path) // (1 << 20) * (1 << 20)
     times = []
     for _ in range(reps):
-        _evict(path)
+        evict_files([Path(path)])
         start, out = Barrier(readers), Queue()
         procs = [Process(target=_read, args=(path, size, direct, start, out)) for _ in range(readers)]
         for proc in procs:

@@ -71,7 +71,12 @@ def faults() -> tuple[int, int]:
 
 def evict(root: Path) -> None:
     """Drops ``root``'s safetensors files from the page cache (their pages only, nothing else's)."""
-    for path in sorted(root.glob("*.safetensors")):
+    evict_files(sorted(root.glob("*.safetensors")))
+
+
+def evict_files(paths: list[Path]) -> None:
+    """Drops these files' pages from the page cache (written back first: dirty pages cannot be dropped)."""
+    for path in paths:
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fdatasync(fd)
@@ -81,8 +86,13 @@ def evict(root: Path) -> None:
 
 
 def warm(root: Path) -> None:
-    """Reads every file once so the page cache is warm."""
-    for path in sorted(root.glob("*.safetensors")):
+    """Reads every safetensors file of ``root`` once so the page cache is warm."""
+    warm_files(sorted(root.glob("*.safetensors")))
+
+
+def warm_files(paths: list[Path]) -> None:
+    """Reads these files once so the page cache is warm."""
+    for path in paths:
         with open(path, "rb") as handle:
             while handle.read(64 << 20):
                 pass

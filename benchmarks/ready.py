@@ -36,7 +36,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from transformers.initialization import no_init_weights
 
 import tp_loader
-from benchmarks.measure import evict, machine, versions, warm
+from benchmarks.measure import add_data_argument, evict, machine, versions, warm
 from benchmarks.systems import touch
 from tp_loader.testing import run_ranks, values
 
@@ -233,8 +233,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    data = Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench"))
-    parser.add_argument("--data", type=Path, default=data, help="where the checkpoint is written")
+    add_data_argument(parser)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cold-reps", type=int, default=3, help="cold-cache runs per system at the largest TP")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])

@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import tp_loader
 import tp_loader.read
 from benchmarks.checkpoint import checkpoint_bytes, ensure_checkpoint, sweep_config
-from benchmarks.measure import evict, io_counters, machine, versions, warm
+from benchmarks.measure import add_data_argument, evict, io_counters, machine, versions, warm
 from benchmarks.systems import touch
 from tp_loader.testing import run_ranks, values
 
@@ -144,8 +144,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
-    data = Path(os.environ.get("TP_LOADER_BENCH_DIR", "/tmp/tp_loader_bench"))
-    parser.add_argument("--data", type=Path, default=data)
+    add_data_argument(parser)
     parser.add_argument("--gb", type=float, default=0.5, help="checkpoint size")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--node-mbps", type=float, default=200.0, help="simulated storage bandwidth per node")

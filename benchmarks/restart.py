@@ -30,7 +30,6 @@ import hashlib
 import importlib
 import json
 import os
-import platform
 import statistics
 import time
 import zlib
@@ -39,53 +38,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 
 import tp_loader
 from benchmarks.checkpoint import BASE, checkpoint_bytes, ensure_checkpoint
+from benchmarks.measure import evict_files, machine, warm_files
+from benchmarks.systems import local, touch
 from tp_loader import sharded
 from tp_loader.testing import run_ranks, values
 
 TP = 2
-PAGE = 4096
 CHUNK = 64 * 1024 * 1024
 SYSTEMS = ("first load", "first load, copies", "restart", "restart, copies", "restart, verify", "raw read")
 
 
 def _files(*roots: Path) -> list[Path]:
     return [path for root in roots for path in sorted(root.glob("*.safetensors"))]
-
-
-def _evict(paths: list[Path]) -> None:
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def _warm(paths: list[Path]) -> None:
-    for path in paths:
-        with open(path, "rb") as handle:
-            while handle.read(CHUNK):
-                pass
-
-
-def _touch(tensors: list[torch.Tensor]) -> float:
-    """Reads one element in every 4 KiB page of every tensor (and its last element)."""
-    total = 0.0
-    for t in tensors:
-        if t.numel() == 0:
-            continue
-        step = max(1, PAGE // t.element_size())
-        if t.is_contiguous():
-            flat = t.reshape(-1)
-            total += float(flat[::step].sum(dtype=torch.float32)) + float(flat[-1])
-        else:
-            total += float(t[..., ::step].sum(dtype=torch.float32)) + float(t[..., -1].sum(dtype=torch.float32))
-    return total
 
 
 def _raw_read(path: Path) -> torch.Tensor:
@@ -100,10 +67,6 @@ def _raw_read(path: Path) -> torch.Tensor:
     finally:
         os.close(fd)
     return out
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _measure(rank: int, world_size: int, system: str, source: Path, out: Path, check: bool) -> dict:
@@ -122,13 +85,13 @@ def _measure(rank: int, world_size: int, system: str, source: Path, out: Path, c
         state = tp_loader.load(
             source if system.startswith("first load") else out, mesh=mesh, progress=False, **options
         ).state_dict
-        tensors = [_local(t) for t in state.values()]
+        tensors = [local(t) for t in state.values()]
     built = time.perf_counter() - start
-    _touch(tensors)
+    touch(dict(enumerate(tensors)))
     result = {"seconds": time.perf_counter() - start, "built_s": built}
     if check and state is not None:
         result["digests"] = {
-            k: hashlib.sha256(_local(t).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+            k: hashlib.sha256(local(t).contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, t in state.items()
         }
     return result
@@ -151,7 +114,7 @@ def checksum_throughput(rank_file: Path) -> dict[str, float]:
     ):
         best = min(_timed(fn) for _ in range(3))
         out[name] = len(data) / best / 1e9
-    _warm([rank_file])
+    warm_files([rank_file])
     best = min(_timed(lambda: _raw_read(rank_file)) for _ in range(3))
     out["preadv into new memory (warm)"] = rank_file.stat().st_size / best / 1e9
     return out
@@ -161,11 +124,6 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version()}
 
 
 def markdown(result: dict) -> str:
@@ -208,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     tp_loader.load  # noqa: B018 - the pipeline's import, off the clock
     source = ensure_checkpoint(args.data / "base", BASE)
     out = args.data / f"base-sharded-tp{TP}"
-    _warm(_files(source))
+    warm_files(_files(source))
     save_s = max(values(run_ranks(TP, _save, source, out, timeout=900)))
     throughput = checksum_throughput(out / sharded.rank_file(0, TP))
     started, load_before = time.time(), os.getloadavg()
@@ -216,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(rep, "warm") for rep in range(args.reps)] + [(rep, "cold") for rep in range(args.cold_reps)]
     for rep, cache in plan:
         for system in SYSTEMS:
-            (_evict if cache == "cold" else _warm)(_files(source, out))
+            (evict_files if cache == "cold" else warm_files)(_files(source, out))
             found = runs.setdefault((cache, system), [])
             ranks = values(run_ranks(TP, _measure, system, source, out, not found, timeout=900))
             run = {"seconds": max(r["seconds"] for r in ranks), "built_s": max(r["built_s"] for r in ranks)}
@@ -245,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     result = {
-        "machine": _machine(),
+        "machine": machine(),
         "version": tp_loader.__version__,
         "torch": torch.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
