@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import pytest
+import test_gpt_oss
 import torch
 from reference import chunk_piece
 from safetensors.torch import load_file, save_file
@@ -29,20 +30,8 @@ transformers = pytest.importorskip("transformers", reason="checkpoints are writt
 accelerate = pytest.importorskip("accelerate", reason="init_empty_weights builds the model without memory")
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors  # noqa: E402
 
-GPT_OSS = {
-    "hidden_size": 64,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "vocab_size": 96,
-    "num_local_experts": 4,
-    "num_experts_per_tok": 2,
-    "sliding_window": 4,
-    "max_position_embeddings": 64,
-    "pad_token_id": 0,
-}
+#: test_gpt_oss's model with 128 features: 32 per rank at world size 4, one whole MXFP4 block
+GPT_OSS = {**test_gpt_oss.GPT_OSS, "intermediate_size": 128}
 PROMPT = torch.tensor([[5, 17, 33, 2, 71, 9]])
 EXPERTS = ("gate_up_proj", "down_proj")
 

@@ -136,7 +136,7 @@ def exchange(
     start = time.perf_counter()
     sources = assign_sources(items, column)
     local: dict[str, torch.Tensor] = {}
-    read_bytes = read_tensors = 0
+    read_bytes = 0
     received = 0
     failed: TPLoaderError | None = None
     pending: list[Any] = []
@@ -147,7 +147,6 @@ def exchange(
                 got, stats = read(mine)
                 local.update(got)
                 read_bytes += stats.bytes_read
-                read_tensors += stats.num_tensors
             except Exception as exc:  # noqa: BLE001 - broadcast on, so that no member waits on this rank
                 failed = as_loader_error(exc, rank)
         for item in batch:
