@@ -390,7 +390,7 @@ def test_a_read_that_makes_no_progress_is_a_read_error_on_every_rank_within_the_
     assert error.message.startswith("no read made progress for 2 s (half of TP_LOADER_TIMEOUT_S")
 
 
-def _stall_header_read(rank: int, world_size: int, root: Path) -> int:
+def _stall_header_read(rank: int, world_size: int, root: Path, replicas: bool) -> int:
     """Rank 0's header read of the second shard never returns (a hung network mount)."""
     original = tp_loader.index.read_safetensors_header
     forever = threading.Event()
@@ -401,13 +401,18 @@ def _stall_header_read(rank: int, world_size: int, root: Path) -> int:
         return original(directory, name)
 
     tp_loader.index.read_safetensors_header = stalling
+    if replicas:  # two replicas of tensor-parallel degree 1: no tensor-parallel peer, but a replica waits
+        return len(tp_loader.load(root, tp_size=1).state_dict)
     return len(tp_loader.load(root).state_dict)
 
 
-def test_a_header_read_that_never_returns_is_a_read_error_on_every_rank_within_the_timeout(make_checkpoint) -> None:
+@pytest.mark.parametrize("replicas", [False, True], ids=["tp2", "two-replicas-of-tp1"])
+def test_a_header_read_that_never_returns_is_a_read_error_on_every_rank_within_the_timeout(
+    make_checkpoint, replicas: bool
+) -> None:
     root = make_checkpoint(num_shards=2)
     start = time.monotonic()
-    error = _refused_on_every_rank(root, _stall_header_read, env={"TP_LOADER_TIMEOUT_S": "4"})
+    error = _refused_on_every_rank(root, _stall_header_read, replicas, env={"TP_LOADER_TIMEOUT_S": "4"})
     assert 2 <= time.monotonic() - start < 4 + 10
     assert error.type == "ReadError"
     assert error.wire["file"] == str(root)

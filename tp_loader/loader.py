@@ -280,7 +280,7 @@ def _load(
     def bounded_index_and_plan() -> tuple[Checkpoint, LoadPlan, dict[str, torch.Tensor] | None]:
         """Reading headers on a hung network filesystem must not block this rank past the timeout. The
         destinations are checked here too, so that their refusal is agreed in the same round."""
-        if ctx.world_size == 1:
+        if ctx.control_size == 1:  # no peer waits on this rank
             checkpoint, load_plan = index_and_plan()
         else:
             checkpoint, load_plan = call_within(
@@ -395,7 +395,7 @@ def resolve_on_ranks(
     def fetch(allowed: bool) -> Path:
         if model is None:
             return ensure_demo(demo_dir) if allowed else Path(demo_dir)
-        deadline = ctx.timeout_s / 2 if allowed and ctx.world_size > 1 else None
+        deadline = ctx.timeout_s / 2 if allowed and ctx.control_size > 1 else None
         return resolve_source(model, revision=revision, cache_dir=cache_dir, fetch=allowed, deadline_s=deadline)
 
     fetched, _ = run_agreed(ctx, "fetch", lambda: fetch(True) if fetcher else None)
