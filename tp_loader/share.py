@@ -125,7 +125,7 @@ def exchange(
         group: a process group over ``column.ranks`` (gloo, the loader's timeout).
         read: reads some items as the read stage does (owned, contiguous CPU tensors).
         dtype: the load's conversion dtype (``None``: stored dtypes).
-        rank: this rank's tensor-parallel rank, for errors.
+        rank: this rank's rank in the loader's collectives (its global rank), for errors.
 
     Returns:
         Every shard of this rank, what it read itself and the bytes it received.
