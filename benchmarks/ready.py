@@ -40,9 +40,16 @@ from benchmarks.measure import add_data_argument, evict, machine, versions, warm
 from benchmarks.systems import touch
 from tp_loader.testing import run_ranks, values
 
-#: 0.53 GB in fp32: hidden 1024, 6 layers, GQA 16/4, vocab 32000, untied LM head.
-CONFIG = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16)
-CONFIG |= dict(num_key_value_heads=4, vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=False)
+#: The checkpoints (``--model``), all fp32 Llamas with GQA and an untied LM head. ``small``: 0.53 GB, hidden 1024,
+#: 6 layers, 16/4 heads. ``1b``: TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32/4 heads), 4.40 GB: how
+#: the fixed costs (building the model, the collective rounds) weigh at a size that is served.
+COMMON = dict(vocab_size=32000, max_position_embeddings=256, tie_word_embeddings=False)
+CONFIGS = {
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=16)
+    | dict(num_key_value_heads=4, **COMMON),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32)
+    | dict(num_key_value_heads=4, **COMMON),
+}
 PROMPT = torch.tensor([[1, 306, 4966, 393, 278, 1900, 29871, 8310, 17, 3]])
 ATOL = 1e-4
 GOALS = [("load_into", "load() alone", "≤ 1.1×", lambda x: x <= 1.1)]  # numerator, denominator, goal
@@ -145,16 +152,16 @@ def _measure(rank: int, world_size: int, system: str, root: Path, reference: tor
     return out
 
 
-def _prepare(rank: int, world_size: int, root: Path) -> None:
+def _prepare(rank: int, world_size: int, root: Path, config: dict) -> None:
     """Writes the checkpoint and the single-process model's logits on PROMPT, in a process of its own: built
     here, the model would leave the parent's heap, which every rank inherits, large."""
-    if (root / "reference.pt").is_file() and torch.load(root / "reference.pt")["config"] == CONFIG:
+    if (root / "reference.pt").is_file() and torch.load(root / "reference.pt")["config"] == config:
         return
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).save_pretrained(root)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root)
     model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.save({"config": CONFIG, "logits": model(PROMPT).logits}, root / "reference.pt")
+        torch.save({"config": config, "logits": model(PROMPT).logits}, root / "reference.pt")
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -199,8 +206,9 @@ def markdown(result: dict) -> str:
         "# Time to a ready model (`python -m benchmarks.ready`)\n",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, Python {m['python']}; tp_loader "
         f"{v['tp_loader']}, torch {v['torch']}, transformers {v['transformers']}; gloo on CPU. Checkpoint: "
-        f"LlamaForCausalLM `save_pretrained`, fp32, {result['checkpoint_gb']:.2f} GB in {result['num_files']} "
-        f"file(s). Run {result['started']}; load average (1 min) {result['load_average']['before'][0]:.1f} before, "
+        f"LlamaForCausalLM `save_pretrained` (`--model {result.get('model', 'small')}`), fp32, "
+        f"{result['checkpoint_gb']:.2f} GB in {result['num_files']} file(s). Run {result['started']}; load average "
+        f"(1 min) {result['load_average']['before'][0]:.1f} before, "
         f"{result['load_average']['after'][0]:.1f} after. Slowest rank, median (min–max) over the runs.",
         "",
         "| TP | cache | system | ready s | before page walk s | CPU s | peak RSS MB per rank | RSS at start MB "
@@ -237,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--cold-reps", type=int, default=3, help="cold-cache runs per system at the largest TP")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--model", choices=list(CONFIGS), default="small", help="which checkpoint (see CONFIGS)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the parent never starts OpenMP's pool: forked ranks could deadlock on it
@@ -246,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     importlib.resources.files("tp_loader.plans")
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    root = args.data / "ready-llama-fp32"
-    values(run_ranks(1, _prepare, root, timeout=900))
+    root = args.data / ("ready-llama-fp32" if args.model == "small" else f"ready-llama-{args.model}-fp32")
+    values(run_ranks(1, _prepare, root, CONFIGS[args.model], timeout=1800))
     reference = torch.load(root / "reference.pt")["logits"]
     started, load_before = time.time(), os.getloadavg()
     runs: dict[tuple[int, str, str], list[dict]] = {}
@@ -264,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cache} TP{tp} rep {rep + 1} {system:>34}: {run['seconds']:.2f} s", flush=True)
     rows = [{"tp": tp, "cache": cache, "system": s, **_summary(r)} for (tp, cache, s), r in runs.items()]
     files = sorted(root.glob("*.safetensors"))
-    result = {"machine": machine(), "versions": versions(), "config": CONFIG, "rows": rows, "goals": _goals(rows)}
+    result = {"machine": machine(), "versions": versions(), "model": args.model, "config": CONFIGS[args.model]}
+    result |= {"rows": rows, "goals": _goals(rows)}
     result["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started))
     result["load_average"] = {"before": load_before, "after": os.getloadavg()}  # other work on the machine
     result |= {"checkpoint_gb": sum(f.stat().st_size for f in files) / 1e9, "num_files": len(files)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ready.json").write_text(json.dumps(result, indent=1))
-    (args.out / "ready.md").write_text(markdown(result))
+    name = "ready" if args.model == "small" else f"ready-{args.model}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (args.out / f"{name}.md").write_text(markdown(result))
     print(markdown(result))
     return 0
 

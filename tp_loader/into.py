@@ -193,8 +193,8 @@ class _Destinations:
 
     def _local(self, name: str) -> torch.Tensor:
         """The storage to write ``name``'s shard into (detached: a parameter is written in place)."""
-        tensor = self.tensors[name]
-        return (tensor.to_local() if isinstance(tensor, DTensor) else tensor).detach()
+        tensor = self.tensors[name]  # a DTensor's local tensor as it holds it (to_local() is an autograd call)
+        return (tensor._local_tensor if isinstance(tensor, DTensor) else tensor).detach()
 
     def _check(self, name: str, item: _Layout, ctx: Context) -> bool:
         """Whether ``name`` must be materialized (it is on meta); raises if its layout is not the plan's."""

@@ -9,6 +9,7 @@ vocabularies included. The forward hooks are torch's own ``ColwiseParallel`` / `
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
@@ -120,13 +121,16 @@ def local_piece(full: torch.Tensor, item: TensorPlan) -> torch.Tensor:
     return torch.cat([full.detach().narrow(dim, a, b - a) for a, b in item.slice.ranges], dim=dim).contiguous()
 
 
-def planned_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...]) -> DTensor:
+def planned_dtensor(
+    local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...], specs: dict | None = None
+) -> DTensor:
     """``local`` as a DTensor sharded on ``dim`` (replicated for ``None``) with global ``shape``, as the plan
     describes it (no communication). A tensor that requires grad goes through ``DTensor.from_local``, whose
     autograd function keeps the graph; anything else (parameters, meta tensors, inference activations) is
-    wrapped as the load wraps its shards, at a tenth of the cost and without importing ``torch._dynamo``."""
+    wrapped as the load wraps its shards, at a tenth of the cost and without importing ``torch._dynamo``
+    (``specs``: as for :func:`tp_loader.place.as_dtensor`)."""
     if not local.requires_grad:
-        return as_dtensor(local, mesh, dim, shape)
+        return as_dtensor(local, mesh, dim, shape, specs)
     placement = Replicate() if dim is None else Shard(dim)
     return DTensor.from_local(
         local, mesh, (placement,), run_check=False, shape=torch.Size(shape), stride=contiguous_stride(shape)
@@ -134,44 +138,68 @@ def planned_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shap
 
 
 def place_parameters(
-    module: nn.Module, items: dict[str, TensorPlan], mesh: DeviceMesh, names: list[str] | None = None
+    module: nn.Module,
+    items: dict[str, TensorPlan],
+    mesh: DeviceMesh,
+    names: list[str] | None = None,
+    specs: dict | None = None,
 ) -> None:
     """Each of ``module``'s own parameters (or those ``names``) becomes a Parameter holding its planned
-    DTensor: this rank's piece of the values it holds, or a meta piece of the plan's local shape."""
+    DTensor: this rank's piece of the values it holds, or a meta piece of the plan's local shape
+    (``specs``: the DTensor specs of the layouts placed so far, shared by the modules of one model)."""
     for name in names if names is not None else [n for n, _ in module.named_parameters(recurse=False)]:
-        param, item = module.get_parameter(name), items[name]
+        param, item = module._parameters[name], items[name]
         local = (
             torch.empty(item.local_shape, dtype=param.dtype, device="meta")
             if param.is_meta
             else local_piece(param, item)
         )
-        dtensor = planned_dtensor(local, mesh, item.slice.dim, item.slice.global_shape)
+        dtensor = planned_dtensor(local, mesh, item.slice.dim, item.slice.global_shape, specs)
         module.register_parameter(name, as_parameter(dtensor, param.requires_grad))
 
 
 class _Planned:
     """Places a module's parameters as the plan says instead of splitting them evenly."""
 
-    def __init__(self, items: dict[str, TensorPlan], **kwargs: Any) -> None:
+    def __init__(self, items: dict[str, TensorPlan], specs: dict | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._items = items
+        self._specs = {} if specs is None else specs
 
     def _partition_linear_fn(self, name: str, module: nn.Module, device_mesh: DeviceMesh) -> None:
-        place_parameters(module, self._items, device_mesh)
+        place_parameters(module, self._items, device_mesh, specs=self._specs)
 
     _partition_embedding_fn = _partition_linear_fn
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        if not isinstance(module, nn.Linear | nn.Embedding):  # a Conv1D: matmul of the input with [in, out]
-            desired = (Shard(-1),) if isinstance(self, RowwiseParallel) else (Replicate(),)
-            return distribute_module(
-                module,
-                device_mesh,
-                self._partition_linear_fn,
-                partial(self._prepare_input_fn, self.input_layouts, desired),
-                partial(self._prepare_output_fn, self.output_layouts, self.use_local_output),
-            )
-        return super()._apply(module, device_mesh)  # type: ignore[misc]
+        """torch's ``_apply`` of the two styles (the same hooks through ``distribute_module``), also for
+        ``Conv1D`` (a matmul of the input with ``[in, out]``), and with hooks whose signature is known."""
+        rowwise = isinstance(self, RowwiseParallel)
+        desired = (Replicate(),) if not rowwise or isinstance(module, nn.Embedding) else (Shard(-1),)
+        self.desired_input_layouts = desired
+        return distribute_module(
+            module,
+            device_mesh,
+            self._partition_linear_fn,
+            _known_signature(partial(self._prepare_input_fn, self.input_layouts, desired)),
+            _known_signature(partial(self._prepare_output_fn, self.output_layouts, self.use_local_output)),
+        )
+
+
+#: The signature of each hook function with its first two arguments bound (``functools.partial``).
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _known_signature(hook: partial) -> partial:
+    """``hook`` with its signature set: ``distribute_module`` reads each hook's signature (to tell the
+    deprecated two-argument form), and ``inspect.signature`` of a partial takes about 40 µs, a third of
+    ``parallelize``'s time on a 22-layer model. The signature is computed once per function."""
+    key = (getattr(hook.func, "__func__", hook.func), len(hook.args), tuple(hook.keywords))
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = inspect.signature(hook)
+    hook.__signature__ = sig  # type: ignore[attr-defined]
+    return hook
 
 
 class PlannedColwise(_Planned, ColwiseParallel):
@@ -231,7 +259,7 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
 
 
-def _style(path: str, module: nn.Module, items: dict[str, TensorPlan]) -> ParallelStyle | None:
+def _style(path: str, module: nn.Module, items: dict[str, TensorPlan], specs: dict) -> ParallelStyle | None:
     """The style for one module from its weight's plan, or ``None`` when the plan replicates it."""
     weight = items.get("weight")
     if all(item.slice.dim is None for item in items.values()):
@@ -241,13 +269,13 @@ def _style(path: str, module: nn.Module, items: dict[str, TensorPlan]) -> Parall
     style = weight.style
     matmul = isinstance(module, nn.Linear) or _is_conv1d(module)
     if isinstance(module, nn.Embedding) and style in ("vocab", "rowwise"):
-        return PlannedRowwise(items, input_layouts=Replicate())
+        return PlannedRowwise(items, specs, input_layouts=Replicate())
     if matmul and style == "vocab":
-        return PlannedColwise(items, output_layouts=Replicate())
+        return PlannedColwise(items, specs, output_layouts=Replicate())
     if matmul and style in ("colwise", "packed"):
-        return PlannedColwise(items)
+        return PlannedColwise(items, specs)
     if matmul and style == "rowwise":
-        return PlannedRowwise(items)
+        return PlannedRowwise(items, specs)
     raise PlanError(
         f"cannot run module {path!r} ({type(module).__name__}) tensor-parallel with style {style!r}",
         key=weight.key,
@@ -310,6 +338,8 @@ def parallelize(
             by_module.setdefault(path, {})[leaf] = item
     items_by_key = {item.key: item for item in load_plan.tensors}
     styles: dict[str, ParallelStyle] = {}
+    specs: dict = {}  # one DTensor spec per layout, shared by every module
+    modules = dict(module.named_modules())
     for path, items in by_module.items():
         expert_module = _expert_module(spec, path)
         if expert_module is not None:  # experts stored as the module holds them (fused, stacked)
@@ -317,7 +347,7 @@ def parallelize(
             styles[path] = ExpertsParallel(stored, items_by_key, expert_module)
         elif spec is not None and any(getattr(spec.match(item.key), "gathered_norm", False) for item in items.values()):
             styles[path] = GatheredNorm(items)
-        elif (style := _style(path, module.get_submodule(path), items)) is not None:
+        elif (style := _style(path, modules[path], items, specs)) is not None:
             styles[path] = style
     by_owner: dict[str, dict[str, Composed]] = {}
     for name, tensor in composed.items():
@@ -326,7 +356,7 @@ def parallelize(
     for path, tensors in by_owner.items():
         styles[path] = ExpertsParallel(tensors, items_by_key, _expert_module(spec, path))
     for path, style in styles.items():  # exact paths: no walk of the module tree matching patterns per entry
-        parallelize_module(module.get_submodule(path), mesh, style)
+        parallelize_module(modules[path], mesh, style)
     for names in tied.values():  # re-tie: each module got a parameter of its own
         if len(names) > 1:
             source = module.get_parameter(names[0])

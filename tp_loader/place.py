@@ -54,11 +54,20 @@ def place(
     return out
 
 
-def as_dtensor(local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...]) -> DTensor:
+def as_dtensor(
+    local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...], specs: dict | None = None
+) -> DTensor:
     """One shard as :func:`place` wraps it: ``Shard(dim)`` (``Replicate()`` for ``None``), global ``shape``,
-    row-major strides, no autograd history (for parameters and buffers, not activations)."""
+    row-major strides, no autograd history (for parameters and buffers, not activations). ``specs``, when
+    given, keeps the spec of each layout for the next tensors of the same layout on ``mesh``, as :func:`place`
+    does within one load (a model's layers repeat a few layouts)."""
     placement = Replicate() if dim is None else Shard(dim)
-    return _new_dtensor(local, _spec(mesh, placement, shape, local.dtype))
+    if specs is None:
+        return _new_dtensor(local, _spec(mesh, placement, shape, local.dtype))
+    spec = specs.get((placement, shape, local.dtype))
+    if spec is None:
+        spec = specs[(placement, shape, local.dtype)] = _spec(mesh, placement, shape, local.dtype)
+    return _new_dtensor(local, spec)
 
 
 def as_parameter(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:

@@ -496,22 +496,46 @@ def read_tensors(
         disable=not options.progress,
     )
 
-    def read_one(item: TensorPlan) -> tuple[str, torch.Tensor, int]:
+    def viewable(item: TensorPlan) -> bool:
+        """Whether ``item``'s shard is a view of the file's mapping (zero-copy: no bytes read now)."""
+        return (
+            options.zero_copy
+            and options.device.type == "cpu"
+            and not (destinations and item.key in destinations)
+            and source.can_view(item)
+            and target_dtype(item.info.dtype, options.dtype) == item.info.dtype
+        )
+
+    def failed(item: TensorPlan, exc: Exception) -> ReadError:
+        return ReadError(
+            f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}",
+            file=str(root / item.info.file),
+            key=item.key,
+            hint="The file may be truncated or corrupt: re-download it",
+        )
+
+    def view_all(items: list[TensorPlan]) -> list[tuple[str, torch.Tensor, int]]:
+        """Views of a run of zero-copy items, in one task: a thread hand-off per view cost more than the
+        view (about 0.1 ms each, 20 ms for a 22-layer model)."""
+        out = []
+        for item in items:
+            try:
+                out.append((item.key, source.view(item), item.read_bytes))
+            except TPLoaderError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure is reported with its file and key
+                raise failed(item, exc) from None
+            zero_copied.append(item.key)
+        return out
+
+    def read_one(item: TensorPlan) -> list[tuple[str, torch.Tensor, int]]:
         with budget.hold(item.nbytes):
             try:
                 wanted = target_dtype(item.info.dtype, options.dtype)
                 given = destinations.get(item.key) if destinations else None
                 if given is not None:
                     wanted = given.dtype
-                if given is None and (
-                    options.zero_copy
-                    and source.can_view(item)
-                    and wanted == item.info.dtype
-                    and options.device.type == "cpu"
-                ):
-                    local = source.view(item)
-                    zero_copied.append(item.key)
-                elif (
+                if (
                     isinstance(source, PreadSource)
                     and options.device.type == "cpu"
                     and (given is None or given.is_contiguous())
@@ -538,23 +562,27 @@ def read_tensors(
             except TPLoaderError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any read failure is reported with its file and key
-                raise ReadError(
-                    f"cannot read ranges {list(item.slice.ranges)} of dim {item.slice.dim}: {exc}",
-                    file=str(root / item.info.file),
-                    key=item.key,
-                    hint="The file may be truncated or corrupt: re-download it",
-                ) from None
-        return item.key, local, item.read_bytes
+                raise failed(item, exc) from None
+        return [(item.key, local, item.read_bytes)]
 
     read = 0
     pool = ThreadPoolExecutor(max_workers=options.num_threads, thread_name_prefix=THREAD_NAME_PREFIX)
     pending: dict[Future, TensorPlan] = {}
     stalled = False
     try:
+        views: list[TensorPlan] = []
         for item in ordered:
+            if viewable(item):
+                views.append(item)
+                continue
+            if views:
+                pending[pool.submit(view_all, views)] = views[0]
+                views = []
             pending[pool.submit(read_one, item)] = item
             if len(pending) >= 2 * options.num_threads:
                 read += _drain(pending, out, bar, source, options.stall_s, every=False)
+        if views:
+            pending[pool.submit(view_all, views)] = views[0]
         read += _drain(pending, out, bar, source, options.stall_s, every=True)
         source.check_sizes()
     except _Stalled as exc:
@@ -617,10 +645,10 @@ def _drain(
                 for other in pending:
                     other.cancel()
                 raise error
-            key, local, nbytes = future.result()
-            out[key] = local
-            read += nbytes
-            bar.update(nbytes)
+            for key, local, nbytes in future.result():
+                out[key] = local
+                read += nbytes
+                bar.update(nbytes)
         if not every:
             break
     return read
