@@ -94,6 +94,22 @@ def test_every_builtin_plan_loads_and_auto_selects_by_model_type_then_architectu
         select_spec("auto", {"model_type": "gpt_neox"}, model="m")
 
 
+def test_no_two_builtin_plans_claim_the_same_model_type_or_architecture() -> None:
+    """``auto`` picks the plan named after the model type without reading the others: exact only while no
+    other plan claims that model type (or, for the architecture search, the same architecture)."""
+    from tp_loader.spec import _plan_header
+
+    claims: dict[tuple[str, str], list[str]] = {}
+    for name, path in builtin_plan_paths().items():
+        model_types, architectures = _plan_header(path)
+        for claim in [("model_type", t) for t in model_types] + [("architecture", a) for a in architectures]:
+            claims.setdefault(claim, []).append(name)
+    assert {claim: names for claim, names in claims.items() if len(names) > 1} == {}
+    for name, path in builtin_plan_paths().items():  # each plan named after a model type is that type's plan
+        if name in _plan_header(path)[0]:
+            assert select_spec("auto", {"model_type": name}, model="m").name == load_spec(path).name
+
+
 def test_extending_plan_overrides_tensor_entries_and_puts_its_rules_first(tmp_path: Path) -> None:
     plan = tmp_path / "mine.toml"
     plan.write_text(
