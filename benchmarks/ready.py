@@ -1,15 +1,20 @@
 """Time to a ready model: a transformers ``LlamaForCausalLM`` checkpoint (``save_pretrained``, fp32) made into a
-tensor-parallel model that can run a forward, by tp_loader's two ways and by transformers, in fresh ranks.
+tensor-parallel model that can run a forward, by tp_loader's two ways and by transformers, in fresh ranks; and an
+in-place reload of a second checkpoint into a model already loaded.
 
-    python -m benchmarks.ready                          # TP 1 and 2: 5 warm runs each, 3 cold at TP 2
+    python -m benchmarks.ready                          # TP 1 and 2: 5 warm runs each, 3 cold at TP 2 (0.53 GB)
+    python -m benchmarks.ready --model 1b               # the same on TinyLlama-1.1B's shape (4.4 GB)
     python -m benchmarks.ready --reps 1 --cold-reps 0   # a quick look
 
 Each measurement forks fresh gloo ranks. Not timed: imports (in the parent before the fork; ``torch._dynamo`` in
-the rank), the process group and the 1-D mesh. Timed on each rank: from before the config is read until the model
-(or the shards) is ready and every 4 KiB page of every local tensor has been read (``systems.touch``); the figure
-is the slowest rank. Peak RSS: the rank's ``ru_maxrss`` as the clock stops. Warm runs read every file first; cold
-runs drop its pages (``POSIX_FADV_DONTNEED``). The first run of each row and every cold run check the result against
-the single-process transformers model (logits within 1e-4; for ``load()`` alone, every tensor) and fail loudly.
+the rank), the process group and the 1-D mesh; for a reload, the first load (with every page of it read, as a
+served model's are). Timed on each rank: from before the config is read (a reload: from its ``load_into`` call)
+until the model (or the shards) is ready and every 4 KiB page of every local tensor has been read
+(``systems.touch``); the figure is the slowest rank. Peak RSS: the rank's ``ru_maxrss`` as the clock stops. Warm
+runs read every file first; cold runs drop the pages of the checkpoint read on the clock (``POSIX_FADV_DONTNEED``).
+The first run of each row and every cold run check the result against the single-process transformers model of
+the checkpoint read (logits within 1e-4; for ``load()`` alone, every tensor) and fail loudly; a reload also fails
+if any tensor's storage moved.
 """
 
 from __future__ import annotations
@@ -60,7 +65,7 @@ GOALS += [("transformers", "load_into", "≥ 3×", lambda x: x >= 3)]
 PHASES: dict[str, float] = {}
 
 
-def _load_into(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+def _load_into(root: Path, mesh: DeviceMesh, **options: object) -> tuple[torch.nn.Module, dict]:
     start = time.perf_counter()
     config = transformers.AutoConfig.from_pretrained(root)
     with torch.device("meta"), no_init_weights():  # as from_pretrained: no random init of weights to be loaded
@@ -68,7 +73,7 @@ def _load_into(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     built = time.perf_counter()
     tp_loader.parallelize(model, mesh=mesh)
     parallelized = time.perf_counter()
-    tp_loader.load_into(model, root, mesh=mesh, progress=False)
+    tp_loader.load_into(model, root, mesh=mesh, progress=False, **options)
     loaded = time.perf_counter()
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     PHASES.update(model_s=built - start, parallelize_s=parallelized - built, load_into_s=loaded - parallelized)
@@ -103,11 +108,46 @@ def _transformers(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     return model.eval(), model.state_dict()
 
 
+def second(root: Path) -> Path:
+    """The checkpoint an in-place reload reads: the same architecture, other weights (another seed)."""
+    return root.with_name(root.name + "-b")
+
+
+#: A model loaded off the clock by ``BEFORE``, which a reload system then rewrites in place on the clock.
+_LOADED: list[torch.nn.Module] = []
+
+
+def _first_load(root: Path, mesh: DeviceMesh, zero_copy: bool) -> None:
+    """The model a server has been serving: loaded, and every page of it read (in memory, as weights in use are)."""
+    model, state = _load_into(root, mesh, zero_copy=zero_copy)
+    touch(state)
+    _LOADED[:] = [model]
+
+
+def _reload(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
+    """``load_into`` of the second checkpoint into the loaded model: every tensor's storage must stay where it is."""
+    model = _LOADED.pop()
+    pointers = {name: t.to_local().data_ptr() for name, t in model.state_dict().items() if isinstance(t, DTensor)}
+    tp_loader.load_into(model, second(root), mesh=mesh, progress=False)
+    state = model.state_dict()
+    moved = [name for name, pointer in pointers.items() if state[name].to_local().data_ptr() != pointer]
+    assert not moved, f"the reload moved {moved[:3]}"
+    return model.eval(), state
+
+
 SYSTEMS = {
     "load_into": _load_into,
     "load() + load_state_dict(assign)": _load_assign,
     "load() alone": lambda root, mesh: (None, tp_loader.load(root, mesh=mesh, progress=False).state_dict),
     "transformers": _transformers,
+    "reload in place": _reload,
+    "reload in place, copies": _reload,
+}
+#: Off the clock, before a system: the first load that a reload rewrites (zero-copy views of the first checkpoint's
+#: mapping, whose pages a reload's writes copy; or shards in memory of their own, ``zero_copy=False``).
+BEFORE = {
+    "reload in place": lambda root, mesh: _first_load(root, mesh, zero_copy=True),
+    "reload in place, copies": lambda root, mesh: _first_load(root, mesh, zero_copy=False),
 }
 
 
@@ -127,11 +167,14 @@ def _proc(path: str, field: str) -> int:
         return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
 
 
-def _measure(rank: int, world_size: int, system: str, root: Path, reference: torch.Tensor, check: bool) -> dict:
+def _measure(rank: int, world_size: int, system: str, root: Path, references: dict, check: bool) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     importlib.import_module("torch._dynamo")  # a fresh process's first DTensor imports it: not load cost
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))  # as torchrun sets them
     mesh = init_device_mesh("cpu", (world_size,))
+    if system in BEFORE:
+        BEFORE[system](root, mesh)
+        PHASES.clear()
     dist.barrier()
     modules, rss_start, read_start = set(sys.modules), _proc("status", "VmRSS") * 1024, _proc("io", "read_bytes")
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -146,22 +189,24 @@ def _measure(rank: int, world_size: int, system: str, root: Path, reference: tor
     q = state["model.layers.0.self_attn.q_proj.weight"]  # tp_size from WORLD_SIZE: unset, transformers loads whole
     assert world_size == 1 or isinstance(q, DTensor) and q.to_local().shape[0] < q.shape[0], f"{system}: not sharded"
     if check:
+        reference = references[second(root) if system in BEFORE else root]
         out["max_abs_error"] = error = _check(model, state, root, reference)
         if not error <= ATOL:
             raise AssertionError(f"{system} at TP{world_size}: rank {rank} differs by {error} (> {ATOL})")
     return out
 
 
-def _prepare(rank: int, world_size: int, root: Path, config: dict) -> None:
+def _prepare(rank: int, world_size: int, root: Path, config: dict, seed: int) -> None:
     """Writes the checkpoint and the single-process model's logits on PROMPT, in a process of its own: built
     here, the model would leave the parent's heap, which every rank inherits, large."""
-    if (root / "reference.pt").is_file() and torch.load(root / "reference.pt")["config"] == config:
+    made = {"config": config, "seed": seed}
+    if (root / "reference.pt").is_file() and made.items() <= torch.load(root / "reference.pt").items():
         return
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**config)).save_pretrained(root)
     model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.float32).eval()
     with torch.no_grad():
-        torch.save({"config": config, "logits": model(PROMPT).logits}, root / "reference.pt")
+        torch.save(made | {"logits": model(PROMPT).logits}, root / "reference.pt")
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -256,17 +301,22 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     root = args.data / ("ready-llama-fp32" if args.model == "small" else f"ready-llama-{args.model}-fp32")
-    values(run_ranks(1, _prepare, root, CONFIGS[args.model], timeout=1800))
-    reference = torch.load(root / "reference.pt")["logits"]
+    roots = [root, second(root)] if any(s in BEFORE for s in args.systems) else [root]
+    for seed, path in enumerate(roots):
+        values(run_ranks(1, _prepare, path, CONFIGS[args.model], seed, timeout=1800))
+    references = {path: torch.load(path / "reference.pt")["logits"] for path in roots}
     started, load_before = time.time(), os.getloadavg()
     runs: dict[tuple[int, str, str], list[dict]] = {}
     plan = [(rep, tp, "warm") for rep in range(args.reps) for tp in args.tp]
     plan += [(rep, max(args.tp), "cold") for rep in range(args.cold_reps)]
     for rep, tp, cache in plan:
         for system in args.systems:
-            (evict if cache == "cold" else warm)(root)
+            for path in roots:  # a reload reads the second checkpoint from storage; the first one is in use
+                read = second(root) if system in BEFORE else root
+                (evict if cache == "cold" and path == read else warm)(path)
             found = runs.setdefault((tp, cache, system), [])
-            ranks = values(run_ranks(tp, _measure, system, root, reference, cache == "cold" or not found, timeout=900))
+            check = cache == "cold" or not found
+            ranks = values(run_ranks(tp, _measure, system, root, references, check, timeout=900))
             run = {key: [r[key] for r in ranks] for key in ranks[0]}
             run["seconds"], run["built_s"] = max(run["seconds"]), max(run["built_s"])
             found.append(run)
