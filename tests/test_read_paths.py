@@ -295,3 +295,33 @@ def test_tensor_stored_at_a_misaligned_offset_is_read_exactly(
     monkeypatch.setenv("TP_LOADER_READER", reader)
     result = tp_loader.load(tmp_path, plan=str(tmp_path / "plan.toml"), allow_unmatched=True)
     assert all(torch.equal(result.state_dict[k], v) for k, v in tensors.items())
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("RssAnon:"))
+
+
+def test_prefaulting_a_private_mapping_makes_its_pages_the_process_own_without_changing_a_byte(
+    tmp_path: Path,
+) -> None:
+    """What a reload into a model loaded zero-copy relies on: the copy-on-write of every page a destination
+    spans happens in the prefault (anonymous memory grows by the span), values and the file stay as they were."""
+    from tp_loader.read import prefault_for_writing
+
+    path = tmp_path / "weights.bin"
+    data = torch.arange(4 * 1024 * 1024, dtype=torch.int32)  # 16 MiB
+    path.write_bytes(data.numpy().tobytes())
+    storage = torch.UntypedStorage.from_file(str(path), False, data.nbytes)
+    mapped = torch.empty(0, dtype=torch.uint8).set_(storage).view(torch.int32)
+    column = mapped.view(1024, 4096)[:, 1024:3072]  # strided: spans all but the first and last quarter row
+    assert torch.equal(column, data.view(1024, 4096)[:, 1024:3072])  # every page read, still the file's
+    before = _rss_anon()
+    prefault_for_writing(column)
+    grown = _rss_anon() - before
+    span = (1023 * 4096 + 2048) * 4
+    assert span - 2 * 4096 <= grown <= span + 1024 * 1024, grown
+    assert torch.equal(mapped, data)
+    prefault_for_writing(column[:0])  # nothing to fault: no call, no error
+    column.zero_()
+    assert path.read_bytes() == data.numpy().tobytes()  # a private mapping: the writes never reach the file

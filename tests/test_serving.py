@@ -4,6 +4,8 @@ then generates exactly what the single-process model generates; reloads rewrite 
 
 from __future__ import annotations
 
+import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -166,6 +168,48 @@ def test_reloading_a_new_checkpoint_rewrites_every_parameter_in_place(checkpoint
     want_logits, _ = _reference(checkpoints["llama_b"])
     bytes_read = values(run_ranks(2, _reload_in_place, checkpoints["llama"], checkpoints["llama_b"], want_logits))
     assert bytes_read[0] > 0
+
+
+#: Twelve layers whose widest row (down_proj's, 1024 fp32) is 4 KiB: a rank's shards (31 MB at TP 2) are three
+#: times the bound below, which one staging block (a column shard's whole rows: 256 rows of 4 KiB) sets.
+WIDE_LLAMA = {**LLAMA, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 12, "vocab_size": 8192}
+STAGING_BLOCK = 256 * 1024 * 4
+SLACK = 8 * 1024 * 1024  # Python objects (plan, report, headers), a reader thread's malloc arena
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+
+def _reload_peak(rank: int, world_size: int, first: Path, second: Path) -> tuple[int, int]:
+    """Loads ``first`` into memory of its own, then reloads ``second`` in place with one reader thread: the peak
+    resident memory the reload adds (``VmHWM`` reset just before), and this rank's bytes of parameters."""
+    os.environ["TP_LOADER_NUM_THREADS"] = "1"
+    config = transformers.AutoConfig.from_pretrained(first)
+    with accelerate.init_empty_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    mesh = init_device_mesh("cpu", (world_size,))
+    tp_loader.parallelize(model, mesh=mesh)
+    tp_loader.load_into(model, first, mesh=mesh, zero_copy=False)
+    pointers = _data_ptrs(model)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    before = _status_bytes("VmRSS")
+    tp_loader.load_into(model, second, mesh=mesh, progress=False)
+    added = _status_bytes("VmHWM") - before
+    assert _data_ptrs(model) == pointers
+    return added, sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
+
+
+def test_a_reload_in_place_adds_at_most_one_staging_block_of_memory(tmp_path: Path) -> None:
+    """The issue's bound: a reload writes into the model's storage, so it adds at most the reader's staging (one
+    block per reader thread), not a second copy of the shards (which would add every byte the rank holds)."""
+    first = _save(tmp_path / "a", transformers.LlamaConfig, transformers.LlamaForCausalLM, WIDE_LLAMA, 0)
+    second = _save(tmp_path / "b", transformers.LlamaConfig, transformers.LlamaForCausalLM, WIDE_LLAMA, 1)
+    for added, held in values(run_ranks(2, _reload_peak, first, second)):
+        assert held > 3 * (STAGING_BLOCK + SLACK)
+        assert added <= STAGING_BLOCK + SLACK, f"the reload added {added / 2**20:.1f} MiB for {held / 2**20:.1f} MiB"
 
 
 def _refused_reload(rank: int, world_size: int, first: Path, other: Path) -> str:

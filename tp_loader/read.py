@@ -415,6 +415,39 @@ def dequantize(piece: torch.Tensor, scale: torch.Tensor, item: TensorPlan) -> to
     return piece.float() * widened
 
 
+#: ``madvise`` advice (Linux 5.14): fault in every page of a range, writable.
+MADV_POPULATE_WRITE = 23
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_LIBC: list[Any] = []  # the C library's madvise, or nothing once it proved unavailable
+
+
+def prefault_for_writing(tensor: torch.Tensor) -> None:
+    """Faults in every page that a CPU destination spans, writable, in one system call, before it is written.
+
+    For destinations in a mapping (``is_shared()``): a view of a private file mapping (a model loaded zero-copy,
+    now reloaded in place) copies each page on its first write. Faulted one by one inside the reader threads'
+    copies, with the threads contending for the process's page tables, the reload of the 0.53 GB model of
+    ``benchmarks.ready`` took 0.81 s at TP 1 (two threads) and 0.36 s with one; with the pages faulted in here
+    first, by one thread, it takes less than either (docs/serving.md). Where the kernel (before Linux 5.14)
+    or the platform lacks it, nothing happens.
+    """
+    if tensor.device.type != "cpu" or tensor.numel() == 0 or _LIBC == [None]:
+        return
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            _LIBC.append(libc)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+            return
+    span = (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    length = -(-(tensor.data_ptr() + span - start) // _PAGE) * _PAGE
+    if _LIBC[0].madvise(start, length, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == 22:  # EINVAL: old kernel
+        _LIBC[:] = [None]
+
+
 def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
     """``POSIX_FADV_WILLNEED`` over each slice's span (first to last byte; a column slice's span also
     holds other ranks' columns, which is harmless for a hint): the kernel reads ahead, from disk on a
@@ -485,6 +518,9 @@ def read_tensors(
         else None
     )
     budget = ByteBudget(options.max_inflight_bytes)
+    for given in (destinations or {}).values():  # before any thread writes: see prefault_for_writing
+        if given.device.type == "cpu" and given.untyped_storage().is_shared():
+            prefault_for_writing(given)
     out: dict[str, torch.Tensor] = {}
     zero_copied: list[str] = []  # list.append is atomic under the GIL
     bar = tqdm(
