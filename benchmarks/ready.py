@@ -10,8 +10,9 @@ Each measurement forks fresh gloo ranks. Not timed: imports (in the parent befor
 the rank), the process group and the 1-D mesh; for a reload, the first load (with every page of it read, as a
 served model's are). Timed on each rank: from before the config is read (a reload: from its ``load_into`` call)
 until the model (or the shards) is ready and every 4 KiB page of every local tensor has been read
-(``systems.touch``); the figure is the slowest rank. Peak RSS: the rank's ``ru_maxrss`` as the clock stops. Warm
-runs read every file first; cold runs drop the pages of the checkpoint read on the clock (``POSIX_FADV_DONTNEED``).
+(``systems.touch``); the figure is the slowest rank. Peak RSS: the rank's ``VmHWM``, reset just before the clock
+starts. Warm runs read every file first; cold runs drop the pages of the checkpoint read on the clock
+(``POSIX_FADV_DONTNEED``).
 The first run of each row and every cold run check the result against the single-process transformers model of
 the checkpoint read (logits within 1e-4; for ``load()`` alone, every tensor) and fail loudly; a reload also fails
 if any tensor's storage moved.
@@ -23,7 +24,6 @@ import argparse
 import importlib.resources
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -42,7 +42,7 @@ from transformers.initialization import no_init_weights
 
 import tp_loader
 from benchmarks.measure import add_data_argument, evict, machine, versions, warm
-from benchmarks.systems import touch
+from benchmarks.systems import local, touch
 from tp_loader.testing import run_ranks, values
 
 #: The checkpoints (``--model``), all fp32 Llamas with GQA and an untied LM head. ``small``: 0.53 GB, hidden 1024,
@@ -127,10 +127,10 @@ def _first_load(root: Path, mesh: DeviceMesh, zero_copy: bool) -> None:
 def _reload(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     """``load_into`` of the second checkpoint into the loaded model: every tensor's storage must stay where it is."""
     model = _LOADED.pop()
-    pointers = {name: t.to_local().data_ptr() for name, t in model.state_dict().items() if isinstance(t, DTensor)}
+    pointers = {name: local(t).data_ptr() for name, t in model.state_dict().items()}
     tp_loader.load_into(model, second(root), mesh=mesh, progress=False)
     state = model.state_dict()
-    moved = [name for name, pointer in pointers.items() if state[name].to_local().data_ptr() != pointer]
+    moved = [name for name, pointer in pointers.items() if local(state[name]).data_ptr() != pointer]
     assert not moved, f"the reload moved {moved[:3]}"
     return model.eval(), state
 
@@ -175,6 +175,7 @@ def _measure(rank: int, world_size: int, system: str, root: Path, references: di
     if system in BEFORE:
         BEFORE[system](root, mesh)
         PHASES.clear()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak from here: not a reload's first load, done above
     dist.barrier()
     modules, rss_start, read_start = set(sys.modules), _proc("status", "VmRSS") * 1024, _proc("io", "read_bytes")
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -183,7 +184,7 @@ def _measure(rank: int, world_size: int, system: str, root: Path, references: di
     touch(state)
     out = {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "built_s": built}
     out |= PHASES if system == "load_into" else {}
-    out["rss_start"], out["peak_rss"] = rss_start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["rss_start"], out["peak_rss"] = rss_start, _proc("status", "VmHWM") * 1024
     out["storage_read"] = _proc("io", "read_bytes") - read_start
     out["imported_on_clock"] = sorted(set(sys.modules) - modules)
     q = state["model.layers.0.self_attn.q_proj.weight"]  # tp_size from WORLD_SIZE: unset, transformers loads whole

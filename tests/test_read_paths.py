@@ -297,31 +297,38 @@ def test_tensor_stored_at_a_misaligned_offset_is_read_exactly(
     assert all(torch.equal(result.state_dict[k], v) for k, v in tensors.items())
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as lines:
-        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("RssAnon:"))
+def _anonymous_bytes() -> int:
+    """This process's anonymous memory, exactly (``/proc/self/status`` sums per-CPU counters lazily)."""
+    with open("/proc/self/smaps_rollup") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith("Anonymous:"))
 
 
 def test_prefaulting_a_private_mapping_makes_its_pages_the_process_own_without_changing_a_byte(
     tmp_path: Path,
 ) -> None:
-    """What a reload into a model loaded zero-copy relies on: the copy-on-write of every page a destination
-    spans happens in the prefault (anonymous memory grows by the span), values and the file stay as they were."""
-    from tp_loader.read import prefault_for_writing
+    """What a reload into a model loaded zero-copy relies on: the copy-on-write of a contiguous destination's
+    pages happens in the prefault (anonymous memory grows by its pages), values and the file stay as they were;
+    a strided one (a column shard, whose span holds other ranks' columns) is left to its writes."""
+    from tp_loader import read
 
+    if not Path("/proc/self/smaps_rollup").is_file():
+        pytest.skip("needs Linux's /proc/self/smaps_rollup")
     path = tmp_path / "weights.bin"
-    data = torch.arange(4 * 1024 * 1024, dtype=torch.int32)  # 16 MiB
+    data = torch.arange(4 * 1024 * 1024, dtype=torch.int32)  # 16 MiB: 1024 rows of 16 KiB
     path.write_bytes(data.numpy().tobytes())
     storage = torch.UntypedStorage.from_file(str(path), False, data.nbytes)
-    mapped = torch.empty(0, dtype=torch.uint8).set_(storage).view(torch.int32)
-    column = mapped.view(1024, 4096)[:, 1024:3072]  # strided: spans all but the first and last quarter row
-    assert torch.equal(column, data.view(1024, 4096)[:, 1024:3072])  # every page read, still the file's
-    before = _rss_anon()
-    prefault_for_writing(column)
-    grown = _rss_anon() - before
-    span = (1023 * 4096 + 2048) * 4
-    assert span - 2 * 4096 <= grown <= span + 1024 * 1024, grown
-    assert torch.equal(mapped, data)
-    prefault_for_writing(column[:0])  # nothing to fault: no call, no error
-    column.zero_()
+    mapped = torch.empty(0, dtype=torch.uint8).set_(storage).view(torch.int32).view(1024, 4096)
+    rows, columns = mapped[256:768], mapped[:, 1024:3072]  # a row shard (8 MiB) and a column shard
+    assert torch.equal(mapped, data.view(1024, 4096))  # every page read, still the file's
+    assert read.copies_on_write(rows) and not read.copies_on_write(columns)
+    assert not read.copies_on_write(torch.zeros(4)) and not read.copies_on_write(rows.clone())
+    before = _anonymous_bytes()
+    read.prefault_for_writing(rows)
+    if read._MADVISE == [None]:
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14)")
+    grown = _anonymous_bytes() - before
+    assert rows.nbytes <= grown <= rows.nbytes + 1024 * 1024, grown
+    assert torch.equal(mapped, data.view(1024, 4096))
+    read.prefault_for_writing(rows[:0])  # nothing to fault: no call, no error
+    rows.zero_()
     assert path.read_bytes() == data.numpy().tobytes()  # a private mapping: the writes never reach the file

@@ -339,7 +339,7 @@ def parallelize(
     items_by_key = {item.key: item for item in load_plan.tensors}
     styles: dict[str, ParallelStyle] = {}
     specs: dict = {}  # one DTensor spec per layout, shared by every module
-    modules = dict(module.named_modules())
+    modules = dict(module.named_modules(remove_duplicate=False))  # a module shared under two paths: both
     for path, items in by_module.items():
         expert_module = _expert_module(spec, path)
         if expert_module is not None:  # experts stored as the module holds them (fused, stacked)

@@ -41,33 +41,35 @@ def place(
     """
     if mesh is None:
         return {item.key: local[item.key] for item in items}
-    out: dict[str, torch.Tensor] = {}
     specs: dict[tuple, DTensorSpec] = {}
-    for item in items:
-        tensor, piece = local[item.key], item.slice
-        placement = Replicate() if piece.dim is None else Shard(piece.dim)
-        shape = piece.global_shape
-        spec = specs.get((placement, shape, tensor.dtype))
-        if spec is None:
-            spec = specs[(placement, shape, tensor.dtype)] = _spec(mesh, placement, shape, tensor.dtype, tp_axis)
-        out[item.key] = _new_dtensor(tensor, spec)
-    return out
+    return {
+        item.key: _new_dtensor(
+            local[item.key],
+            _cached_spec(specs, mesh, item.slice.dim, item.slice.global_shape, local[item.key].dtype, tp_axis),
+        )
+        for item in items
+    }
 
 
 def as_dtensor(
     local: torch.Tensor, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...], specs: dict | None = None
 ) -> DTensor:
     """One shard as :func:`place` wraps it: ``Shard(dim)`` (``Replicate()`` for ``None``), global ``shape``,
-    row-major strides, no autograd history (for parameters and buffers, not activations). ``specs``, when
-    given, keeps the spec of each layout for the next tensors of the same layout on ``mesh``, as :func:`place`
-    does within one load (a model's layers repeat a few layouts)."""
+    row-major strides, no autograd history (for parameters and buffers, not activations). ``specs``: a dict
+    that keeps the spec of each layout for the next tensors of the same layout, as :func:`place` does within
+    one load (a model's layers repeat a few layouts); pass the same dict only for the same ``mesh``."""
+    return _new_dtensor(local, _cached_spec({} if specs is None else specs, mesh, dim, shape, local.dtype))
+
+
+def _cached_spec(
+    specs: dict, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...], dtype: torch.dtype, tp_axis: int = 0
+) -> DTensorSpec:
+    """The spec of one layout on ``mesh``, made once per ``specs`` (which must hold specs of ``mesh`` only)."""
     placement = Replicate() if dim is None else Shard(dim)
-    if specs is None:
-        return _new_dtensor(local, _spec(mesh, placement, shape, local.dtype))
-    spec = specs.get((placement, shape, local.dtype))
+    spec = specs.get((placement, shape, dtype))
     if spec is None:
-        spec = specs[(placement, shape, local.dtype)] = _spec(mesh, placement, shape, local.dtype)
-    return _new_dtensor(local, spec)
+        spec = specs[(placement, shape, dtype)] = _spec(mesh, placement, shape, dtype, tp_axis)
+    return spec
 
 
 def as_parameter(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:

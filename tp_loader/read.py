@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import math
 import os
@@ -311,7 +312,13 @@ class MappedSource(PreadSource):
         self._maps: dict[str, torch.Tensor] = {}  # file → its bytes
 
     def can_view(self, item: TensorPlan) -> bool:
-        return len(item.slice.ranges) <= 1 and not item.info.segments and item.scale is None and item.quant is None
+        """One range of one stored tensor, as stored, at an offset aligned for its dtype (safetensors does not
+        promise alignment: a misaligned tensor is read as a copy)."""
+        info = item.info
+        aligned = info.begin % info.dtype.itemsize == 0
+        return (
+            len(item.slice.ranges) <= 1 and not info.segments and item.scale is None and item.quant is None and aligned
+        )
 
     def view(self, item: TensorPlan) -> torch.Tensor:
         info = item.info
@@ -326,8 +333,6 @@ class MappedSource(PreadSource):
                 storage = torch.UntypedStorage.from_file(str(path), False, size)
                 mapped = self._maps[info.file] = torch.empty(0, dtype=torch.uint8).set_(storage)
         whole = mapped[info.begin : info.end]
-        if info.begin % info.dtype.itemsize:  # safetensors does not promise alignment: realign this one tensor
-            whole = whole.clone()
         return _take(item, whole.view(info.dtype).view(info.shape), row_offset=0)
 
     def close(self) -> None:
@@ -418,34 +423,51 @@ def dequantize(piece: torch.Tensor, scale: torch.Tensor, item: TensorPlan) -> to
 #: ``madvise`` advice (Linux 5.14): fault in every page of a range, writable.
 MADV_POPULATE_WRITE = 23
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-_LIBC: list[Any] = []  # the C library's madvise, or nothing once it proved unavailable
+_PREFAULT = threading.Lock()  # one caller at a time sets _MADVISE up
+_MADVISE: list[Any] = []  # the C library's madvise, or None once it proved unavailable
+
+
+def copies_on_write(tensor: torch.Tensor) -> bool:
+    """Whether writing ``tensor`` may copy its pages first: a contiguous CPU tensor in a mapping (``is_shared()``:
+    a zero-copy shard is a view of a private file mapping). Plain memory, and strided views (a column shard's
+    span holds other ranks' columns, whose pages a prefault would make this process's own too), are not."""
+    return tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.untyped_storage().is_shared()
 
 
 def prefault_for_writing(tensor: torch.Tensor) -> None:
-    """Faults in every page that a CPU destination spans, writable, in one system call, before it is written.
+    """Faults in the pages of a contiguous CPU tensor, writable, in one system call.
 
-    For destinations in a mapping (``is_shared()``): a view of a private file mapping (a model loaded zero-copy,
-    now reloaded in place) copies each page on its first write. Faulted one by one inside the reader threads'
-    copies, with the threads contending for the process's page tables, the reload of the 0.53 GB model of
-    ``benchmarks.ready`` took 0.81 s at TP 1 (two threads) and 0.36 s with one; with the pages faulted in here
-    first, by one thread, it takes less than either (docs/serving.md). Where the kernel (before Linux 5.14)
-    or the platform lacks it, nothing happens.
+    A model loaded zero-copy and reloaded in place is written through its private file mapping, which copies
+    each page on its first write. Faulted page by page inside the readers' copies, with two reader threads
+    contending for the process's page tables, the reload of ``benchmarks.ready``'s 0.53 GB model took 0.81 s
+    at TP 1, against 0.36 s with one thread. :func:`read_tensors` therefore faults every such destination in
+    with this, in one reader task, before any reader writes (docs/benchmarks.md has the reload with it). Where
+    the kernel (before Linux 5.14) or the platform lacks it, nothing happens.
     """
-    if tensor.device.type != "cpu" or tensor.numel() == 0 or _LIBC == [None]:
+    if tensor.numel() == 0:
         return
-    if not _LIBC:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-            _LIBC.append(libc)
-        except (OSError, AttributeError):
-            _LIBC.append(None)
+    with _PREFAULT:
+        if not _MADVISE:
+            try:
+                madvise = ctypes.CDLL(None, use_errno=True).madvise
+                madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+            except (OSError, AttributeError, TypeError):  # no C library by that name (Windows), or no madvise
+                madvise = None
+            _MADVISE.append(madvise)
+        madvise = _MADVISE[0]
+        if madvise is None:
             return
-    span = (1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
-    start = tensor.data_ptr() // _PAGE * _PAGE
-    length = -(-(tensor.data_ptr() + span - start) // _PAGE) * _PAGE
-    if _LIBC[0].madvise(start, length, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == 22:  # EINVAL: old kernel
-        _LIBC[:] = [None]
+        start = tensor.data_ptr() // _PAGE * _PAGE
+        length = -(-(tensor.data_ptr() + tensor.nbytes - start) // _PAGE) * _PAGE
+        if madvise(start, length, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
+            _MADVISE[0] = None  # a kernel without the advice: the writes fault the pages in themselves
+
+
+def _prefault_all(tensors: list[torch.Tensor]) -> list:
+    """A reader task: :func:`prefault_for_writing` of each tensor; it reads no tensor (an empty result)."""
+    for tensor in tensors:
+        prefault_for_writing(tensor)
+    return []
 
 
 def _advise(root: Path, items: tuple[TensorPlan, ...]) -> None:
@@ -518,9 +540,6 @@ def read_tensors(
         else None
     )
     budget = ByteBudget(options.max_inflight_bytes)
-    for given in (destinations or {}).values():  # before any thread writes: see prefault_for_writing
-        if given.device.type == "cpu" and given.untyped_storage().is_shared():
-            prefault_for_writing(given)
     out: dict[str, torch.Tensor] = {}
     zero_copied: list[str] = []  # list.append is atomic under the GIL
     bar = tqdm(
@@ -606,6 +625,10 @@ def read_tensors(
     pending: dict[Future, TensorPlan] = {}
     stalled = False
     try:
+        written = [given for given in (destinations or {}).values() if copies_on_write(given)]
+        if written and ordered:  # by one thread, before any write, watched for stalls as the reads are
+            pending[pool.submit(_prefault_all, written)] = ordered[0]
+            read += _drain(pending, out, bar, source, options.stall_s, every=True)
         views: list[TensorPlan] = []
         for item in ordered:
             if viewable(item):
