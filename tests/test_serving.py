@@ -5,6 +5,7 @@ then generates exactly what the single-process model generates; reloads rewrite 
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from pathlib import Path
 
@@ -356,3 +357,21 @@ def _into_bf16(rank: int, world_size: int, root: Path) -> None:
 
 def test_load_into_converts_each_slice_to_its_destinations_dtype(checkpoints: dict[str, Path]) -> None:
     values(run_ranks(2, _into_bf16, checkpoints["llama"]))
+
+
+def test_reloading_a_model_loaded_zero_copy_warns_once_that_its_pages_are_copied(
+    checkpoints: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload into views of a file mapping works (the views' pages become the process's own) but is several
+    times as slow as into memory of its own: the load says so, and what to do; into owned memory it says nothing."""
+    mapped = dict(tp_loader.load(checkpoints["llama"]).state_dict)  # one process: plain views of the mapping
+    owned = dict(tp_loader.load(checkpoints["llama"], zero_copy=False).state_dict)
+    with caplog.at_level(logging.WARNING, logger="tp_loader"):
+        tp_loader.load_into(owned, checkpoints["llama_b"], progress=False)
+    assert not [r for r in caplog.records if "file mapping" in r.message]
+    with caplog.at_level(logging.WARNING, logger="tp_loader"):
+        tp_loader.load_into(mapped, checkpoints["llama_b"], progress=False)
+    warned = [r.getMessage() for r in caplog.records if "file mapping" in r.getMessage()]
+    assert len(warned) == 1 and "Load with zero_copy=False a model you will reload in place" in warned[0], warned
+    b = tp_loader.load(checkpoints["llama_b"]).state_dict
+    assert all(torch.equal(mapped[key], b[key]) for key in b)

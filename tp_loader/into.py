@@ -9,6 +9,7 @@ overwritten in place, so a reload keeps every ``data_ptr`` (CUDA graphs and comp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from .loader import load
 from .parallel import composed_tensors, planned_dtensor, to_module_name
 from .place import as_parameter
 from .plan import LoadPlan
+from .read import copies_on_write
 from .report import LoadReport
+
+logger = logging.getLogger("tp_loader")
 
 
 def _module_tensors(target: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -169,6 +173,16 @@ class _Destinations:
         out = {key: locals_[name] for key, name in names.items() if name in locals_ and key not in part_of}
         for c in composed.values():
             out.update(c.views(locals_[c.name], items))
+        mapped = [local for local in locals_.values() if copies_on_write(local)]
+        if mapped and ctx.leader:
+            logger.warning(
+                "%s: %d destinations (%.2f GB on this rank) are views of a file mapping (a model loaded zero-copy): "
+                "writing them first copies each of their pages into new memory, several times as slow as writing "
+                "memory of their own. Load with zero_copy=False a model you will reload in place",
+                load_plan.model,
+                len(mapped),
+                sum(local.nbytes for local in mapped) / 1e9,
+            )
         return out
 
     def adopt(self, shards: dict[str, torch.Tensor]) -> None:
