@@ -41,7 +41,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from transformers.initialization import no_init_weights
 
 import tp_loader
-from benchmarks.measure import add_data_argument, evict, machine, versions, warm
+from benchmarks.measure import add_data_argument, evict, io_counters, machine, status_bytes, versions, warm
 from benchmarks.systems import local, touch
 from tp_loader.testing import run_ranks, values
 
@@ -161,12 +161,6 @@ def _check(model: torch.nn.Module | None, state: dict, root: Path, reference: to
         return (model(PROMPT).logits - reference).abs().max().item()
 
 
-def _proc(path: str, field: str) -> int:
-    """A field of /proc/self/status (kB) or /proc/self/io (bytes)."""
-    with open(f"/proc/self/{path}") as lines:
-        return next(int(line.split()[1]) for line in lines if line.startswith(field + ":"))
-
-
 def _measure(rank: int, world_size: int, system: str, root: Path, references: dict, check: bool) -> dict:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     importlib.import_module("torch._dynamo")  # a fresh process's first DTensor imports it: not load cost
@@ -177,15 +171,15 @@ def _measure(rank: int, world_size: int, system: str, root: Path, references: di
         PHASES.clear()
     Path("/proc/self/clear_refs").write_text("5")  # the peak from here: not a reload's first load, done above
     dist.barrier()
-    modules, rss_start, read_start = set(sys.modules), _proc("status", "VmRSS") * 1024, _proc("io", "read_bytes")
+    modules, rss_start, read_start = set(sys.modules), status_bytes("VmRSS"), io_counters()["read_bytes"]
     start, cpu_start = time.perf_counter(), time.process_time()
     model, state = SYSTEMS[system](root, mesh)
     built = time.perf_counter() - start
     touch(state)
     out = {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "built_s": built}
     out |= PHASES if system == "load_into" else {}
-    out["rss_start"], out["peak_rss"] = rss_start, _proc("status", "VmHWM") * 1024
-    out["storage_read"] = _proc("io", "read_bytes") - read_start
+    out["rss_start"], out["peak_rss"] = rss_start, status_bytes("VmHWM")
+    out["storage_read"] = io_counters()["read_bytes"] - read_start
     out["imported_on_clock"] = sorted(set(sys.modules) - modules)
     q = state["model.layers.0.self_attn.q_proj.weight"]  # tp_size from WORLD_SIZE: unset, transformers loads whole
     assert world_size == 1 or isinstance(q, DTensor) and q.to_local().shape[0] < q.shape[0], f"{system}: not sharded"
