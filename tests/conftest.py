@@ -76,6 +76,12 @@ def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
     path.write_bytes(raw[:8] + text.ljust(length) + raw[8 + length :])
 
 
+def proc_status_bytes(field: str) -> int:
+    """A figure of this process's ``/proc/self/status`` given in kB (``VmRSS``, ``VmHWM``), in bytes."""
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--fuzz-examples", type=int, default=25, help="examples per fuzz test (raise it for a long run, e.g. 2000)"

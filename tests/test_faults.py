@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import llama_config
+from conftest import llama_config, proc_status_bytes
 
 import tp_loader
 import tp_loader.loader
@@ -137,9 +137,7 @@ def test_rank_killed_mid_load_under_torchrun_ends_the_job_with_tp_loaders_error_
 def _resources() -> tuple[int, int, int]:
     gc.collect()
     fds = len(os.listdir("/proc/self/fd"))
-    with open("/proc/self/status") as status:
-        rss_kb = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
-    return fds, threading.active_count(), rss_kb
+    return fds, threading.active_count(), proc_status_bytes("VmRSS") // 1024
 
 
 LOADS = 20

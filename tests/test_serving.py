@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRANSFORMERS_LLAMA
+from conftest import TRANSFORMERS_LLAMA, proc_status_bytes
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -178,11 +178,6 @@ STAGING_BLOCK = 256 * 1024 * 4
 SLACK = 8 * 1024 * 1024  # Python objects (plan, report, headers), a reader thread's malloc arena
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as lines:
-        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
-
-
 def _reload_peak(rank: int, world_size: int, first: Path, second: Path) -> tuple[int, int]:
     """Loads ``first`` into memory of its own, then reloads ``second`` in place with one reader thread: the peak
     resident memory the reload adds (``VmHWM`` reset just before), and this rank's bytes of parameters."""
@@ -196,9 +191,9 @@ def _reload_peak(rank: int, world_size: int, first: Path, second: Path) -> tuple
     pointers = _data_ptrs(model)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    before = _status_bytes("VmRSS")
+    before = proc_status_bytes("VmRSS")
     tp_loader.load_into(model, second, mesh=mesh, progress=False)
-    added = _status_bytes("VmHWM") - before
+    added = proc_status_bytes("VmHWM") - before
     assert _data_ptrs(model) == pointers
     return added, sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in model.parameters())
 
