@@ -26,7 +26,7 @@ from .dist import Context
 from .errors import ArgumentError, ShardingError, StrictLoadError
 from .loader import load
 from .parallel import composed_tensors, planned_dtensor, to_module_name
-from .place import as_parameter
+from .place import as_parameter, describe_mesh
 from .plan import LoadPlan
 from .read import copies_on_write
 from .report import LoadReport
@@ -80,6 +80,45 @@ def _planned(item: _Layout) -> str:
     return f"global {list(item.global_shape)} ({item.placements[0]!r},) local {list(item.local_shape)}"
 
 
+def _same_ranks(a: DeviceMesh, b: DeviceMesh) -> bool:
+    return a.device_type == b.device_type and a.mesh.tolist() == b.mesh.tolist()
+
+
+@dataclass(frozen=True)
+class _MeshChoice:
+    """The mesh a load into ``target`` runs on, and the refusal (raised in the agreed round) when there is none."""
+
+    mesh: DeviceMesh | None
+    problem: str | None = None
+    key: str | None = None
+
+
+def _choose_mesh(tensors: dict[str, torch.Tensor], given: DeviceMesh | None) -> _MeshChoice:
+    """The destinations' own mesh when they are DTensors (the forward needs every DTensor on one mesh object, so
+    a ``mesh=`` over the same ranks is replaced by it); ``given`` for plain destinations."""
+    carried: dict[DeviceMesh, str] = {}  # mesh → the first destination on it, by name
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if isinstance(tensor, DTensor) and not any(tensor.device_mesh is m for m in carried):
+            carried.setdefault(tensor.device_mesh, name)
+    if len(carried) > 1:
+        (first, a), (second, b) = list(carried.items())[:2]
+        return _MeshChoice(
+            given or first,
+            f"the destinations are DTensors on more than one mesh: {a!r} on {describe_mesh(first)}, {b!r} on "
+            f"{describe_mesh(second)}",
+            key=a,
+        )
+    if not carried:
+        return _MeshChoice(given)
+    ((mesh, name),) = carried.items()
+    if given is None or given is mesh or _same_ranks(given, mesh):
+        return _MeshChoice(mesh)
+    return _MeshChoice(
+        given, f"the destinations are DTensors on {describe_mesh(mesh)}, but mesh= is {describe_mesh(given)}", key=name
+    )
+
+
 class _Destinations:
     """The ``_into`` hook of :func:`tp_loader.load`: checks every destination against the agreed plan,
     materializes meta ones, and returns checkpoint key → the local tensor to read into."""
@@ -90,9 +129,11 @@ class _Destinations:
         key_map: dict[str, str] | None,
         dtype: torch.dtype | None,
         strict: bool,
+        mesh: DeviceMesh | None,
     ) -> None:
         self.target = target
         self.tensors = _module_tensors(target)
+        self.mesh = _choose_mesh(self.tensors, mesh)
         self.key_map = key_map
         self.dtype = dtype
         self.strict = strict
@@ -105,6 +146,14 @@ class _Destinations:
         self.checkpoint_extra: tuple[str, ...] = ()
 
     def __call__(self, load_plan: LoadPlan, ctx: Context) -> dict[str, torch.Tensor]:
+        if self.mesh.problem is not None:
+            raise ShardingError(
+                self.mesh.problem,
+                key=self.mesh.key,
+                rank=ctx.rank,
+                hint="Pass the mesh the model was parallelized on (or no mesh=: load_into takes the destinations' "
+                "own), and parallelize every module on that one mesh",
+            )
         spec = load_plan.spec
 
         def module_name(key: str) -> str:
@@ -292,7 +341,9 @@ def load_into(
         dtype: every floating-point destination must be of this dtype (default: whatever it is).
         strict: refuse, before reading, unless every target tensor gets a checkpoint key and every
             checkpoint key a target tensor (tied names sharing one tensor count once).
-        mesh: the tensor-parallel mesh (default: as :func:`tp_loader.load`).
+        mesh: the tensor-parallel mesh. Default: the mesh the destinations' DTensors carry (a model from
+            :func:`tp_loader.parallelize`), else as :func:`tp_loader.load`. A mesh over the same ranks as the
+            destinations' is replaced by theirs (a forward needs one mesh object); one over other ranks is refused.
         options: other :func:`tp_loader.load` arguments (``revision``, ``cache_dir``, ``progress``, …).
 
     Returns:
@@ -300,10 +351,13 @@ def load_into(
         ``unexpected_keys`` the checkpoint keys the target lacks.
 
     Raises:
-        ShardingError: a destination's layout, dtype or device differs from the plan's.
+        ShardingError: a destination's layout, dtype or device differs from the plan's, the destinations are
+            on several meshes, or ``mesh`` spans other ranks than theirs.
         StrictLoadError: ``strict`` and the names differ.
         TPLoaderError: as :func:`tp_loader.load`.
     """
+    hook = _Destinations(target, key_map, normalise_dtype(dtype), strict, mesh)
+    mesh = hook.mesh.mesh
     if (mesh is not None and mesh.ndim != 1) or options.get("tp_size") is not None:
         raise ArgumentError(
             "load_into fills one tensor-parallel group's model: it takes a 1-D mesh, not a mesh with replicas",
@@ -311,8 +365,6 @@ def load_into(
             hint="Pass mesh['tp'] (each replica loads into its own model), or use tp_loader.load for the whole "
             "(dp, tp) mesh",
         )
-    wanted = normalise_dtype(dtype)
-    hook = _Destinations(target, key_map, wanted, strict)
     result = load(model, plan=plan, mesh=mesh, dtype=hook.load_dtype, _into=hook, **options)
     hook.adopt(result.state_dict)
     hook.share_ties()

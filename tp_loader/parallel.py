@@ -29,7 +29,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from .convert import fill
 from .errors import ArgumentError, PlanError
 from .index import Checkpoint, TensorInfo
-from .place import as_dtensor, as_parameter, contiguous_stride
+from .place import as_dtensor, as_parameter, contiguous_stride, describe_mesh
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .prefix import detect_prefix, with_prefix
 from .spec import ExpertModuleSpec, PlanSpec, config_values, evaluate, evaluate_size, glob_to_regex, select_spec
@@ -314,6 +314,7 @@ def parallelize(
             shapes are not what the config implies.
         ShardingError: heads do not divide across the mesh.
     """
+    _refuse_parallelized(module)
     values = module_config(module, config)
     world_size, rank = mesh.size(), mesh.get_local_rank()
     load_plan = plan_module(module, values, world_size, rank, plan=plan, mode=mode)
@@ -365,6 +366,19 @@ def parallelize(
                 setattr(module.get_submodule(path), leaf, source)
     _set_attributes(module, values, load_plan, world_size)
     return module
+
+
+def _refuse_parallelized(module: nn.Module) -> None:
+    """torch's ``distribute_module`` refuses a second call on a module with a RuntimeError that names neither the
+    module nor its mesh; a module holding DTensors already is refused here, before anything changes."""
+    for name, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        if isinstance(tensor, DTensor):
+            raise ArgumentError(
+                f"the module is already parallelized: {name!r} is a DTensor on {describe_mesh(tensor.device_mesh)}",
+                key=name,
+                hint="parallelize each module once; to load new weights into it, call tp_loader.load_into "
+                "(it rewrites the parameters in place)",
+            )
 
 
 def _expert_module(spec: PlanSpec | None, path: str) -> ExpertModuleSpec | None:

@@ -98,3 +98,8 @@ def _new_dtensor(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
     ``torch._dynamo`` (0.5 s here, most of a small load in a fresh process). ``__new__`` builds the
     whole tensor; ``tests/test_place.py`` pins the result against ``DTensor.from_local``."""
     return DTensor.__new__(DTensor, local, spec, requires_grad=False)
+
+
+def describe_mesh(mesh: DeviceMesh) -> str:
+    """A mesh as errors name it: device type, shape, global ranks and dimension names."""
+    return f"mesh {mesh.device_type} {tuple(mesh.shape)} ranks {mesh.mesh.flatten().tolist()} dims {mesh.mesh_dim_names}"
