@@ -156,7 +156,6 @@ def test_parallelizing_a_module_twice_is_refused_naming_its_mesh(llama) -> None:
     root, _, _ = llama
     message = values(run_ranks(2, _twice, root))[0]
     assert message.startswith(
-        "the module is already parallelized: 'lm_head.weight' is a DTensor on mesh cpu (2,) ranks [0, 1] dims "
-        "('tp',)"
+        "the module is already parallelized: 'lm_head.weight' is a DTensor on mesh cpu (2,) ranks [0, 1] dims ('tp',)"
     ), message
     assert "parallelize each module once" in message, message

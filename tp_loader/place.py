@@ -102,4 +102,5 @@ def _new_dtensor(local: torch.Tensor, spec: DTensorSpec) -> DTensor:
 
 def describe_mesh(mesh: DeviceMesh) -> str:
     """A mesh as errors name it: device type, shape, global ranks and dimension names."""
-    return f"mesh {mesh.device_type} {tuple(mesh.shape)} ranks {mesh.mesh.flatten().tolist()} dims {mesh.mesh_dim_names}"
+    ranks = mesh.mesh.flatten().tolist()
+    return f"mesh {mesh.device_type} {tuple(mesh.shape)} ranks {ranks} dims {mesh.mesh_dim_names}"
