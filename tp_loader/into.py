@@ -70,6 +70,7 @@ class _Layout:
     local_shape: tuple[int, ...]
     global_shape: tuple[int, ...]
     dim: int | None
+    dtype: torch.dtype  # as stored (a weight dequantized on load: float32)
 
     @property
     def placements(self) -> tuple[Placement, ...]:
@@ -119,6 +120,81 @@ def _choose_mesh(tensors: dict[str, torch.Tensor], given: DeviceMesh | None) -> 
     )
 
 
+def _refuse_collisions(names: dict[str, str]) -> None:
+    """Two checkpoint keys renamed to one destination: one would silently win."""
+    seen: dict[str, str] = {}
+    for key in sorted(names):
+        name = names[key]
+        if name in seen:
+            raise ArgumentError(
+                f"key_map sends two checkpoint keys to one destination: {seen[name]!r} and {key!r} both become "
+                f"{name!r}",
+                key=name,
+                hint="Make the key_map patterns give each checkpoint key a name of its own (the first pattern that "
+                "matches a key renames it)",
+            )
+        seen[name] = key
+
+
+#: Destinations whose spans interleave are compared element by element over a byte mask of at most this size;
+#: beyond it (never seen in a real model) spans that intersect count as shared.
+_OVERLAP_MASK_BYTES = 1 << 27
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, stop)`` from ``tensor``'s first element to one past its last (torch strides are >= 0)."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+    start = tensor.data_ptr()
+    return start, start + span * tensor.element_size()
+
+
+def _byte_view(mask: torch.Tensor, tensor: torch.Tensor, base: int) -> torch.Tensor:
+    """The bytes of ``mask`` (one per address from ``base``) that ``tensor``'s elements occupy."""
+    size = tensor.element_size()
+    strides = tuple(stride * size for stride in tensor.stride()) + (1,)
+    return mask.as_strided((*tensor.shape, size), strides, tensor.data_ptr() - base)
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose extents intersect hold a byte in common (strided views can interleave)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True
+    (a_start, a_stop), (b_start, b_stop) = _extent(a), _extent(b)
+    base, stop = min(a_start, b_start), max(a_stop, b_stop)
+    if stop - base > _OVERLAP_MASK_BYTES:
+        return True
+    mask = torch.zeros(stop - base, dtype=torch.bool)
+    _byte_view(mask, a, base).fill_(True)
+    return bool(_byte_view(mask, b, base).any())
+
+
+def _refuse_overlaps(locals_: dict[str, torch.Tensor], tied: set[frozenset[str]], rank: int) -> None:
+    """Two destinations sharing memory: whichever is written last holds its values in both. Only one tensor under
+    two names the plan ties passes (both are written the same values)."""
+    spans = sorted(
+        (tensor.device, *_extent(tensor), name)
+        for name, tensor in locals_.items()
+        if tensor.numel() and not tensor.is_meta
+    )
+    active: list[tuple[torch.device, int, str]] = []  # the spans not yet ended at the current start
+    for device, start, stop, name in spans:
+        active = [span for span in active if span[0] == device and span[1] > start]
+        for _, _, other in active:
+            a, b = locals_[other], locals_[name]
+            same = (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
+            if (same and frozenset((name, other)) in tied) or not _share_elements(a, b):
+                continue
+            first, second = sorted((name, other))
+            raise ShardingError(
+                f"destinations {first!r} and {second!r} share memory: one would hold the other's values",
+                key=first,
+                rank=rank,
+                hint="Give every destination memory of its own (one tensor under two names only where the checkpoint "
+                "ties those two keys)",
+            )
+        active.append((device, stop, name))
+
+
 class _Destinations:
     """The ``_into`` hook of :func:`tp_loader.load`: checks every destination against the agreed plan,
     materializes meta ones, and returns checkpoint key → the local tensor to read into."""
@@ -160,6 +236,7 @@ class _Destinations:
             return _mapped(to_module_name(key, spec), self.key_map)
 
         names = {item.key: module_name(item.key) for item in load_plan.tensors}
+        _refuse_collisions(names)
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         composed = composed_tensors(spec, load_plan, shapes) if spec is not None else {}
         part_of = {key: c for c in composed.values() for key, *_ in c.parts}
@@ -185,12 +262,15 @@ class _Destinations:
         self.module_missing, self.checkpoint_extra = missing, extra
         items = {item.key: item for item in load_plan.tensors}
         layouts = {
-            names[key]: _Layout(key, item.local_shape, item.slice.global_shape, item.slice.dim)
+            names[key]: _Layout(key, item.local_shape, item.slice.global_shape, item.slice.dim, item.info.dtype)
             for key, item in items.items()
             if key not in extra and key not in part_of
         }
         layouts.update(
-            {c.name: _Layout(c.parts[0][0], c.local_shape, c.global_shape, c.dim) for c in composed.values()}
+            {
+                c.name: _Layout(c.parts[0][0], c.local_shape, c.global_shape, c.dim, items[c.parts[0][0]].info.dtype)
+                for c in composed.values()
+            }
         )
         checked, refused = {}, []
         for name, layout in layouts.items():
@@ -214,6 +294,8 @@ class _Destinations:
             and key not in part_of
             and (self.tensors[name].dtype == self.load_dtype or not self.tensors[name].dtype.is_floating_point)
         }
+        tied = {frozenset((module_name(tie.source), module_name(tie.target))) for tie in load_plan.ties}
+        _refuse_overlaps({name: self._local(name) for name, must in checked.items() if not must}, tied, ctx.rank)
         locals_ = {
             name: self._materialize(name, layouts[name], ctx) if must else self._local(name)
             for name, must in checked.items()
@@ -275,6 +357,15 @@ class _Destinations:
                 rank=ctx.rank,
                 hint="Build the module with tp_loader.parallelize (same plan and mesh), or allocate the "
                 "destination with the plan's local shape",
+            )
+        if tensor.dtype != item.dtype and not (tensor.dtype.is_floating_point and item.dtype.is_floating_point):
+            raise ShardingError(
+                f"destination {name!r} is {tensor.dtype}, but the checkpoint stores it as {item.dtype}: load_into "
+                "converts floating point to floating point only",
+                key=item.key,
+                rank=ctx.rank,
+                hint="Give the destination a floating-point dtype for a floating-point tensor, and the stored dtype "
+                "itself for an integer or bool one",
             )
         if self.dtype is not None and tensor.dtype != self.dtype and tensor.dtype.is_floating_point:
             raise ShardingError(
