@@ -237,6 +237,7 @@ def make_plan(
         CheckpointError: the config lacks a value the plan needs.
         PlanError: a plan expression is malformed, or most bytes are unexpected (see ``allow_unmatched``).
     """
+    _refuse_unconfigured_scales(checkpoint)
     spec = with_prefix(spec, detect_prefix(spec, checkpoint.tensors))
     groups = present_groups(spec, checkpoint.config, checkpoint.tensors)
     try:
@@ -559,6 +560,41 @@ def fp8_block(config: dict) -> tuple[int, int] | None:
             hint="Fix config.json",
         )
     return block[0], block[1]
+
+
+#: The scale companions of an fp8 weight ``X``: block scales (``X_scale_inv``), per-tensor or per-channel ones.
+_SCALE_SUFFIXES = (SCALE_SUFFIX, "_scale")
+
+
+def _refuse_unconfigured_scales(checkpoint: Checkpoint) -> None:
+    """fp8 weights stored beside their scales with no ``quantization_config``: without it the scales are
+    unexpected keys and the weights load as stored, each off by its scale. That is never what the checkpoint
+    means, so it is refused (strict or not) instead of loaded."""
+    if isinstance(checkpoint.config.get("quantization_config"), dict):
+        return
+    tensors = checkpoint.tensors
+    pairs = sorted(
+        (key[: -len(suffix)], key)
+        for key in tensors
+        for suffix in _SCALE_SUFFIXES
+        if key.endswith(suffix) and (weight := tensors.get(key[: -len(suffix)])) is not None and weight.dtype in FP8
+    )
+    if not pairs:
+        return
+    weight, scale = pairs[0]
+    more = ", ..." if len(pairs) > 1 else ""
+    example = ""
+    if scale.endswith(SCALE_SUFFIX) and len(tensors[weight].shape) == 2 and len(tensors[scale].shape) == 2:
+        block = [-(-size // max(1, num)) for size, num in zip(tensors[weight].shape, tensors[scale].shape)]
+        example = f' (blocks of {weight!r}: {{"quant_method": "fp8", "weight_block_size": {block}}})'
+    raise CheckpointError(
+        f"{len(pairs)} fp8 tensors are stored with scales ({weight!r} beside {scale!r}{more}), but config.json has "
+        "no quantization_config: loaded as stored, each weight would be off by its scale",
+        file=str(checkpoint.root / "config.json"),
+        key=scale,
+        hint=f"Add the quantization_config the checkpoint was saved with to config.json{example}; tp_loader then "
+        "keeps the fp8 weights with their scales, or dequantizes them with dtype=torch.bfloat16",
+    )
 
 
 def _expect_scales(
