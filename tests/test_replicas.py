@@ -172,7 +172,7 @@ def test_a_rank_killed_during_the_exchange_ends_every_peer_with_an_error_within_
     assert outcomes[2] == ("lost", None)
     for rank in (0, 1, 3):
         kind, (name, seconds) = outcomes[rank]
-        assert (kind, name) == ("ok", "DistributedError"), outcomes[rank]
+        assert (kind, name) == ("ok", "LostContactError"), outcomes[rank]
         assert seconds < 20, f"rank {rank} ended after {seconds:.1f} s"
 
 
@@ -236,3 +236,51 @@ def test_share_job_for_cuda_shards_is_refused_saying_what_to_do_instead() -> Non
         "Load with share='none' on GPUs, or with device='cpu' and move the shards"
     )
     assert normalise_share("job", torch.device("cpu")) == "job" and normalise_share("none", None) == "none"
+
+
+def _stalls_in_the_broadcast(rank: int, world_size: int, root: Path, flags: Path, timeout_s: float) -> float:
+    import time
+
+    import tp_loader.share
+
+    mesh = _mesh(rank, world_size)
+    if rank == 0:
+
+        def stalled(*args, **kwargs):  # hung (a stuck NIC, a stopped process) until every peer has given up
+            waited = time.monotonic()
+            while len(list(flags.glob("done*"))) < world_size - 1 and time.monotonic() - waited < 4 * timeout_s:
+                time.sleep(0.1)
+            os._exit(3)
+
+        tp_loader.share._post = stalled
+    start = time.monotonic()
+    try:
+        tp_loader.load(root, mesh=mesh, share="job")
+    except tp_loader.DistributedError:
+        return time.monotonic() - start
+    finally:
+        (flags / f"done{rank}").touch()
+    raise AssertionError("loaded with a stalled peer")
+
+
+def test_a_rank_stalled_in_the_exchange_ends_every_peer_within_the_timeout_and_ten_seconds(
+    make_checkpoint, tmp_path: Path
+) -> None:
+    """A member of the stalled rank's replica group waits out the broadcast's timeout, and must then not wait a
+    second timeout for the stalled rank in the agreement round that follows."""
+    timeout_s = 12.0
+    outcomes = run_ranks(
+        4,
+        _stalls_in_the_broadcast,
+        make_checkpoint(CONFIG),
+        tmp_path,
+        timeout_s,
+        timeout=6 * timeout_s,
+        env={"TP_LOADER_TIMEOUT_S": str(timeout_s)},
+        allow_lost=True,
+    )
+    assert outcomes[0] == ("lost", None)
+    for rank in (1, 2, 3):
+        kind, seconds = outcomes[rank]
+        assert kind == "ok", outcomes[rank]
+        assert seconds < timeout_s + 10, f"rank {rank} ended after {seconds:.1f} s"

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .env import LaunchEnv, Settings, node_override
-from .errors import DistributedError, TPLoaderError, as_loader_error, from_wire
+from .errors import DistributedError, LostContactError, TPLoaderError, as_loader_error, from_wire
 
 logger = logging.getLogger("tp_loader")
 
@@ -295,7 +295,7 @@ def agree(ctx: Context, error: TPLoaderError | None, payload: Any = None, *, sta
         dist.all_gather_object(gathered, sent, group=ctx.group)
     except Exception as exc:  # noqa: BLE001 - a lost peer or a timeout surfaces here
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DistributedError(
+        raise LostContactError(
             f"lost contact with the other ranks after stage '{stage}' (waited at most {ctx.timeout_s:g} s): {cause}",
             rank=ctx.control_rank,
             hint="Another rank died, hung or failed outside tp_loader; see its log. TP_LOADER_TIMEOUT_S sets the wait",
@@ -323,6 +323,8 @@ def run_agreed(
         logger.debug("stage %s failed on rank %d", stage, ctx.control_rank, exc_info=True)
         error = as_loader_error(exc, ctx.control_rank)
         sent = None
+    if isinstance(error, LostContactError):  # the rank it lost would not join this round either
+        raise error
     return result, agree(ctx, error, sent, stage=stage)
 
 

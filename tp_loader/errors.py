@@ -109,6 +109,11 @@ class DistributedError(TPLoaderError, RuntimeError):
     """The process group could not be set up, or ranks disagree about what they see."""
 
 
+class LostContactError(DistributedError):
+    """A collective with other ranks failed or timed out: some rank died or hung. It is raised where it is met,
+    without an agreement round, which would wait a second timeout for the same rank."""
+
+
 _TYPES: dict[str, type[TPLoaderError]] = {
     cls.__name__: cls
     for cls in (
@@ -122,6 +127,7 @@ _TYPES: dict[str, type[TPLoaderError]] = {
         StrictLoadError,
         ReadError,
         DistributedError,
+        LostContactError,
     )
 }
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .dist import Context, group_alive
-from .errors import DistributedError, TPLoaderError, as_loader_error
+from .errors import DistributedError, LostContactError, TPLoaderError, as_loader_error
 from .plan import TensorPlan
 from .read import ReadStats, target_dtype
 
@@ -183,9 +183,9 @@ def _wait(works: list[Any], column: Column, rank: int) -> None:
             raise _lost(exc, column, rank) from None
 
 
-def _lost(exc: Exception, column: Column, rank: int) -> DistributedError:
+def _lost(exc: Exception, column: Column, rank: int) -> LostContactError:
     cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return DistributedError(
+    return LostContactError(
         f"the exchange of shards with replicas {list(column.ranks)} failed: {cause}",
         rank=rank,
         hint="A replica died or hung while shards were being shared (see its log); TP_LOADER_TIMEOUT_S sets "
