@@ -102,7 +102,7 @@ def test_restart_places_the_same_dtensors_ties_and_report_as_a_normal_load(tmp_p
     manifest = json.loads((tmp_path / "out" / "llama-gqa-bf16" / sharded.MANIFEST).read_text())
     assert manifest["world_size"] == world_size
     assert [f["name"] for f in manifest["files"]] == [sharded.rank_file(r, world_size) for r in range(world_size)]
-    assert (manifest["plan"], manifest["dtype"], manifest["format_version"]) == ("llama", None, 1)
+    assert (manifest["plan"], manifest["dtype"], manifest["format_version"]) == ("llama", None, 2)
 
 
 def _with_replicas(rank: int, world_size: int, root: Path, out: Path) -> None:
@@ -220,10 +220,10 @@ REFUSALS = {
     ),
     "format-version": (
         2,
-        lambda src, out: _edit_manifest(out, lambda d: d.update(format_version=2)),
+        lambda src, out: _edit_manifest(out, lambda d: d.update(format_version=1)),
         {},
-        f"pre-sharded directory is in format version 2 (written by tp_loader {tp_loader.__version__}); this "
-        f"tp_loader ({tp_loader.__version__}) reads version 1",
+        f"pre-sharded directory is in format version 1 (written by tp_loader {tp_loader.__version__}); this "
+        f"tp_loader ({tp_loader.__version__}) reads version 2",
     ),
     "source-rewritten": (
         2,

@@ -3,17 +3,20 @@
 ``load(MODEL, save_sharded=OUT)`` (or ``python -m tp_loader save-sharded MODEL OUT --tp N``) writes, for a world
 size N, one safetensors file per rank, ``rank-{r:05d}-of-{N:05d}.safetensors``, holding exactly the local shards a
 load gives that rank, and a manifest, ``tp_loader-sharded.json``: format version, tp_loader version, world size, the
-load's arguments, the plan's name and each rank's layout digest, dtype, the source checkpoint (its directory, its
-files' names, sizes and modification times, its config and header index) and each rank file's size, header digest
-and block checksums. Every file is written under a temporary name and renamed into place once every rank has written
-its own; the manifest comes last, so a directory without one is never taken for a complete one.
+load's arguments, the plan's name and each rank's layout digest, dtype, the save's id (also in every rank file's
+header), the source checkpoint (its directory, its files' names, sizes, modification times and content
+fingerprints, its config and header index) and each rank file's size, header digest and block checksums. Every file
+is written under a temporary name and renamed into place once every rank has written its own; the manifest comes
+last, so a directory without one is never taken for a complete one. The format and the manifest's parsing, which
+checks every field, are in :mod:`tp_loader.sharded_manifest`; the writer is :mod:`tp_loader.sharded_save`.
 
 ``load(OUT)`` recognises the manifest. Instead of resolving and indexing a checkpoint it re-plans the load from the
-source index kept in the manifest (no I/O), and refuses (:class:`StaleShardsError`, on every rank) unless the plan
-gives the layout the files were written for, the source (when still reachable) is unchanged and this rank's file
-has the size and header it was written with. The rank then reads its file in file order through the read stage and
-places the shards as a normal load does. Data checksums are checked on request (``verify=True``): see
-docs/benchmarks.md for the measurement behind that.
+source index kept in the manifest (no I/O), and refuses (:class:`StaleShardsError`, on every rank, before any rank
+reads data) unless the plan gives the layout the files were written for, the source (when still reachable) is
+unchanged and this rank's file has the size and the header it was written with: the same save id and rank, the
+manifest's digest, and byte ranges that pass a source header's validation. The rank then reads its file in file
+order through the read stage and places the shards as a normal load does. Data checksums are checked on request
+(``verify=True``): see docs/benchmarks.md for the measurement behind that.
 """
 
 from __future__ import annotations
@@ -22,17 +25,14 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import re
+import stat
 import struct
 import threading
 import time
-import uuid
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -43,166 +43,35 @@ from ._version import __version__
 from .arguments import conversion_dtype, dtype_name, normalise_dtype
 from .dist import Context, run_agreed
 from .errors import ArgumentError, CheckpointError, DistributedError, ReadError, StaleShardsError
-from .index import DTYPES, MAX_HEADER_BYTES, Checkpoint, TensorInfo
+from .index import MAX_HEADER_BYTES, Checkpoint, read_safetensors_header
 from .place import place
 from .plan import LoadPlan, TensorPlan, plan_rank
 from .read import ReadOptions, ReadStats, read_tensors, target_dtype
 from .report import LoadReport, build_report, rank_reports
-from .resolve import PICKLE_INDEX, SAFETENSORS_INDEX
+from .sharded_manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SAFETENSORS_NAMES,
+    Manifest,
+    RankFile,
+    content_fingerprint,
+    read_exact,
+)
+from .sharded_manifest import find_manifest as find_manifest
+from .sharded_manifest import rank_file as rank_file
 from .spec import builtin_plan_paths
 from .styles import Slice
 from .tie import apply_ties
 
 logger = logging.getLogger("tp_loader")
 
-MANIFEST = "tp_loader-sharded.json"
-FORMAT = "tp_loader-sharded"
-#: Bumped whenever the files or the manifest change meaning; a directory of another version is refused.
-FORMAT_VERSION = 1
-#: Rank files carry one crc32 per block of this many bytes (checked in parallel, one block per thread).
-CHECKSUM_BLOCK_BYTES = 64 * 1024 * 1024
-WRITE_CHUNK_BYTES = 64 * 1024 * 1024
 VERIFY_PIECE_BYTES = 1024 * 1024
-
-#: torch dtype → its safetensors name (every dtype the index stage reads).
-SAFETENSORS_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-RANK_FILE = re.compile(r"rank-(\d{5})-of-(\d{5})\.safetensors")
-#: Every name save-sharded writes (final and temporary): a directory holding anything else is not overwritten.
-OWN_FILE = re.compile(
-    r"\.?(rank-\d{5}-of-\d{5}\.safetensors|tp_loader-sharded\.json|config\.json)(\.[0-9a-f]{32})?(\.tmp)?"
-)
-
-
-def rank_file(rank: int, world_size: int) -> str:
-    """The name of rank ``rank``'s file in a directory written for ``world_size`` ranks."""
-    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def temporary_name(name: str, unique: bool = False) -> str:
-    """A rank file's temporary name; ``unique`` for files that several writers (one per node) may write at once."""
-    return f".{name}.{uuid.uuid4().hex}.tmp" if unique else f".{name}.tmp"
 
 
 def _rebuild_hint(source: str, out: Path, world_size: int) -> str:
     return (
         f"Re-run save-sharded (python -m tp_loader save-sharded {source} {out} --tp {world_size}), "
         "or load with rebuild=True (--rebuild) to rebuild it from the source"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the manifest
-
-
-@dataclass(frozen=True)
-class RankFile:
-    """One rank's file as the manifest describes it: its size, the sha256 of its header (8-byte length and JSON),
-    the crc32 of each :data:`CHECKSUM_BLOCK_BYTES` block, and the sha256 of the layout it was written for."""
-
-    rank: int
-    name: str
-    size: int
-    header_sha256: str
-    layout_sha256: str
-    crc32: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """A parsed ``tp_loader-sharded.json``. Fields past ``source_root`` are empty when the format version is not
-    this tp_loader's (such a directory is refused, but can still be rebuilt from its source)."""
-
-    root: Path
-    digest: str
-    format_version: int
-    version: str
-    source_root: str
-    world_size: int = 0
-    plan: str = ""
-    dtype: str | None = None
-    arguments: dict[str, Any] = field(default_factory=dict)
-    block_bytes: int = CHECKSUM_BLOCK_BYTES
-    files: tuple[RankFile, ...] = ()
-    source_model: str = ""
-    source_format: str = "safetensors"
-    source_fingerprint: str = ""
-    source_files: tuple[tuple[str, int, int], ...] = ()
-    config: dict[str, Any] = field(default_factory=dict)
-    tensors: tuple[tuple[str, str, str, tuple[int, ...], int, int], ...] = ()
-    tie_equal: tuple[tuple[bool, ...], ...] = ()
-
-    @property
-    def path(self) -> Path:
-        return self.root / MANIFEST
-
-
-def find_manifest(model: str | os.PathLike[str] | None) -> Manifest | None:
-    """The manifest when ``model`` is a pre-sharded directory, else ``None``.
-
-    Raises:
-        CheckpointError: the manifest cannot be read or parsed, or the directory holds rank files but no
-            manifest (save-sharded did not finish).
-    """
-    if model is None:
-        return None
-    root = Path(model).expanduser()
-    path = root / MANIFEST
-    if not path.exists():
-        try:
-            incomplete = root.is_dir() and any(OWN_FILE.fullmatch(p.name) and "rank-" in p.name for p in root.iterdir())
-        except OSError:  # not listable: the load's own stages say why
-            incomplete = False
-        if incomplete:
-            raise CheckpointError(
-                f"the directory holds rank files but no {MANIFEST}: save-sharded did not finish writing it",
-                file=str(root),
-                hint="Re-run save-sharded into it (python -m tp_loader save-sharded SOURCE DIR --tp N)",
-            )
-        return None
-    try:
-        raw = path.read_bytes()
-        data = json.loads(raw)
-        return _parse(root, hashlib.sha256(raw).hexdigest(), data)
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise CheckpointError(
-            f"cannot read the pre-sharded directory's manifest: {type(exc).__name__}: {exc}",
-            file=str(path),
-            hint="Re-run save-sharded into the directory (python -m tp_loader save-sharded SOURCE DIR --tp N)",
-        ) from None
-
-
-def _parse(root: Path, digest: str, data: dict[str, Any]) -> Manifest:
-    if data.get("format") != FORMAT:
-        raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
-    source = data["source"]
-    head = Manifest(root, digest, int(data["format_version"]), str(data["tp_loader_version"]), str(source["root"]))
-    if head.format_version != FORMAT_VERSION:
-        return head
-    files = tuple(
-        RankFile(
-            int(f["rank"]), str(f["name"]), int(f["size"]), f["header_sha256"], f["layout_sha256"], tuple(f["crc32"])
-        )
-        for f in data["files"]
-    )
-    if [f.rank for f in files] != list(range(int(data["world_size"]))) or any(
-        f.name != rank_file(f.rank, int(data["world_size"])) for f in files
-    ):
-        raise ValueError("files do not list one rank file per rank")
-    return dataclasses.replace(
-        head,
-        world_size=int(data["world_size"]),
-        plan=str(data["plan"]),
-        dtype=data["dtype"],
-        arguments=dict(data["arguments"]),
-        block_bytes=int(data["checksum"]["block_bytes"]),
-        files=files,
-        source_model=str(source["model"]),
-        source_format=str(source["format"]),
-        source_fingerprint=str(source["fingerprint"]),
-        source_files=tuple((str(n), int(s), int(m)) for n, s, m in source["files"]),
-        config=dict(source["config"]),
-        tensors=tuple((str(k), str(f), str(d), tuple(s), int(b), int(e)) for k, f, d, s, b, e in source["tensors"]),
-        tie_equal=tuple(tuple(bool(x) for x in per_rank) for per_rank in data["tie_equal"]),
     )
 
 
@@ -346,7 +215,7 @@ def _restart(
         plan = manifest.plan  # what "auto" chose: reading that one plan file is a third of a restart's planning
     conversion = conversion_dtype(dtype)
 
-    def check() -> tuple[LoadPlan, RankFile, dict[str, torch.Tensor] | None]:
+    def check() -> tuple[LoadPlan, RankFile, tuple[TensorPlan, ...], dict[str, torch.Tensor] | None]:
         _check_format(manifest, ctx.world_size)
         checkpoint = _source_checkpoint(manifest)
         _check_source(manifest)
@@ -366,16 +235,19 @@ def _restart(
             asking = {"dtype": dtype_name(dtype), "plan": load_plan.plan_name, "mode": mode}
             _refuse_layout(manifest, asking, entry)
         _check_rank_file(manifest, entry)
-        return load_plan, entry, into(load_plan, ctx) if into is not None else None
+        items = _file_items(manifest, entry, load_plan, conversion)  # its header only: no rank has read data yet
+        return load_plan, entry, items, into(load_plan, ctx) if into is not None else None
 
     # every rank's plan (and destinations, checked in the same round); rank 0's tie decisions, which every rank
     # then uses (as a load does)
-    (load_plan, entry, destinations), seen = run_agreed(ctx, "check pre-sharded", check, lambda result: result[0].ties)
+    (load_plan, entry, items, destinations), seen = run_agreed(
+        ctx, "check pre-sharded", check, lambda result: result[0].ties
+    )
     load_plan = dataclasses.replace(load_plan, ties=seen[0])
     read_options = ReadOptions.from_settings(settings, conversion, ctx.device, progress=options.progress and ctx.leader)
 
     def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats]:
-        items = _file_items(manifest, entry, load_plan, conversion)
+        _check_tie_equal(manifest, load_plan)
         if options.verify:
             _verify_blocks(manifest, entry, settings.num_threads)
         sizes = {entry.name: entry.size}
@@ -429,51 +301,50 @@ def _check_format(manifest: Manifest, world_size: int) -> None:
         )
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CheckpointError(f"manifest names an unknown dtype {name!r}", key=name)
-    return dtype
-
-
 def _source_checkpoint(manifest: Manifest) -> Checkpoint:
     """The source as its headers were when the directory was written, from the manifest's copy (checked against
     the loader's own fingerprint of it, so an edited or damaged copy is refused)."""
-    tensors = {
-        key: TensorInfo(key, file, _torch_dtype(dtype), shape, begin, end)
-        for key, file, dtype, shape, begin, end in manifest.tensors
-    }
+    tensors = {info.key: info for info in manifest.tensors}
     checkpoint = Checkpoint(Path(manifest.source_model), manifest.source_format, manifest.config, tensors)
     if checkpoint.fingerprint() != manifest.source_fingerprint:
         raise _stale(manifest, "the manifest's copy of the source's config and headers does not match its digest")
     return checkpoint
 
 
-def source_files(root: Path, weight_files: list[str]) -> list[list[Any]]:
-    """``[name, size, mtime_ns]`` of config.json, the index (if any) and every weight file."""
-    names = ["config.json"] + [n for n in (SAFETENSORS_INDEX, PICKLE_INDEX) if (root / n).is_file()] + weight_files
-    stats = [(name, (root / name).stat()) for name in names]
-    return [[name, st.st_size, st.st_mtime_ns] for name, st in stats]
-
-
 def _check_source(manifest: Manifest) -> None:
-    """Refuses when the source is still there but a file of it changed (size or modification time): a checkpoint
-    rewritten in place with new weights keeps its headers, so only the files' times tell."""
+    """Refuses when the source is still there but a file of it changed: its size or modification time, or else
+    the few pages of it that :func:`tp_loader.sharded_manifest.content_fingerprint` hashes (a checkpoint rewritten
+    in place with new weights keeps its headers; one copied over with its times kept keeps its times too)."""
     root = Path(manifest.source_root)
     if not root.is_dir():
         logger.debug("source %s is gone: not checked for changes", root)
         return
-    for name, size, mtime_ns in manifest.source_files:
+    for recorded in manifest.source_files:
+        name, path = recorded.name, root / recorded.name
         try:
-            st = (root / name).stat()
+            st = path.stat()
         except OSError:
-            raise _stale(manifest, f"the source changed since save-sharded: {name} is gone", file=root / name) from None
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise _stale(manifest, f"the source changed since save-sharded: {name} is gone", file=path) from None
+        if (st.st_size, st.st_mtime_ns) != (recorded.size, recorded.mtime_ns):
             raise _stale(
                 manifest,
                 f"the source changed since save-sharded: {name} is {st.st_size} bytes, modified "
-                f"{format_time(st.st_mtime_ns)}; it was {size} bytes, modified {format_time(mtime_ns)}",
-                file=root / name,
+                f"{format_time(st.st_mtime_ns)}; it was {recorded.size} bytes, modified "
+                f"{format_time(recorded.mtime_ns)}",
+                file=path,
+            )
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block
+            raise _stale(manifest, f"the source changed since save-sharded: {name} is not a regular file", file=path)
+        try:
+            fingerprint = content_fingerprint(path, st.st_size)
+        except OSError as exc:
+            raise _stale(manifest, f"the source's {name} cannot be read: {exc.strerror or exc}", file=path) from None
+        if fingerprint != recorded.fingerprint:
+            raise _stale(
+                manifest,
+                f"the source changed since save-sharded: {name} has the same size ({st.st_size} bytes) and "
+                "modification time but other content (copied over with times kept, as cp -p or rsync -t do)",
+                file=path,
             )
 
 
@@ -498,11 +369,27 @@ def _refuse_layout(manifest: Manifest, asking: dict[str, Any], entry: RankFile) 
 def _check_rank_file(manifest: Manifest, entry: RankFile) -> None:
     path = manifest.root / entry.name
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except FileNotFoundError:
         raise _stale(manifest, f"rank {entry.rank}'s file is missing", file=path) from None
-    if size != entry.size:
-        raise _stale(manifest, f"rank file is {size} bytes; save-sharded wrote {entry.size}", file=path)
+    except OSError as exc:
+        raise _stale(manifest, f"rank {entry.rank}'s file cannot be read: {exc.strerror or exc}", file=path) from None
+    if not stat.S_ISREG(st.st_mode):  # opening a FIFO would block
+        raise _stale(manifest, f"rank {entry.rank}'s file is not a regular file", file=path)
+    if st.st_size != entry.size:
+        raise _stale(manifest, f"rank file is {st.st_size} bytes; save-sharded wrote {entry.size}", file=path)
+
+
+def _check_tie_equal(manifest: Manifest, load_plan: LoadPlan) -> None:
+    both = sum(tie.stored == "both" for tie in load_plan.ties)
+    for rank, per_rank in enumerate(manifest.tie_equal):
+        if len(per_rank) != both:
+            raise _stale(
+                manifest,
+                f"manifest field tie_equal[{rank}] lists {len(per_rank)} ties, and the plan stores {both} on both "
+                "sides",
+                key=f"tie_equal[{rank}]",
+            )
 
 
 def layout_digest(load_plan: LoadPlan, dtype: torch.dtype | None) -> str:
@@ -520,57 +407,79 @@ def layout_digest(load_plan: LoadPlan, dtype: torch.dtype | None) -> str:
     return digest.hexdigest()
 
 
-def _read_exact(fd: int, length: int, offset: int, path: Path) -> bytes:
-    out = b""
-    while len(out) < length:
-        got = os.pread(fd, length - len(out), offset + len(out))
-        if not got:
-            raise ReadError(f"file ends {offset + len(out)} bytes in", file=str(path), hint="Re-run save-sharded")
-        out += got
-    return out
-
-
 def _file_items(
     manifest: Manifest, entry: RankFile, load_plan: LoadPlan, dtype: torch.dtype | None
 ) -> tuple[TensorPlan, ...]:
-    """This rank's file's tensors as whole-tensor reads for the read stage, after its header is checked against
-    the manifest's digest and against the plan (every key, dtype and local shape, byte ranges in the file)."""
+    """This rank's file's tensors as whole-tensor reads for the read stage, from its header alone. The header must
+    be the one save-sharded wrote for this save and this rank (its save id and rank, the manifest's digest of it),
+    pass the validation a source header passes (:func:`tp_loader.index.read_safetensors_header`: byte ranges that
+    match the shapes, in the file, neither overlapping nor leaving gaps) and hold exactly the plan's keys, dtypes
+    and local shapes."""
     path = manifest.root / entry.name
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        prefix = _read_exact(fd, 8, 0, path)
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(MAX_HEADER_BYTES, entry.size - 8):
-            raise _stale(manifest, f"rank file's header length {length} does not fit the file", file=path)
-        text = _read_exact(fd, length, 8, path)
-    finally:
-        os.close(fd)
+    prefix, text = _read_header(manifest, entry, path)
+    metadata = _metadata(text)
+    save_id = metadata.get("save_id")
+    if save_id is not None and save_id != manifest.save_id:
+        raise _stale(
+            manifest,
+            f"rank {entry.rank}'s file was written by another save (save id {save_id}; the manifest's is "
+            f"{manifest.save_id}): the directory mixes the files of two saves",
+            file=path,
+        )
+    if metadata.get("rank", str(entry.rank)) != str(entry.rank):
+        raise _stale(manifest, f"rank {entry.rank}'s file holds rank {metadata['rank']}'s shards", file=path)
     if hashlib.sha256(prefix + text).hexdigest() != entry.header_sha256:
         raise _stale(manifest, "rank file's header differs from the one save-sharded wrote", file=path)
-    header = json.loads(text)
-    header.pop("__metadata__", None)
-    data_start, items = 8 + length, []
+    try:
+        stored = {info.key: info for info in read_safetensors_header(manifest.root, entry.name)}
+    except CheckpointError as exc:
+        raise _stale(manifest, f"rank {entry.rank}'s file: {exc.message}", file=path, key=exc.key) from None
+    if save_id is None:
+        raise _stale(manifest, f"rank {entry.rank}'s file carries no save id", file=path)
+    items = []
     for item in load_plan.tensors:
         want, shape = target_dtype(item.info.dtype, dtype), item.local_shape
-        stored = header.pop(item.key, None)
-        found = (stored["dtype"], tuple(stored["shape"])) if stored else None
-        if found != (SAFETENSORS_NAMES[want], shape):
+        info = stored.pop(item.key, None)
+        found = (SAFETENSORS_NAMES[info.dtype], info.shape) if info is not None else None
+        if info is None or found != (SAFETENSORS_NAMES[want], shape):
             raise _stale(
                 manifest,
                 f"rank file holds {found}, the plan gives ({SAFETENSORS_NAMES[want]!r}, {shape})",
                 file=path,
                 key=item.key,
             )
-        begin, end = (data_start + offset for offset in stored["data_offsets"])
-        if end - begin != math.prod(shape) * want.itemsize or end > entry.size:
-            raise _stale(manifest, f"rank file's byte range [{begin}, {end}) does not fit the tensor", file=path)
-        info = TensorInfo(item.key, entry.name, want, shape, begin, end)
         items.append(TensorPlan(info, Slice(None, global_shape=shape), "replicate", None))
-    if header:
+    if stored:
         raise _stale(
-            manifest, f"rank file holds {len(header)} tensors the plan does not", file=path, key=next(iter(header))
+            manifest, f"rank file holds {len(stored)} tensors the plan does not", file=path, key=next(iter(stored))
         )
     return tuple(items)
+
+
+def _read_header(manifest: Manifest, entry: RankFile, path: Path) -> tuple[bytes, bytes]:
+    """A rank file's 8-byte header length and its JSON header, as bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise _stale(manifest, f"rank {entry.rank}'s file cannot be read: {exc.strerror or exc}", file=path) from None
+    try:
+        prefix = read_exact(fd, 8, 0, path)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(MAX_HEADER_BYTES, entry.size - 8):
+            raise _stale(manifest, f"rank file's header length {length} does not fit the file", file=path)
+        return prefix, read_exact(fd, length, 8, path)
+    finally:
+        os.close(fd)
+
+
+def _metadata(text: bytes) -> dict[str, str]:
+    """The string entries of a header's ``__metadata__``; empty when the header does not parse (the header's
+    validation then says why)."""
+    try:
+        metadata = json.loads(text).get("__metadata__")
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+    return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
 
 def _verify_blocks(manifest: Manifest, entry: RankFile, num_threads: int) -> None:
@@ -579,9 +488,7 @@ def _verify_blocks(manifest: Manifest, entry: RankFile, num_threads: int) -> Non
     reuses, so the checksum runs over bytes still in the CPU's cache."""
     path = manifest.root / entry.name
     block = manifest.block_bytes
-    starts = range(0, entry.size, block)
-    if len(starts) != len(entry.crc32):
-        raise _stale(manifest, "the manifest's checksums do not cover the rank file", file=path)
+    starts = range(0, entry.size, block)  # one crc32 each: the manifest's parse checked the count
     fd = os.open(path, os.O_RDONLY)
     buffers = threading.local()
 

@@ -28,18 +28,16 @@ from .errors import ArgumentError, CheckpointError, TPLoaderError
 from .index import Checkpoint
 from .plan import LoadPlan
 from .read import ReadOptions, read_tensors, target_dtype
-from .sharded import (
+from .sharded import LoadOptions, format_time, layout_digest
+from .sharded_manifest import (
     CHECKSUM_BLOCK_BYTES,
     FORMAT,
     FORMAT_VERSION,
+    ID_HEX,
     MANIFEST,
     OWN_FILE,
     RANK_FILE,
     SAFETENSORS_NAMES,
-    WRITE_CHUNK_BYTES,
-    LoadOptions,
-    format_time,
-    layout_digest,
     rank_file,
     source_files,
     temporary_name,
@@ -47,6 +45,8 @@ from .sharded import (
 from .tie import apply_ties, local_tie_equality
 
 logger = logging.getLogger("tp_loader")
+
+WRITE_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 class _BlockChecksums:
@@ -87,16 +87,24 @@ def _write_error(path: Path, exc: OSError) -> ArgumentError:
     )
 
 
-def write_rank(out: Path, load_plan: LoadPlan, local: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict:
+def write_rank(
+    out: Path, load_plan: LoadPlan, local: dict[str, torch.Tensor], dtype: torch.dtype | None, save_id: str
+) -> dict:
     """Writes one rank's shards under the rank file's temporary name (synced to storage) and returns its manifest
-    entry. Tensors are laid out widest dtype first, so every one is aligned to its element size.
+    entry. Tensors are laid out widest dtype first, so every one is aligned to its element size; the header's
+    ``__metadata__`` names the format, the rank, the world size and the save (:func:`save_id`).
 
     Raises:
         ArgumentError: the file cannot be written, or a shard is not of the dtype and shape the plan gives
             (a destination of another dtype in :func:`tp_loader.load_into`).
     """
     name = rank_file(load_plan.rank, load_plan.world_size)
-    meta = {"format": FORMAT, "rank": str(load_plan.rank), "world_size": str(load_plan.world_size)}
+    meta = {
+        "format": FORMAT,
+        "rank": str(load_plan.rank),
+        "world_size": str(load_plan.world_size),
+        "save_id": save_id,
+    }
     header: dict[str, Any] = {"__metadata__": meta}
     wanted = {item.key: target_dtype(item.info.dtype, dtype) for item in load_plan.tensors}
     order = sorted(load_plan.tensors, key=lambda item: -wanted[item.key].itemsize)
@@ -215,7 +223,8 @@ def _sync_directory(path: Path) -> None:
 
 
 def source_state(checkpoint: Checkpoint, started_ns: int) -> list[list[Any]]:
-    """``[name, size, mtime_ns]`` of the source's config.json, index and weight files, as the manifest records them.
+    """``[name, size, mtime_ns, fingerprint]`` of the source's config.json, index and weight files, as the manifest
+    records them (:func:`tp_loader.sharded_manifest.source_files`).
 
     Raises:
         CheckpointError: a source file was modified after the load started (its shards may mix old and new bytes).
@@ -225,9 +234,9 @@ def source_state(checkpoint: Checkpoint, started_ns: int) -> list[list[Any]]:
         stats = source_files(root, list(checkpoint.file_sizes))
     except OSError as exc:
         raise CheckpointError(
-            f"cannot stat the source's files: {exc.strerror or exc}", file=str(root), hint="Save again"
+            f"cannot read the source's files: {exc.strerror or exc}", file=str(root), hint="Save again"
         ) from None
-    for name, _, mtime_ns in stats:
+    for name, _, mtime_ns, _ in stats:
         if mtime_ns > started_ns:
             raise CheckpointError(
                 f"source file was modified at {format_time(mtime_ns)}, after this load started: the shards may mix old "
@@ -238,6 +247,17 @@ def source_state(checkpoint: Checkpoint, started_ns: int) -> list[list[Any]]:
     return stats
 
 
+def save_id(checkpoint: Checkpoint, arguments: Fingerprint, stats: list[list[Any]], world_size: int) -> str:
+    """The id written into every file of one save: a digest of what the files are written from and for (the format,
+    tp_loader's version, the world size, the arguments that shape the files, the source's config and headers and
+    its files' :func:`source_state`). A file of another save of another source state (another fine-tune of the same
+    shapes) carries another id; two saves of one source state with the same arguments write the same files and the
+    same id, so one process and the ranks of a load write the very same bytes."""
+    shaping = [arguments.dtype, arguments.plan, arguments.mode, arguments.allow_unmatched]
+    what = [FORMAT_VERSION, __version__, world_size, shaping, checkpoint.fingerprint(), stats]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:ID_HEX]
+
+
 def manifest_data(
     checkpoint: Checkpoint,
     load_plan: LoadPlan,
@@ -245,9 +265,11 @@ def manifest_data(
     arguments: Fingerprint,
     stats: list[list[Any]],
     tie_equal: list[list[bool]],
+    identity: str,
 ) -> dict[str, Any]:
     """The manifest: what the files were written from (``stats``: :func:`source_state`) and for; ``tie_equal``:
-    per rank, for each tie stored on both sides, whether the two were equal (for the report)."""
+    per rank, for each tie stored on both sides, whether the two were equal (for the report); ``identity``: the
+    save's id (:func:`save_id`), also in every rank file's header."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -259,6 +281,7 @@ def manifest_data(
         "checksum": {"algorithm": "crc32", "block_bytes": CHECKSUM_BLOCK_BYTES},
         "files": sorted(files, key=lambda f: f["rank"]),
         "tie_equal": tie_equal,
+        "save_id": identity,
         "source": {
             "model": load_plan.model,
             "root": os.path.abspath(checkpoint.root),
@@ -333,16 +356,18 @@ def save_on_ranks(
     dtype = conversion_dtype(wanted)
     local = {item.key: _local(state_dict[item.key]) for item in load_plan.tensors}
 
-    def begin() -> list[list[Any]]:
+    def begin() -> tuple[list[list[Any]], str]:
         prepare(target, checkpoint.root, ctx.world_size)  # on every rank: each step is idempotent
-        return source_state(checkpoint, started_ns)
+        stats = source_state(checkpoint, started_ns)
+        return stats, save_id(checkpoint, arguments, stats, ctx.world_size)
 
-    stats, _ = run_agreed(ctx, "prepare save-sharded", begin)
+    (stats, _), ids = run_agreed(ctx, "prepare save-sharded", begin, lambda result: result[1])
+    identity = ids[0]  # rank 0's: one id for every file, should nodes see their source files differently
     try:
         _, written = run_agreed(
             ctx,
             "write save-sharded",
-            lambda: write_rank(target, load_plan, local, dtype) if writes else None,
+            lambda: write_rank(target, load_plan, local, dtype, identity) if writes else None,
             lambda entry: entry,
         )
         run_agreed(ctx, "rename save-sharded", lambda: commit(target, ctx.rank, ctx.world_size) if writes else None)
@@ -354,7 +379,7 @@ def save_on_ranks(
 
     def finish() -> None:
         if nodes.index(nodes[ctx.control_rank]) == ctx.control_rank:  # the first rank on this node
-            write_manifest(target, manifest_data(checkpoint, load_plan, files, arguments, stats, tie_equal))
+            write_manifest(target, manifest_data(checkpoint, load_plan, files, arguments, stats, tie_equal, identity))
 
     run_agreed(ctx, "manifest save-sharded", finish)
     if ctx.leader:
@@ -417,6 +442,7 @@ def save_offline(
     options = dataclasses.replace(ReadOptions.from_settings(settings, conversion, torch.device("cpu")), fadvise=False)
     target = Path(out).expanduser()
     stats = source_state(checkpoint, started_ns)
+    identity = save_id(checkpoint, arguments, stats, world_size)
     prepare(target, checkpoint.root, world_size)
     files, tie_equal = [], []
     try:
@@ -427,7 +453,7 @@ def save_offline(
             tie_equal.append(local_tie_equality(local, load_plan.ties))
             state_dict = dict(local)
             apply_ties(state_dict, load_plan.ties)  # a tie stored on both sides is saved as the load keeps it
-            files.append(write_rank(target, load_plan, state_dict, conversion))
+            files.append(write_rank(target, load_plan, state_dict, conversion, identity))
             del local, state_dict
         for rank in range(world_size):
             commit(target, rank, world_size)
@@ -435,6 +461,18 @@ def save_offline(
         for rank in range(world_size):
             discard(target, rank, world_size)
         raise
-    stats = source_state(checkpoint, started_ns)
-    write_manifest(target, manifest_data(checkpoint, plans[0], files, arguments, stats, tie_equal))
+    _check_unchanged(checkpoint, stats, source_state(checkpoint, started_ns))
+    write_manifest(target, manifest_data(checkpoint, plans[0], files, arguments, stats, tie_equal, identity))
     return files
+
+
+def _check_unchanged(checkpoint: Checkpoint, before: list[list[Any]], after: list[list[Any]]) -> None:
+    """Refuses a source whose files changed while they were read (with times kept: their content fingerprint)."""
+    for old, new in zip(before, after):
+        if old != new:
+            raise CheckpointError(
+                "source file changed while save-sharded read it: the shards may mix old and new bytes, so no "
+                "manifest is written",
+                file=str(checkpoint.root / old[0]),
+                hint="Save again once the source is no longer being written",
+            )
