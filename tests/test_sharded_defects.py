@@ -380,13 +380,17 @@ def test_every_manifest_field_of_the_wrong_type_or_range_is_a_checkpoint_error_n
     assert not wrong, "\n".join(f"{field} = {value!r}: {outcome}" for field, value, outcome in wrong)
 
 
-def test_a_manifest_that_is_not_a_json_object_or_too_large_is_refused(tmp_path: Path) -> None:
+def test_a_manifest_that_is_not_a_json_object_or_too_large_or_of_too_many_values_is_refused(tmp_path: Path) -> None:
     _, out = _saved(tmp_path)
     manifest = out / sharded.MANIFEST
     manifest.write_text("[]")
     with pytest.raises(CheckpointError, match=r"the manifest is not a JSON object") as info:
         tp_loader.load(out)
     assert info.value.file == str(manifest)
+    values = sharded_manifest.MAX_MANIFEST_VALUES
+    manifest.write_text("[" + "0," * values + "0]")  # 8 MB: a list and values + 1 numbers
+    with pytest.raises(CheckpointError, match=rf"manifest holds up to {values + 2} JSON values, more than the "):
+        tp_loader.load(out)
     manifest.unlink()
     with open(manifest, "wb") as handle:
         handle.truncate(sharded_manifest.MAX_MANIFEST_BYTES + 1)

@@ -29,8 +29,11 @@ FORMAT = "tp_loader-sharded"
 FORMAT_VERSION = 2
 #: Rank files carry one crc32 per block of this many bytes (checked in parallel, one block per thread).
 CHECKSUM_BLOCK_BYTES = 64 * 1024 * 1024
-#: The largest manifest read: it holds the source's header index, about 150 bytes a tensor (15 MB for 10^5).
-MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+#: The largest manifest read: it holds the source's header index, about 150 bytes and 8 JSON values a tensor
+#: (DeepSeek-V3's 91,991 tensors: about 14 MB and 0.8 million values). The two bounds keep the parse of a hostile
+#: manifest (millions of tiny values, each a Python object) within a few hundred MB.
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+MAX_MANIFEST_VALUES = 4_000_000
 #: A source file's fingerprint hashes this many pages of it (the first, the last and evenly between) and its size.
 FINGERPRINT_PAGES = 8
 FINGERPRINT_PAGE_BYTES = 4096
@@ -171,13 +174,19 @@ def _read_manifest(path: Path) -> bytes:
     hint = _rewrite_hint(path.parent, None)
     try:
         check_regular(path, what="manifest")  # a FIFO would block the open forever
-        size = os.stat(path).st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise CheckpointError(
-                f"the manifest is {size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest can be", file=str(path)
-            )
         with open(path, "rb") as handle:
-            return handle.read(MAX_MANIFEST_BYTES + 1)
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise CheckpointError(
+                f"the manifest is {os.stat(path).st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest can be"
+            )
+        # every value the parse makes but the first follows a comma, a colon or an opening bracket
+        values = sum(raw.count(mark) for mark in (b",", b":", b"[", b"{")) + 1
+        if values > MAX_MANIFEST_VALUES:
+            raise CheckpointError(
+                f"the manifest holds up to {values} JSON values, more than the {MAX_MANIFEST_VALUES} a manifest can"
+            )
+        return raw
     except CheckpointError as exc:
         raise CheckpointError(exc.message, file=str(path), hint=hint) from None
     except OSError as exc:
