@@ -474,11 +474,20 @@ def _read_header(manifest: Manifest, entry: RankFile, path: Path) -> tuple[bytes
 
 def _metadata(text: bytes) -> dict[str, str]:
     """The string entries of a header's ``__metadata__``; empty when the header does not parse (the header's
-    validation then says why)."""
-    try:
-        metadata = json.loads(text).get("__metadata__")
-    except (ValueError, AttributeError, RecursionError):
-        return {}
+    validation then says why). save-sharded writes the metadata first, so it is parsed alone when it comes first
+    and once (a rank file's header of 90,000 tensors parses in 0.6 s, which the validation pays once more)."""
+    lead = b'{"__metadata__":'
+    metadata: object = None
+    if text.startswith(lead) and text.count(b'"__metadata__"') == 1:
+        try:
+            metadata, _ = json.JSONDecoder().raw_decode(text[len(lead) : len(lead) + 65536].decode(errors="replace"))
+        except ValueError:
+            metadata = None
+    if not isinstance(metadata, dict):
+        try:
+            metadata = json.loads(text).get("__metadata__")
+        except (ValueError, AttributeError, RecursionError):
+            return {}
     return {k: v for k, v in metadata.items() if isinstance(v, str)} if isinstance(metadata, dict) else {}
 
 
