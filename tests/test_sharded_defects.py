@@ -150,6 +150,24 @@ def test_every_file_of_a_save_carries_its_id_and_a_save_of_the_same_source_state
         assert (tmp_path / "again" / path.name).read_bytes() == raw  # mixing the two is harmless
 
 
+def test_the_save_id_is_read_wherever_the_header_keeps_its_metadata(tmp_path: Path) -> None:
+    _, out = _saved(tmp_path)
+    save_id = json.loads((out / sharded.MANIFEST).read_text())["save_id"]
+    other = "f" * 32
+
+    def metadata_last_of_another_save(header: dict) -> None:
+        metadata = header.pop("__metadata__")
+        header["__metadata__"] = {**metadata, "save_id": other}
+
+    _rewrite_rank_header(out, 0, 1, metadata_last_of_another_save)
+    with pytest.raises(StaleShardsError) as info:
+        tp_loader.load(out)
+    assert info.value.message == (
+        f"rank 0's file was written by another save (save id {other}; the manifest's is {save_id}): the directory "
+        "mixes the files of two saves"
+    )
+
+
 def test_a_rank_file_renamed_as_another_ranks_is_refused_naming_both_ranks(tmp_path: Path) -> None:
     _, out = _saved(tmp_path, 2)
     shutil.copy2(out / sharded.rank_file(0, 2), out / sharded.rank_file(1, 2))
