@@ -39,8 +39,8 @@ DTYPE_HINT = (
 NO_CUDA = "torch sees no CUDA device (a CPU-only build of torch)"
 NO_CUDA_HINT = "Load with --device cpu, or run where a GPU is visible with a CUDA build of torch"
 SAME_ARGUMENTS_HINT = (
-    "Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy and device type "
-    "on every rank"
+    "Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy, keep and device "
+    "type on every rank"
 )
 UNMATCHED_HINT = (
     "Pass the plan that fits this checkpoint (plan=NAME or a .toml path), fix config.json's model_type, "

@@ -7,12 +7,13 @@ become torch objects here or fail with an :class:`ArgumentError` that says what 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import ArgumentError
+from .errors import ArgumentError, short_repr
 
 #: The dtypes a load may convert floating-point weights to, by every name accepted for them.
 DTYPES: dict[str, torch.dtype] = {
@@ -168,6 +169,7 @@ class Fingerprint:
     zero_copy: bool
     device_type: str
     share: str = "none"
+    keep: tuple[str, ...] = ()
 
     def differences(self, other: Fingerprint) -> list[str]:
         """``name=mine vs theirs`` for each argument that differs."""
@@ -176,6 +178,24 @@ class Fingerprint:
             for name in self.__dataclass_fields__
             if getattr(self, name) != getattr(other, name)
         ]
+
+
+def normalise_keep(keep: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``keep=``: one name or glob, or several, as a tuple.
+
+    Raises:
+        ArgumentError: an entry is not a non-empty string.
+    """
+    if keep is None:
+        return ()
+    entries = (keep,) if isinstance(keep, str) else tuple(keep) if isinstance(keep, Sequence) else None
+    if entries is None or not all(isinstance(k, str) and k for k in entries):
+        raise ArgumentError(
+            f"keep={short_repr(keep)} is not a list of skip-entry names or key globs",
+            key="keep",
+            hint="Pass keep=['mtp'] (a [[skip]] entry's name) or globs of keys, e.g. keep=['model.layers.61.**']",
+        )
+    return entries
 
 
 #: What ``share=`` accepts: each replica reads for itself, or the replicas split the reading.

@@ -65,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load even when most of the checkpoint's bytes are tensors the plan does not expect (replicated)",
     )
+    parser.add_argument(
+        "--keep",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="load keys the plan skips (no model runs them): a skip entry's name, such as mtp (DeepSeek-V3's "
+        "multi-token-prediction layer), or a key glob; repeatable",
+    )
     what = parser.add_mutually_exclusive_group()
     what.add_argument(
         "--dry-run",
@@ -235,6 +243,7 @@ def _dry_run(args: argparse.Namespace) -> None:
         allow_unmatched=args.allow_unmatched,
         revision=args.revision,
         cache_dir=args.cache_dir,
+        keep=args.keep,
     )
     if not args.quiet:
         print(summary.format_table(full=args.verbose), flush=True)
@@ -250,6 +259,7 @@ def _load_arguments(args: argparse.Namespace) -> dict:
         "plan": args.plan,
         "strict": args.strict,
         "allow_unmatched": args.allow_unmatched,
+        "keep": args.keep,
         "report": args.report,
         "revision": args.revision,
         "cache_dir": args.cache_dir,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 
 from . import env as envmod
-from .arguments import conversion_dtype, dtype_name, normalise_dtype
+from .arguments import conversion_dtype, dtype_name, normalise_dtype, normalise_keep
 from .demo import ensure_demo
 from .errors import ArgumentError
 from .index import Checkpoint, index_checkpoint
@@ -33,6 +34,7 @@ def plan_load(
     allow_unmatched: bool = False,
     revision: str | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    keep: str | Sequence[str] | None = None,
 ) -> PlanSummary:
     """Plans a load over ``world_size`` ranks without loading: which bytes each rank would read, how
     each tensor would be placed, each rank's local shapes and memory. No process group is created and
@@ -42,7 +44,7 @@ def plan_load(
     Args:
         model: a checkpoint directory or a Hub repository id; ``None`` plans the demo checkpoint.
         world_size: the number of tensor-parallel ranks to plan for.
-        dtype, plan, mode, strict, allow_unmatched, revision, cache_dir: as for :func:`tp_loader.load`,
+        dtype, plan, mode, strict, allow_unmatched, revision, cache_dir, keep: as for :func:`tp_loader.load`,
             and checked the same way (``strict`` refuses key problems here as a load would).
 
     Returns:
@@ -58,6 +60,7 @@ def plan_load(
             hint="Pass the number of tensor-parallel ranks",
         )
     wanted = normalise_dtype(dtype)
+    kept = normalise_keep(keep)
     settings = envmod.settings(1)
     _, plans = plan_every_rank(
         model,
@@ -70,6 +73,7 @@ def plan_load(
         allow_unmatched=allow_unmatched,
         revision=revision,
         cache_dir=cache_dir,
+        keep=kept,
     )
     ranks = tuple(_rank_plan(p, conversion_dtype(wanted), settings.max_inflight_bytes) for p in plans)
     local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
@@ -90,6 +94,7 @@ def plan_every_rank(
     allow_unmatched: bool,
     revision: str | None,
     cache_dir: str | os.PathLike[str] | None,
+    keep: tuple[str, ...] = (),
 ) -> tuple[Checkpoint, list[LoadPlan]]:
     """Resolves and indexes ``model`` in this process and plans each of ``world_size`` ranks (no process group,
     no tensor data): what a dry run prints and what ``save-sharded --tp N`` writes rank by rank."""
@@ -110,6 +115,7 @@ def plan_every_rank(
             dtype=wanted,
             strict=strict,
             allow_unmatched=allow_unmatched,
+            keep=keep,
         )
         for rank in range(world_size)
     ]

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from .arguments import (
     dtype_name,
     normalise_device,
     normalise_dtype,
+    normalise_keep,
     normalise_share,
     write_file,
 )
@@ -86,6 +87,7 @@ def load(
     save_sharded: str | os.PathLike[str] | None = None,
     rebuild: bool = False,
     verify: bool = False,
+    keep: str | Sequence[str] | None = None,
     _into: Destinations | None = None,
 ) -> LoadResult:
     """Loads a Hugging Face checkpoint into this rank's tensor-parallel shards.
@@ -136,6 +138,9 @@ def load(
             source changed, a rank file missing or altered), rebuild it from its source instead of refusing.
         verify: for a pre-sharded ``model``: check every byte of the rank's file against its checksums
             (sizes and headers are always checked).
+        keep: stored keys the plan skips (``[[skip]]``: tensors no model of the architecture runs, such as
+            DeepSeek-V3's multi-token-prediction layer ``mtp``) to load anyway: skip-entry names or key globs.
+            Kept keys that a plan rule matches are placed by it; others load replicated.
         _into: for :func:`tp_loader.load_into`: given the agreed plan, returns the tensors to read
             each key into (raising a TPLoaderError, agreed on every rank before any read, if they do
             not fit).
@@ -152,6 +157,7 @@ def load(
         start = time.perf_counter()
         launch = envmod.launch_env()
         error: TPLoaderError | None = None
+        kept: tuple[str, ...] = ()
         wanted: torch.dtype | None = None
         target: torch.device | None = None
         try:
@@ -159,6 +165,7 @@ def load(
             wanted = normalise_dtype(dtype)
             target = normalise_device(device, launch.local_rank)
             share = normalise_share(share, target)
+            kept = normalise_keep(keep)
         except TPLoaderError as exc:  # agreed below, once the ranks can talk
             error = exc
             settings = envmod.default_settings(launch.local_world_size)
@@ -174,6 +181,7 @@ def load(
             settings.zero_copy,
             ctx.device.type,
             share,
+            kept,
         )
 
         def check() -> tuple[str, Fingerprint, bool, sharded.Manifest | None]:
@@ -192,7 +200,13 @@ def load(
         hosts = nodes if not all(local for _, _, local, _ in seen) else None
         options = _LoadOptions(plan, mode, strict, allow_unmatched, revision, cache_dir, progress and settings.progress)
         options = dataclasses.replace(
-            options, save_sharded=save_sharded, rebuild=rebuild, verify=verify, share=share, nodes=tuple(nodes)
+            options,
+            save_sharded=save_sharded,
+            rebuild=rebuild,
+            verify=verify,
+            share=share,
+            nodes=tuple(nodes),
+            keep=kept,
         )
         sharded.refuse_differing(presharded, [digest for *_, digest in seen], model, options)
         result = _load(
@@ -221,6 +235,7 @@ class _LoadOptions:
     verify: bool = False
     share: str = "none"
     nodes: tuple[str, ...] = ()  # each rank's node, in the order of the loader's collectives
+    keep: tuple[str, ...] = ()
 
 
 def _refuse_differing_arguments(every: list[Fingerprint]) -> None:
@@ -232,7 +247,7 @@ def _refuse_differing_arguments(every: list[Fingerprint]) -> None:
         raise DistributedError(
             f"ranks {differing} passed different arguments than rank 0 ({what})",
             rank=differing[0],
-            hint="Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy and "
+            hint="Call tp_loader.load with the same dtype, plan, mode, strict, allow_unmatched, zero_copy, keep and "
             "device type on every rank",
         )
 
@@ -274,6 +289,7 @@ def _load(
             dtype=wanted,
             strict=options.strict,
             allow_unmatched=options.allow_unmatched,
+            keep=options.keep,
         )
         return checkpoint, load_plan
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -28,7 +29,16 @@ from .quant import (
     quant_format,
     refuse_cuts,
 )
-from .spec import ExpectedTensor, PlanSpec, Rule, config_values, evaluate, evaluate_size, select_spec
+from .spec import (
+    ExpectedTensor,
+    PlanSpec,
+    Rule,
+    config_values,
+    evaluate,
+    evaluate_size,
+    glob_to_regex,
+    select_spec,
+)
 from .styles import STYLES, Heads, Part, Slice, StyleFn, block_slice, head_world_sizes, stacked
 
 MAX_LAYERS = 100_000
@@ -111,6 +121,16 @@ class Mismatch:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """Stored keys of one ``[[skip]]`` entry of the plan: never read, never placed (``keep=`` loads them)."""
+
+    name: str
+    reason: str
+    keys: tuple[str, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class TieDecision:
     """A tied pair and which of its sides the checkpoint stores (``both``, ``source``, ``target``, ``neither``)."""
 
@@ -140,6 +160,7 @@ class LoadPlan:
     prefix: str = ""
     groups: tuple[str, ...] = ()
     spec: PlanSpec | None = field(default=None, compare=False, repr=False)  # the plan, with the prefix applied
+    skipped: tuple[Skipped, ...] = ()
 
     @property
     def read_bytes(self) -> int:
@@ -158,6 +179,7 @@ def plan_rank(
     dtype: torch.dtype | None = None,
     strict: bool = False,
     allow_unmatched: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Selects the plan for ``checkpoint`` and plans ``rank`` of ``world_size``: what :func:`tp_loader.load`
     does on every rank and :func:`tp_loader.plan_load` for every rank, before any tensor data is read.
@@ -176,7 +198,14 @@ def plan_rank(
     spec = select_spec(plan, checkpoint.config, model=model, mode=mode, keys=checkpoint.tensors.keys())
     dequantize = conversion_dtype(dtype) is not None
     load_plan = make_plan(
-        checkpoint, spec, world_size, rank, model=model, dequantize=dequantize, allow_unmatched=allow_unmatched
+        checkpoint,
+        spec,
+        world_size,
+        rank,
+        model=model,
+        dequantize=dequantize,
+        allow_unmatched=allow_unmatched,
+        keep=keep,
     )
     if strict:
         refuse_key_problems(load_plan)
@@ -209,6 +238,7 @@ def make_plan(
     model: str,
     dequantize: bool = False,
     allow_unmatched: bool = False,
+    keep: tuple[str, ...] = (),
 ) -> LoadPlan:
     """Plans the load of ``checkpoint`` for ``rank`` of ``world_size``.
 
@@ -223,6 +253,8 @@ def make_plan(
             groups) covering it, and scales and other companions are not loaded.
         allow_unmatched: load a checkpoint even when most of its bytes are tensors the plan does not
             expect (they load replicated); otherwise that is a :class:`PlanError`.
+        keep: names of the plan's ``[[skip]]`` entries, or globs of keys, to load instead of skipping: each
+            kept key that a rule matches is planned by its rule, as stored; any other loads replicated.
 
     The plan's keys are first fitted to the checkpoint's prefix (:mod:`tp_loader.prefix`), and only
     the task heads the checkpoint has are expected.
@@ -242,10 +274,16 @@ def make_plan(
     groups = present_groups(spec, checkpoint.config, checkpoint.tensors)
     try:
         values = config_values(spec, checkpoint.config)
+        skipped, kept = _skip(spec, values, checkpoint.tensors, keep)
+        if skipped:
+            gone = {key for group in skipped for key in group.keys}
+            tensors_left = {k: v for k, v in checkpoint.tensors.items() if k not in gone}
+            checkpoint = dataclasses.replace(checkpoint, tensors=tensors_left)
         num_layers = _count(spec, spec.layers, "{layer}", values, "number of layers")
         num_experts = _count(spec, spec.experts, "{expert}", values, "number of experts")
         _check_key_budget(spec, num_layers, num_experts, len(checkpoint.tensors), values)
         expected = _expected_shapes(spec, values, num_layers, num_experts, groups)
+        expected.update({key: checkpoint.tensors[key].shape for key in kept if spec.match(key) is not None})
         heads = {
             name: Heads(
                 name,
@@ -349,6 +387,7 @@ def make_plan(
     used = set(rules.values()) | {
         spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors
     }
+    used |= {spec.match(key) for group in skipped for key in group.keys}  # rules for what keep= loads
     unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
     ties = _decide_ties(spec, values, tensors, groups)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
@@ -376,7 +415,56 @@ def make_plan(
         spec.prefix,
         groups,
         spec,
+        skipped,
     )
+
+
+def _skip(
+    spec: PlanSpec, values: dict, tensors: dict[str, TensorInfo], keep: tuple[str, ...]
+) -> tuple[tuple[Skipped, ...], tuple[str, ...]]:
+    """The stored keys each ``[[skip]]`` entry of the plan skips, and the ones ``keep`` keeps instead.
+
+    Raises:
+        ArgumentError: a ``keep`` entry names no skip entry of the plan and matches no skipped key.
+    """
+    entries = [
+        entry
+        for entry in spec.skip
+        if entry.when is None or evaluate(entry.when, values, where=f"when of [[skip]] {entry.name!r}")
+    ]
+    found: dict[str, list[str]] = {entry.name: [] for entry in entries}
+    if entries:
+        matchers = []
+        for entry in entries:
+            start = None
+            if entry.from_layer is not None:
+                start = evaluate_size(entry.from_layer, values, where=f"from_layer of [[skip]] {entry.name!r}")
+            matchers.append((entry.name, entry.regex(), start))
+        for key in tensors:
+            for name, regex, start in matchers:
+                hit = regex.fullmatch(key)
+                if hit and (start is None or int(hit.group("layer")) >= start):
+                    found[name].append(key)
+                    break
+    names = {entry.name for entry in spec.skip}
+    globs = [re.compile(glob_to_regex(k)) for k in keep if k not in names]
+    kept = [key for name, keys in found.items() for key in keys if name in keep or any(g.fullmatch(key) for g in globs)]
+    unused = [k for k, g in zip([k for k in keep if k not in names], globs) if not any(g.fullmatch(x) for x in kept)]
+    if unused:
+        raise ArgumentError(
+            f"keep={unused[0]!r} names no [[skip]] entry of plan {spec.name!r} ({', '.join(sorted(names)) or 'none'}) "
+            "and matches no key it skips",
+            key="keep",
+            hint="Pass the name of a skip entry (the report lists them under 'skipped') or a glob of skipped keys",
+        )
+    kept_set = set(kept)
+    reasons = {entry.name: entry.reason for entry in entries}
+    skipped = tuple(
+        Skipped(name, reasons[name], tuple(ks), sum(tensors[k].nbytes for k in ks))
+        for name, keys in found.items()
+        if (ks := [k for k in keys if k not in kept_set])
+    )
+    return skipped, tuple(kept)
 
 
 def _count(spec: PlanSpec, expression: str, placeholder: str, values: dict, where: str) -> int:

@@ -84,6 +84,7 @@ def with_prefix(spec: PlanSpec, prefix: str) -> PlanSpec:
         expert_modules=tuple(
             dataclasses.replace(e, module=fix(e.module + ".").removesuffix(".")) for e in spec.expert_modules
         ),
+        skip=tuple(dataclasses.replace(s, pattern=fix(s.pattern)) for s in spec.skip),
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ._version import __version__
 from .convert import Conversion
-from .plan import LoadPlan, Mismatch
+from .plan import LoadPlan, Mismatch, Skipped
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ class KeyAccount:
         conversions: for every target tensor a converter made, its stored source keys, op chain and placement.
         placements: every loaded tensor's placement, in load order.
         version: the tp_loader version.
+        skipped: stored keys no model of the architecture runs (the plan's ``[[skip]]`` entries): never read
+            nor placed; each entry's name, reason, keys and stored bytes (``keep=`` loads them).
     """
 
     model: str
@@ -129,6 +131,7 @@ class KeyAccount:
     conversions: tuple[Conversion, ...]
     placements: tuple[Placement, ...]
     version: str
+    skipped: tuple[Skipped, ...]
 
     @property
     def clean(self) -> bool:
@@ -172,6 +175,10 @@ class KeyAccount:
                     + ")"
                     for t in self.ties
                 ],
+            ),
+            (
+                "skipped keys (not read: no model runs them; keep= loads them)",
+                [f"{s.name}: {len(s.keys)} keys, {_size(s.nbytes)} ({s.reason})" for s in self.skipped],
             ),
             ("notes", [f"{k}: {v}" for k, v in self.notes]),
             ("plan rules that matched nothing", list(self.unused_rules)),
@@ -307,6 +314,7 @@ def key_account(plan: LoadPlan, *, dtype: str | None, tie_equal: list[list[bool]
         conversions=plan.conversions,
         placements=placements(plan),
         version=__version__,
+        skipped=plan.skipped,
     )
 
 

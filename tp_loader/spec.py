@@ -99,6 +99,31 @@ class TieSpec:
 
 
 @dataclass(frozen=True)
+class SkipSpec:
+    """Stored keys no model of the architecture runs (transformers' ``_keys_to_ignore_on_load_unexpected``:
+    rotary ``inv_freq`` buffers, DeepSeek-V3's multi-token-prediction layer): never read, never placed, listed in
+    the report under ``skipped``. ``load(keep=[name])`` (or a glob of keys) plans them like any other key.
+
+    Attributes:
+        name: the handle ``keep=`` names (``mtp``).
+        pattern: a key glob; ``{layer}`` in it matches a layer index.
+        reason: why no model runs them, for the report.
+        from_layer: expression: only keys whose ``{layer}`` is at least this are skipped.
+        when: expression over the config: the entry applies only when it holds.
+    """
+
+    name: str
+    pattern: str
+    reason: str
+    from_layer: str | None = None
+    when: str | None = None
+
+    def regex(self) -> re.Pattern[str]:
+        head, sep, tail = self.pattern.partition("{layer}")
+        return re.compile(glob_to_regex(head) + (r"(?P<layer>\d+)" + glob_to_regex(tail) if sep else ""))
+
+
+@dataclass(frozen=True)
 class AttributeSpec:
     """A module attribute that :func:`tp_loader.parallelize` sets from the local (per-rank) sizes.
 
@@ -172,6 +197,7 @@ class PlanSpec:
     targets: tuple[TargetSpec, ...] = ()
     renames: tuple[tuple[str, str], ...] = ()
     expert_modules: tuple[ExpertModuleSpec, ...] = ()
+    skip: tuple[SkipSpec, ...] = ()
 
     def match(self, key: str) -> Rule | None:
         """The first rule whose pattern matches ``key``, or ``None``."""
@@ -296,6 +322,7 @@ _MERGED = (
     "targets",
     "renames",
     "expert_modules",
+    "skip",
 )
 
 
@@ -310,7 +337,7 @@ def merge_plan_data(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, 
     }
     merged["groups"] = {**parent.get("groups", {}), **child.get("groups", {})}
     merged["converters"] = list(parent.get("converters", [])) + list(child.get("converters", []))
-    for name in ("attributes", "targets", "renames", "expert_modules"):
+    for name in ("attributes", "targets", "renames", "expert_modules", "skip"):
         merged[name] = list(parent.get(name, [])) + list(child.get(name, []))
     merged["modes"] = {**parent.get("modes", {}), **child.get("modes", {})}
     merged["defaults"] = {**parent.get("defaults", {}), **child.get("defaults", {})}
@@ -428,6 +455,7 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
             for e in data.get("expert_modules", [])
         ),
         groups=groups,
+        skip=tuple(_skip_spec(path, entry) for entry in data.get("skip", [])),
     )
     for expert_module in spec.expert_modules:
         if expert_module.routing not in ("index", "stacked"):
@@ -461,6 +489,36 @@ def _build_spec(path: Path, data: dict[str, Any]) -> PlanSpec:
                 key=tie.target,
                 hint="Give both sides of a tie rules with the same style, so one tensor can serve both",
             )
+    return spec
+
+
+def _skip_spec(path: Path, entry: Any) -> SkipSpec:
+    if not isinstance(entry, dict) or not {"name", "pattern", "reason"} <= entry.keys():
+        raise PlanError(
+            f"a [[skip]] entry needs name, pattern and reason; got {short_repr(entry)}",
+            file=str(path),
+            hint='Write [[skip]] name = "mtp" pattern = "model.layers.{layer}.**" reason = "..."',
+        )
+    unknown = sorted(set(entry) - {"name", "pattern", "reason", "from_layer", "when"})
+    if unknown:
+        raise PlanError(
+            f"[[skip]] entry {entry['name']!r} has unknown fields {unknown}",
+            file=str(path),
+            hint="A skip entry takes name, pattern, reason, from_layer and when",
+        )
+    spec = SkipSpec(
+        str(entry["name"]),
+        str(entry["pattern"]),
+        str(entry["reason"]),
+        None if entry.get("from_layer") is None else str(entry["from_layer"]),
+        None if entry.get("when") is None else str(entry["when"]),
+    )
+    if spec.from_layer is not None and "{layer}" not in spec.pattern:
+        raise PlanError(
+            f"[[skip]] entry {spec.name!r} has from_layer but its pattern has no {{layer}}",
+            file=str(path),
+            hint="Put {layer} where the layer index is in the pattern",
+        )
     return spec
 
 
