@@ -17,7 +17,7 @@ from .arguments import conversion_dtype, dtype_name, normalise_dtype, normalise_
 from .demo import ensure_demo
 from .errors import ArgumentError
 from .index import Checkpoint, index_checkpoint
-from .plan import LoadPlan, plan_rank
+from .plan import LoadPlan, plan_ranks
 from .read import target_dtype
 from .report import PlanSummary, RankPlan, key_account, placements
 from .resolve import find_weights, resolve_source
@@ -104,21 +104,18 @@ def plan_every_rank(
         else resolve_source(model, revision=revision, cache_dir=cache_dir)
     )
     checkpoint = index_checkpoint(find_weights(root))
-    plans = [
-        plan_rank(
-            checkpoint,
-            world_size,
-            rank,
-            plan=plan,
-            mode=mode,
-            model=str(root),
-            dtype=wanted,
-            strict=strict,
-            allow_unmatched=allow_unmatched,
-            keep=keep,
-        )
-        for rank in range(world_size)
-    ]
+    plans = plan_ranks(
+        checkpoint,
+        world_size,
+        range(world_size),
+        plan=plan,
+        mode=mode,
+        model=str(root),
+        dtype=wanted,
+        strict=strict,
+        allow_unmatched=allow_unmatched,
+        keep=keep,
+    )
     return checkpoint, plans
 
 

@@ -65,10 +65,10 @@ def _cached_spec(
     specs: dict, mesh: DeviceMesh, dim: int | None, shape: tuple[int, ...], dtype: torch.dtype, tp_axis: int = 0
 ) -> DTensorSpec:
     """The spec of one layout on ``mesh``, made once per ``specs`` (which must hold specs of ``mesh`` only)."""
-    placement = Replicate() if dim is None else Shard(dim)
-    spec = specs.get((placement, shape, dtype))
+    spec = specs.get((dim, shape, dtype))
     if spec is None:
-        spec = specs[(placement, shape, dtype)] = _spec(mesh, placement, shape, dtype, tp_axis)
+        placement = Replicate() if dim is None else Shard(dim)
+        spec = specs[(dim, shape, dtype)] = _spec(mesh, placement, shape, dtype, tp_axis)
     return spec
 
 

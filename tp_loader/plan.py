@@ -9,8 +9,10 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -18,7 +20,7 @@ from .arguments import FP8_DTYPES, conversion_dtype, dtype_name
 from .convert import Conversion, SegmentRead, apply_converters, expand, segment_reads
 from .errors import ArgumentError, CheckpointError, PlanError, ShardingError, StrictLoadError
 from .index import Checkpoint, TensorInfo
-from .prefix import detect_prefix, present_groups, with_prefix
+from .prefix import detect_prefix, index_shape, present_groups, with_prefix
 from .quant import (
     MAX_WORLD,
     Dequantize,
@@ -42,6 +44,23 @@ from .spec import (
 from .styles import STYLES, Heads, Part, Slice, StyleFn, block_slice, head_world_sizes, stacked
 
 MAX_LAYERS = 100_000
+
+
+class _cached:
+    """``functools.cached_property`` without its lock (Python 3.11 takes an RLock on every first access, which
+    costs more than the values cached here): a non-data descriptor that stores the value in the instance's
+    ``__dict__`` (a frozen dataclass has one), where later lookups find it first."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+        self.name = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
 
 
 @dataclass(frozen=True)
@@ -71,16 +90,18 @@ class TensorPlan:
     def key(self) -> str:
         return self.info.key
 
-    @property
+    # Cached: summed and compared per tensor by the planner, the dry run and the report (92k tensors a rank in
+    # DeepSeek-V3).
+    @_cached
     def local_shape(self) -> tuple[int, ...]:
         return self.slice.local_shape(self.info.shape)
 
-    @property
+    @_cached
     def nbytes(self) -> int:
         """Bytes of the stored tensor that this rank's slice covers."""
         return math.prod(self.local_shape) * self.info.dtype.itemsize
 
-    @property
+    @_cached
     def read_bytes(self) -> int:
         """Bytes read for this slice: ``nbytes``, more where a converter must widen a read, plus the
         scale blocks of a weight dequantized on load."""
@@ -189,6 +210,35 @@ def plan_rank(
         StrictLoadError: ``strict`` and keys are missing, unexpected or mismatched.
         PlanError, ShardingError, CheckpointError: as :func:`make_plan` and :func:`select_spec`.
     """
+    (load_plan,) = plan_ranks(
+        checkpoint,
+        world_size,
+        (rank,),
+        plan=plan,
+        mode=mode,
+        model=model,
+        dtype=dtype,
+        strict=strict,
+        allow_unmatched=allow_unmatched,
+        keep=keep,
+    )
+    return load_plan
+
+
+def plan_ranks(
+    checkpoint: Checkpoint,
+    world_size: int,
+    ranks: Sequence[int],
+    *,
+    plan: str | os.PathLike[str] = "auto",
+    mode: str | None = None,
+    model: str,
+    dtype: torch.dtype | None = None,
+    strict: bool = False,
+    allow_unmatched: bool = False,
+    keep: tuple[str, ...] = (),
+) -> list[LoadPlan]:
+    """:func:`plan_rank` for each of ``ranks``, with the plan selected and the keys laid out once."""
     if dtype in FP8_DTYPES and not any(info.dtype == dtype for info in checkpoint.tensors.values()):
         raise ArgumentError(
             f"dtype {dtype_name(dtype)} keeps fp8 weights as stored, but {model} stores none in it",
@@ -196,20 +246,11 @@ def plan_rank(
             hint="tp_loader does not quantize: pass float32, bfloat16 or float16, or no dtype",
         )
     spec = select_spec(plan, checkpoint.config, model=model, mode=mode, keys=checkpoint.tensors.keys())
-    dequantize = conversion_dtype(dtype) is not None
-    load_plan = make_plan(
-        checkpoint,
-        spec,
-        world_size,
-        rank,
-        model=model,
-        dequantize=dequantize,
-        allow_unmatched=allow_unmatched,
-        keep=keep,
-    )
+    layout = lay_out_keys(checkpoint, spec, dequantize=conversion_dtype(dtype) is not None, keep=keep)
+    plans = [plan_layout(layout, world_size, rank, model=model, allow_unmatched=allow_unmatched) for rank in ranks]
     if strict:
-        refuse_key_problems(load_plan)
-    return load_plan
+        refuse_key_problems(plans[0])  # the keys are every rank's alike
+    return plans
 
 
 def refuse_key_problems(load_plan: LoadPlan) -> None:
@@ -269,6 +310,39 @@ def make_plan(
         CheckpointError: the config lacks a value the plan needs.
         PlanError: a plan expression is malformed, or most bytes are unexpected (see ``allow_unmatched``).
     """
+    layout = lay_out_keys(checkpoint, spec, dequantize=dequantize, keep=keep)
+    return plan_layout(layout, world_size, rank, model=model, allow_unmatched=allow_unmatched)
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """What planning decides for every rank alike: which stored keys are skipped, expected, quantized or scales,
+    and the rule of each. Built once by :func:`lay_out_keys`; :func:`plan_layout` then slices it for one rank (a dry
+    run lays the keys out once for all its ranks)."""
+
+    spec: PlanSpec  # with the checkpoint's prefix applied
+    dequantize: bool
+    groups: tuple[str, ...]
+    values: dict
+    skipped: tuple[Skipped, ...]
+    expected: dict[str, tuple[int, ...]]
+    heads: dict[str, Heads]
+    stored: dict[str, TensorInfo]
+    conversions: tuple[Conversion, ...]
+    block: tuple[int, int] | None
+    scales: dict[str, str]
+    quantized: dict[str, QuantWeight]
+    logical: tuple[str, ...]
+    companions: frozenset[str]
+    rules: dict[str, Rule | None]
+    expected_rules: frozenset[Rule | None]  # the rules of the tensors the plan expects
+    unused_rules: tuple[str, ...]
+
+
+def lay_out_keys(
+    checkpoint: Checkpoint, spec: PlanSpec, *, dequantize: bool = False, keep: tuple[str, ...] = ()
+) -> KeyLayout:
+    """The rank-independent half of :func:`make_plan` (no world size, no rank)."""
     _refuse_unconfigured_scales(checkpoint)
     spec = with_prefix(spec, detect_prefix(spec, checkpoint.tensors))
     groups = present_groups(spec, checkpoint.config, checkpoint.tensors)
@@ -305,11 +379,48 @@ def make_plan(
     scales = _expect_scales(stored, expected, block) if block else {}
     quantized = find_quantized(quant, stored, expected)  # by the key of the quantized values
     logical = [q.key for q in quantized.values()]
-    companions = {c.key for q in quantized.values() for c in q.scheme.companions if c.key != q.primary}
-    rules = {key: spec.match(key) for key in (*stored, *expected, *logical)}
-    head_groups = _check_heads(heads, {rules[k] for k in (*expected, *logical)}, world_size, model)
+    companions = frozenset({c.key for q in quantized.values() for c in q.scheme.companions if c.key != q.primary})
+    match = rule_matcher(spec)
+    rules = {key: match(key) for key in {**dict.fromkeys(stored), **dict.fromkeys(expected), **dict.fromkeys(logical)}}
+    # a rule is in use if it matched a key, or one of the plan's own tensor templates (a tensor a
+    # `when` turned off for this config is not a typo), or a key it skips (what keep= would load)
+    used = set(rules.values()) | {
+        spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors
+    }
+    used |= {match(key) for group in skipped for key in group.keys}
+    return KeyLayout(
+        spec=spec,
+        dequantize=dequantize,
+        groups=groups,
+        values=values,
+        skipped=skipped,
+        expected=expected,
+        heads=heads,
+        stored=stored,
+        conversions=tuple(conversions),
+        block=block,
+        scales=scales,
+        quantized=quantized,
+        logical=tuple(logical),
+        companions=companions,
+        rules=rules,
+        expected_rules=frozenset(rules[k] for k in (*expected, *logical)),
+        unused_rules=tuple(rule.pattern for rule in spec.rules if rule not in used),
+    )
+
+
+def plan_layout(
+    layout: KeyLayout, world_size: int, rank: int, *, model: str, allow_unmatched: bool = False
+) -> LoadPlan:
+    """The per-rank half of :func:`make_plan`: every kept key's slice on ``rank`` of ``world_size``."""
+    spec, values, heads, stored, expected = layout.spec, layout.values, layout.heads, layout.stored, layout.expected
+    rules, scales, quantized, companions = layout.rules, layout.scales, layout.quantized, layout.companions
+    groups, skipped, block, dequantize = layout.groups, layout.skipped, layout.block, layout.dequantize
+    head_groups = _check_heads(heads, set(layout.expected_rules), world_size, model)
 
     tensors: list[TensorPlan] = []
+    pieces: dict[tuple[Rule, tuple[int, ...]], Slice] = {}
+    styles: dict[Rule, tuple[Heads | None, tuple[Part, ...], StyleFn]] = {}
     quant_notes: dict[str, str] = {}
     cuts: list[tuple[QuantWeight, PieceFor, str]] = []  # stored-form slices must not cut words or groups
     unexpected: list[str] = []
@@ -343,15 +454,20 @@ def make_plan(
                 hint="Widen a rule's pattern to cover every layer",
             )
         else:
-            group = heads[rule.heads] if rule.heads else None
-            parts = tuple(
-                Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None)
-                for size, h in rule.parts
-            )
-            style = partial(stacked, STYLES[rule.style]) if rule.stacked else STYLES[rule.style]
+            if rule not in styles:  # once per rule: its head group, fused parts and style function
+                parts = tuple(
+                    Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None)
+                    for size, h in rule.parts
+                )
+                styled = partial(stacked, STYLES[rule.style]) if rule.stacked else STYLES[rule.style]
+                styles[rule] = (heads[rule.heads] if rule.heads else None, parts, styled)
+            group, parts, style = styles[rule]
             shape = weight.shape if weight else info.shape
             try:
-                piece = style(shape, group, world_size, rank, parts, transposed=rule.transposed)
+                memo = (rule, shape)  # a rule's slice depends on the stored shape alone (experts share theirs)
+                piece = pieces.get(memo)
+                if piece is None:
+                    piece = pieces[memo] = style(shape, group, world_size, rank, parts, transposed=rule.transposed)
             except ShardingError as exc:
                 raise ShardingError(
                     exc.message, key=weight.key if weight else key, file=info.file, hint=exc.hint
@@ -382,20 +498,26 @@ def make_plan(
             for s, w in scales.items()
             if w not in planned and s not in planned
         ]
-    # a rule is in use if it matched a key, or one of the plan's own tensor templates (a tensor a
-    # `when` turned off for this config is not a typo)
-    used = set(rules.values()) | {
-        spec.match(t.key.replace("{layer}", "0").replace("{expert}", "0")) for t in spec.tensors
-    }
-    used |= {spec.match(key) for group in skipped for key in group.keys}  # rules for what keep= loads
-    unused_rules = tuple(rule.pattern for rule in spec.rules if rule not in used)
+    unused_rules = layout.unused_rules
     ties = _decide_ties(spec, values, tensors, groups)
     covered = {t.target for t in ties if t.stored == "source"} | {t.source for t in ties if t.stored == "target"}
     missing = tuple(k for k in expected if k not in stored and k not in covered)
     notes.update({t.key: t.slice.note for t in tensors if t.slice.note})
     notes.update({t.key: widened for t in tensors if (widened := _widened_note(t))})
-    placed = {t.key: f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}" for t in tensors}
-    conversions = tuple(dataclasses.replace(c, placement=placed.get(c.target, "not loaded")) for c in conversions)
+    if layout.conversions:
+        by_key = {t.key: t for t in tensors}
+
+        def placement(key: str) -> str:
+            t = by_key.get(key)
+            return (
+                "not loaded"
+                if t is None
+                else f"{t.style} {'Replicate()' if t.slice.dim is None else f'Shard({t.slice.dim})'}"
+            )
+
+        conversions = tuple(dataclasses.replace(c, placement=placement(c.target)) for c in layout.conversions)
+    else:
+        conversions = ()
     if not allow_unmatched:
         _refuse_unmatched(spec, stored, unexpected, model)
     return LoadPlan(
@@ -417,6 +539,24 @@ def make_plan(
         spec,
         skipped,
     )
+
+
+def rule_matcher(spec: PlanSpec) -> Callable[[str], Rule | None]:
+    """``spec.match`` with one regex match per distinct key shape (keys with their layer and expert indices
+    replaced by 0): DeepSeek-V3's 92k keys have a few dozen shapes. Exact whenever no rule pattern has a digit in
+    a segment that also holds a glob or only digits (a pattern naming layer 3 alone): then plain ``spec.match``."""
+    segments = [seg for rule in spec.rules for seg in rule.pattern.split(".")]
+    if any(any(c.isdigit() for c in seg) and ("*" in seg or seg.isdigit()) for seg in segments):
+        return spec.match
+    cache: dict[str, Rule | None] = {}
+
+    def match(key: str) -> Rule | None:
+        shape = index_shape(key)
+        if shape not in cache:
+            cache[shape] = spec.match(key)
+        return cache[shape]
+
+    return match
 
 
 def _skip(
@@ -717,6 +857,8 @@ def _place_scales(
     the weight as the blocks covering its slice."""
     weights = {weight: scale for scale, weight in scales.items()}
     out: list[TensorPlan] = []
+    pieces: dict[tuple[Slice, tuple[int, ...], tuple[int, ...]], Slice] = {}
+    blocks: dict[tuple[int, ...], tuple[int, ...]] = {}  # a weight shape → its shape in blocks
     for item in tensors:
         scale_key = weights.get(item.key)
         if scale_key is None:
@@ -737,7 +879,9 @@ def _place_scales(
             out.append(item)
             continue
         scale = stored[scale_key]
-        want = tuple(-(-d // b) for d, b in zip(item.info.shape, block))
+        want = blocks.get(item.info.shape)
+        if want is None:
+            want = blocks[item.info.shape] = tuple(-(-d // b) for d, b in zip(item.info.shape, block))
         if scale.shape != want:
             raise CheckpointError(
                 f"scale has shape {list(scale.shape)}, but the weight {list(item.info.shape)} "
@@ -752,10 +896,13 @@ def _place_scales(
             stored_as = str(item.info.dtype).removeprefix("torch.")
             notes[item.key] = f"dequantized on load from {stored_as} with {scale_key} ({block[0]}x{block[1]} blocks)"
             continue
-        try:
-            piece = block_slice(item.slice, item.info.shape, scale.shape, block)
-        except ShardingError as exc:
-            raise ShardingError(exc.message, file=item.info.file, key=item.key, hint=exc.hint) from None
+        memo = (item.slice, item.info.shape, scale.shape)
+        piece = pieces.get(memo)
+        if piece is None:
+            try:
+                piece = pieces[memo] = block_slice(item.slice, item.info.shape, scale.shape, block)
+            except ShardingError as exc:
+                raise ShardingError(exc.message, file=item.info.file, key=item.key, hint=exc.hint) from None
         out += [item, TensorPlan(scale, piece, f"{item.style} scale", item.rule)]
     return out
 

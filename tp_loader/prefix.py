@@ -33,6 +33,15 @@ def _template_regex(templates: list[str]) -> re.Pattern[str]:
     return re.compile("|".join(parts) or r"(?!)")
 
 
+#: A dotted segment of digits alone: a layer or expert index.
+_INDEX = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
+
+
+def index_shape(key: str) -> str:
+    """``key`` with each layer and expert index replaced by 0: DeepSeek-V3's 92k keys have a few dozen shapes."""
+    return _INDEX.sub("0", key)
+
+
 #: Prefixes seen most often in stored keys that :func:`detect_prefix` scores, besides the plan's and none.
 MAX_CANDIDATES = 8
 
@@ -58,7 +67,14 @@ def detect_prefix(spec: PlanSpec, keys: Iterable[str]) -> str:
     # the most frequent few only: a header of 10^5 keys each under a prefix of its own stays linear
     candidates = {spec.prefix, ""} | {c for c, _ in found.most_common(MAX_CANDIDATES)}
     regex = _template_regex(templates)
-    scores = {c: sum(1 for k in keys if k.startswith(c) and regex.fullmatch(k, len(c))) for c in candidates}
+    # a template's indices are \d+, so keys of one index shape all match or all fail: score each shape once
+    # (unless a template names an index literally)
+    literal = any(seg.isdigit() for t in templates for seg in t.split("."))
+    shapes = Counter(keys if literal else map(index_shape, keys))
+    scores = {
+        c: sum(n for shape, n in shapes.items() if shape.startswith(c) and regex.fullmatch(shape, len(c)))
+        for c in candidates
+    }
     return max(sorted(candidates), key=lambda c: (scores[c], c == spec.prefix))
 
 

@@ -275,11 +275,15 @@ def placements(plan: LoadPlan, local_shapes: list[list[tuple[int, ...]]] | None 
     """Every tensor's placement under ``plan`` (with each rank's local shape when given, per rank in
     plan order)."""
     out = []
+    names: dict[Any, str] = {}  # a dtype or a sharded dim → its name, made once (92k tensors share a few)
     for i, item in enumerate(plan.tensors):
-        placement = "Replicate()" if item.slice.dim is None else f"Shard({item.slice.dim})"
+        dim, dtype = item.slice.dim, item.info.dtype
+        if dim not in names:
+            names[dim] = "Replicate()" if dim is None else f"Shard({dim})"
+        if dtype not in names:
+            names[dtype] = str(dtype).removeprefix("torch.")
         shapes = tuple(per_rank[i] for per_rank in local_shapes) if local_shapes else ()
-        dtype = str(item.info.dtype).removeprefix("torch.")
-        out.append(Placement(item.key, item.style, tuple(item.slice.global_shape), placement, dtype, shapes))
+        out.append(Placement(item.key, item.style, tuple(item.slice.global_shape), names[dim], names[dtype], shapes))
     return tuple(out)
 
 
