@@ -215,6 +215,7 @@ class _Destinations:
         self.strict = strict
         self.ties: list[tuple[str, str]] = []
         self.adopted: dict[str, str] = {}
+        self.one_tensor: dict[str, str] = {}  # tie targets stored too whose destination is the source's tensor
         meta_dtypes = {t.dtype for t in self.tensors.values() if t.is_meta and t.dtype.is_floating_point}
         #: the dtype the load converts to: the one asked for, else the one every meta tensor has
         self.load_dtype = dtype if dtype is not None else meta_dtypes.pop() if len(meta_dtypes) == 1 else None
@@ -261,10 +262,20 @@ class _Destinations:
             )
         self.module_missing, self.checkpoint_extra = missing, extra
         items = {item.key: item for item in load_plan.tensors}
+        # a tie stored on both sides into one module tensor (the module ties what the checkpoint stores twice):
+        # the tensor takes the source's values, and the target is read into memory of its own only to be compared
+        one_tensor = {
+            tie.target
+            for tie in load_plan.ties
+            if tie.stored == "both"
+            and (source := self.tensors.get(names.get(tie.source, ""))) is not None
+            and source is self.tensors.get(names.get(tie.target, ""))
+        }
+        self.one_tensor = {key: names[key] for key in one_tensor}
         layouts = {
             names[key]: _Layout(key, item.local_shape, item.slice.global_shape, item.slice.dim, item.info.dtype)
             for key, item in items.items()
-            if key not in extra and key not in part_of
+            if key not in extra and key not in part_of and key not in one_tensor
         }
         layouts.update(
             {
@@ -301,7 +312,11 @@ class _Destinations:
             for name, must in checked.items()
             if name not in self.adopted.values()
         }
-        out = {key: locals_[name] for key, name in names.items() if name in locals_ and key not in part_of}
+        out = {
+            key: locals_[name]
+            for key, name in names.items()
+            if name in locals_ and key not in part_of and key not in one_tensor
+        }
         for c in composed.values():
             out.update(c.views(locals_[c.name], items))
         mapped = [local for local in locals_.values() if copies_on_write(local)]
@@ -335,6 +350,28 @@ class _Destinations:
                     setattr(self.target.get_submodule(path), leaf, self.target.get_parameter(kept))
             elif self.target[other] is not source:
                 self._local(other).copy_(self._local(kept))
+
+    def untie(self, report: LoadReport, shards: dict[str, torch.Tensor]) -> None:
+        """After the read: a tie the target holds as one tensor, but the checkpoint stores as two that differ (on
+        some rank), is untied as transformers unties it: the target name gets a tensor of its own holding its
+        stored values, and the source's tensor keeps the source's."""
+        differ = {t.target for t in report.ties if t.stored == "both" and t.identical is False}
+        for key, name in self.one_tensor.items():
+            if key not in differ:
+                continue
+            old, shard = self.tensors[name], shards[key]
+            if isinstance(shard, DTensor) and not isinstance(old, DTensor):
+                shard = shard.to_local()
+            if shard.dtype != old.dtype:  # the load's dtype was not the destinations' (they were allocated)
+                shard = shard.to(old.dtype)
+            if isinstance(self.target, nn.Module):
+                path, _, leaf = name.rpartition(".")
+                owner = self.target.get_submodule(path)
+                new = as_parameter(shard, old.requires_grad) if isinstance(old, nn.Parameter) else shard
+                setattr(owner, leaf, new)
+            else:
+                self.target[name] = shard
+            self.tensors[name] = shard
 
     def _local(self, name: str) -> torch.Tensor:
         """The storage to write ``name``'s shard into (detached: a parameter is written in place)."""
@@ -459,4 +496,5 @@ def load_into(
     result = load(model, plan=plan, mesh=mesh, dtype=hook.load_dtype, _into=hook, **options)
     hook.adopt(result.state_dict)
     hook.share_ties()
+    hook.untie(result.report, result.state_dict)
     return dataclasses.replace(result.report, missing_keys=hook.module_missing, unexpected_keys=hook.checkpoint_extra)

@@ -40,7 +40,7 @@ from .read import ReadOptions, ReadStats, read_tensors
 from .report import LoadReport, build_report, rank_reports
 from .resolve import call_within, find_weights, resolve_source
 from .share import share_with_replicas
-from .tie import apply_ties, local_tie_equality
+from .tie import apply_ties, identical_everywhere, local_tie_equality
 
 logger = logging.getLogger("tp_loader")
 
@@ -348,15 +348,17 @@ def _load(
             else:
                 local, stats = read(load_plan.tensors, read_options)
         state_dict = place(local, load_plan.tensors, ctx.mesh, ctx.tp_axis)
-        apply_ties(state_dict, load_plan.ties)
+        apply_ties(state_dict, load_plan.ties)  # a tie stored on both sides once every rank's equality is known
         return state_dict, stats, local_tie_equality(local, load_plan.ties), received
 
     # one round agrees on the read's outcome and gathers the report's figures (place and ties talk to no rank)
     (state_dict, *_), gathered = run_agreed(
         ctx, "read", read_and_place, lambda result: (result[1], result[2], time.perf_counter() - start, result[3])
     )
+    tie_equal = [eq for _, eq, *_ in gathered]
+    both = tuple(t for t in load_plan.ties if t.stored == "both")
+    apply_ties(state_dict, both, identical_everywhere(tie_equal))
     if options.save_sharded is not None:  # every rank's shards to a pre-sharded directory
-        tie_equal = [eq for _, eq, *_ in gathered]
         sharded_save.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
     ranks = rank_reports([(s, sec, got) for s, _, sec, got in gathered], options.nodes, ctx.replica_of())
     report = build_report(
@@ -377,10 +379,10 @@ def _load(
         for tie in report.ties:
             if tie.identical is False:
                 logger.warning(
-                    "tied keys %s and %s are both stored and differ; %s is used for both",
+                    "tied keys %s and %s are both stored and differ: each keeps its own values, as transformers "
+                    "does (set tie_word_embeddings=False in config.json to say so)",
                     tie.source,
                     tie.target,
-                    tie.source,
                 )
     return LoadResult(state_dict, report, ctx.mesh)
 

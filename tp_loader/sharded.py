@@ -61,7 +61,7 @@ from .sharded_manifest import find_manifest as find_manifest
 from .sharded_manifest import rank_file as rank_file
 from .spec import builtin_plan_paths
 from .styles import Slice
-from .tie import apply_ties
+from .tie import apply_ties, identical_everywhere
 
 logger = logging.getLogger("tp_loader")
 
@@ -253,7 +253,9 @@ def _restart(
         sizes = {entry.name: entry.size}
         local, stats = read_tensors(manifest.root, "safetensors", items, read_options, sizes, destinations)
         state_dict = place(local, load_plan.tensors, ctx.mesh, ctx.tp_axis)
-        apply_ties(state_dict, load_plan.ties)
+        both = [t for t in load_plan.ties if t.stored == "both"]
+        identical = identical_everywhere(manifest.tie_equal) if manifest.tie_equal else [False] * len(both)
+        apply_ties(state_dict, load_plan.ties, identical)
         return state_dict, stats
 
     # one round agrees on the read and gathers the report's figures (place and ties talk to no rank)
@@ -261,7 +263,7 @@ def _restart(
         ctx, "read pre-sharded", read_and_place, lambda result: (result[1], time.perf_counter() - start)
     )
     ranks = rank_reports([(s, seconds, 0) for s, seconds in gathered], options.nodes, ctx.replica_of())
-    # a tie stored on both sides was saved as its source (what the load keeps): its report comes from the manifest
+    # a tie stored on both sides was saved with each side's own values: whether they are equal is the manifest's
     tie_equal = [list(per_rank) for per_rank in manifest.tie_equal]
     report = build_report(load_plan, dtype=dtype_name(dtype), device=ctx.device.type, ranks=ranks, tie_equal=tie_equal)
     if ctx.leader:

@@ -452,7 +452,7 @@ def save_offline(
             )
             tie_equal.append(local_tie_equality(local, load_plan.ties))
             state_dict = dict(local)
-            apply_ties(state_dict, load_plan.ties)  # a tie stored on both sides is saved as the load keeps it
+            apply_ties(state_dict, load_plan.ties)  # a tie stored on both sides: each side saved with its own values
             files.append(write_rank(target, load_plan, state_dict, conversion, identity))
             del local, state_dict
         for rank in range(world_size):
