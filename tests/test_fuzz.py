@@ -379,7 +379,10 @@ def check_load(ranks: Ranks, root: Path, base_family: str, rules: tuple[Rule, ..
         assert (missing, unexpected, mismatched) == ((), (), ()), "strict load accepted non-matching keys"
     loaded = {k: t for k, t in truth.items() if k not in mismatched}
     if lay.tied and "model.embed_tokens.weight" in loaded:
-        loaded["lm_head.weight"] = loaded["model.embed_tokens.weight"]  # the tie's source serves both keys
+        head = loaded.get("lm_head.weight")
+        if head is None or torch.equal(head, loaded["model.embed_tokens.weight"]):
+            loaded["lm_head.weight"] = loaded["model.embed_tokens.weight"]  # the tie's source serves both keys
+        # stored twice with other values: each key keeps its own (as transformers does)
     for rank, (_, shards, _) in enumerate(outcomes):
         assert set(shards) == set(loaded), f"rank {rank} holds {sorted(set(shards) ^ set(loaded))} wrongly"
         for key, tensor in loaded.items():

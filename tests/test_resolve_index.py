@@ -177,16 +177,16 @@ def test_single_weight_file_symlinked_out_of_the_model_directory_is_refused(make
 def test_report_lists_unexpected_keys_loaded_replicated_and_one_warning_counts_them(
     make_checkpoint, caplog: pytest.LogCaptureFixture
 ) -> None:
-    root = make_checkpoint(extra={"model.rotary_emb.inv_freq": torch.arange(4, dtype=torch.float32)})
+    root = make_checkpoint(extra={"model.rotary_emb.scaling": torch.arange(4, dtype=torch.float32)})
     with caplog.at_level(logging.WARNING, logger="tp_loader"):
         result = tp_loader.load(root)
-    assert result.report.unexpected_keys == ("model.rotary_emb.inv_freq",)
-    assert result.report.unmatched_keys == ("model.rotary_emb.inv_freq",)
-    assert torch.equal(result.state_dict["model.rotary_emb.inv_freq"], torch.arange(4, dtype=torch.float32))
+    assert result.report.unexpected_keys == ("model.rotary_emb.scaling",)
+    assert result.report.unmatched_keys == ("model.rotary_emb.scaling",)
+    assert torch.equal(result.state_dict["model.rotary_emb.scaling"], torch.arange(4, dtype=torch.float32))
     assert [r.getMessage() for r in caplog.records] == [
-        f"{root} with plan llama: 1 unexpected (loaded replicated): model.rotary_emb.inv_freq"
+        f"{root} with plan llama: 1 unexpected (loaded replicated): model.rotary_emb.scaling"
     ]
-    assert "model.rotary_emb.inv_freq (no plan rule)" in result.report.format_table()
+    assert "model.rotary_emb.scaling (no plan rule)" in result.report.format_table()
     assert not result.report.clean
 
 

@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             verify=args.verify,
             tp_size=args.tp,
             share=args.share,
+            keep=args.keep,
             **_load_arguments(args),
         )
         if rank == 0 and not args.quiet:
@@ -259,7 +260,6 @@ def _load_arguments(args: argparse.Namespace) -> dict:
         "plan": args.plan,
         "strict": args.strict,
         "allow_unmatched": args.allow_unmatched,
-        "keep": args.keep,
         "report": args.report,
         "revision": args.revision,
         "cache_dir": args.cache_dir,
