@@ -13,6 +13,7 @@ import logging
 import math
 import pickle
 import struct
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -20,12 +21,27 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError, short_repr
-from .resolve import WeightFiles, check_regular, parse_json, read_config
+from .errors import CheckpointError, short_repr, short_text
+from .resolve import WeightFiles, check_regular, decode_json, parse_json, read_config
 
 logger = logging.getLogger("tp_loader")
 
+#: The most bytes a safetensors header may have (safetensors' own bound is 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The most JSON values a header may hold, counted before it is parsed as the commas, colons and opening
+#: brackets of its bytes (each value is a Python object once parsed). A tensor's entry is 11 to 14 of them, so
+#: this is about 360,000 tensors in one file: DeepSeek-V3's 91,991 tensors come in 163 files of at most about
+#: 600, and one pre-sharded rank file of it at TP 8 holds 90,427. The worst header within both bounds peaks under
+#: 700 MiB of RSS while refused; the 80 MB header of a million empty tensors is refused before it is parsed
+#: (docs/guarantees.md).
+MAX_HEADER_VALUES = 4_000_000
+#: The most bytes a header's text may take in memory: twice the bytes cap (a header of characters beyond U+FFFF
+#: takes four bytes a character, and its parse as much again).
+MAX_HEADER_TEXT_BYTES = 2 * MAX_HEADER_BYTES
+#: The largest dimension, and the largest running product of dimensions, a header may give (safetensors' usize).
+MAX_DIM = 2**64 - 1
+_VALUE_MARKS = (b",", b":", b"[", b"{")
+_VALUES_PER_TENSOR = 11
 
 #: safetensors dtype name → torch dtype.
 DTYPES: dict[str, torch.dtype] = {
@@ -220,20 +236,20 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
         raise CheckpointError(
             f"cannot read weight file: {exc}", file=str(path), hint="Check the file's permissions and the filesystem"
         ) from None
-    header = parse_json(raw, path, what="header", hint="The file is corrupt or truncated: re-download it")
+    text = _header_text(raw, path)
+    del raw  # one copy of the header at a time: its text, then what it parses to
+    header = parse_json(text, path, what="header", hint="The file is corrupt or truncated: re-download it")
+    del text
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
-    metadata = header.get("__metadata__", {})
+    metadata = header.pop("__metadata__", {})
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise _bad(path, "__metadata__ is not a map of strings to strings (safetensors refuses it too)")
     data_start = 8 + header_len
     data_size = size - data_start
-    infos = [
-        _parse_entry(path, name, key, entry, data_start, data_size)
-        for key, entry in header.items()
-        if key != "__metadata__"
-    ]
-    infos.sort(key=lambda info: (info.begin, info.end))
+    infos = [_parse_entry(path, name, key, entry, data_start, data_size) for key, entry in header.items()]
+    del header
+    infos.sort(key=_offsets)
     cursor = data_start
     for info in infos:
         if info.begin != cursor:
@@ -245,33 +261,70 @@ def read_safetensors_header(root: Path, name: str) -> list[TensorInfo]:
     return infos
 
 
+def _offsets(info: TensorInfo) -> tuple[int, int]:
+    return info.begin, info.end
+
+
+def _header_text(raw: bytes, path: Path) -> str:
+    """The header's text, after the bounds that keep its parse small: at most :data:`MAX_HEADER_VALUES` JSON
+    values (counted from the bytes before anything is parsed), and at most :data:`MAX_HEADER_TEXT_BYTES` of
+    text in memory (a header of characters beyond U+FFFF takes four bytes a character).
+
+    Raises:
+        CheckpointError: a bound is passed, or the header is not UTF-8.
+    """
+    values = sum(raw.count(mark) for mark in _VALUE_MARKS) + 1
+    if values > MAX_HEADER_VALUES:
+        raise _bad(
+            path,
+            f"header holds up to {values} JSON values, more than the {MAX_HEADER_VALUES} a header can "
+            f"(about {MAX_HEADER_VALUES // _VALUES_PER_TENSOR} tensors a file)",
+        )
+    text = decode_json(raw, path, what="header", hint="The file is corrupt or truncated: re-download it")
+    if sys.getsizeof(text) > MAX_HEADER_TEXT_BYTES:
+        raise _bad(
+            path,
+            f"header of {len(raw)} bytes takes {sys.getsizeof(text)} bytes as text, more than the "
+            f"{MAX_HEADER_TEXT_BYTES} a header can (it holds characters beyond U+FFFF)",
+        )
+    return text
+
+
 def _parse_entry(path: Path, name: str, key: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
-    if not isinstance(entry, dict):
+    """One tensor's header entry, checked as safetensors checks it: a known dtype, a shape of whole numbers
+    below 2^64 whose running product stays below 2^64, and a byte range of exactly the bytes the shape needs,
+    inside the data. Plain type checks: this runs once for every tensor of every file."""
+    if type(entry) is not dict:
         raise _bad(path, "header entry is not an object", key=key)
     name_of_dtype = entry.get("dtype")
-    dtype = DTYPES.get(name_of_dtype) if isinstance(name_of_dtype, str) else None
+    dtype = DTYPES.get(name_of_dtype) if type(name_of_dtype) is str else None
     if dtype is None:
         raise _bad(path, f"unknown dtype {short_repr(name_of_dtype)}; known: {', '.join(DTYPES)}", key=key)
     shape = entry.get("shape")
-    offsets = entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+    if type(shape) is not list:
         raise _bad(path, f"shape {short_repr(shape)} is not a list of non-negative integers", key=key)
-    if not (
-        isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-    ):
+    numel = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise _bad(path, f"shape {short_repr(shape)} is not a list of non-negative integers", key=key)
+        if dim > MAX_DIM:
+            raise _bad(path, f"shape {short_repr(shape)} has a dimension over 2^64 - 1", key=key)
+        numel *= dim
+        if numel > MAX_DIM:  # safetensors multiplies the dims in order, refusing a product that overflows
+            raise _bad(path, f"shape {short_repr(shape)}: the product of its dimensions overflows 64 bits", key=key)
+    offsets = entry.get("data_offsets")
+    if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int):
         raise _bad(path, f"data_offsets {short_repr(offsets)} is not a pair of integers", key=key)
     begin, end = offsets
     if not 0 <= begin <= end <= data_size:
         raise _bad(
             path, f"data_offsets [{begin}, {end}) fall outside the {data_size} data bytes (truncated file?)", key=key
         )
-    expected = math.prod(shape) * dtype.itemsize
+    expected = numel * dtype.itemsize
     if end - begin != expected:
         raise _bad(
             path,
-            f"shape {shape} of {entry['dtype']} needs {expected} bytes but data_offsets span {end - begin}",
+            f"shape {short_repr(shape)} of {name_of_dtype} needs {expected} bytes but data_offsets span {end - begin}",
             key=key,
         )
     return TensorInfo(key, name, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -333,10 +386,11 @@ def _load_checked_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     records = _check_records(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - torch.load runs what the file says: a failure there is the file's
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        said = first if isinstance(exc, _NAMED_BY_TORCH) and first else f"{type(exc).__name__}: {first}".rstrip(": ")
         raise CheckpointError(
-            "refused or could not read the .bin file with weights_only=True: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            f"refused or could not read the .bin file with weights_only=True: {short_text(said)}",
             file=str(path),
             hint="tp_loader never executes code from checkpoints; convert the model to safetensors",
         ) from None
@@ -370,6 +424,10 @@ def _load_checked_pickle(path: Path) -> tuple[dict[str, torch.Tensor], dict[str,
     return state, records
 
 
+#: Exceptions of torch.load whose first line says enough without their type's name.
+_NAMED_BY_TORCH = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError)
+
+
 class _StorageSizes(pickle.Unpickler):
     """Reads a torch zip archive's ``data.pkl`` for its storage records only: every global becomes an
     inert stand-in, so nothing from the file is executed; each persistent id
@@ -385,8 +443,15 @@ class _StorageSizes(pickle.Unpickler):
     def persistent_load(self, pid: object) -> object:
         if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
             _, storage_type, key, _, numel = pid
-            self.storages[str(key)] = (getattr(storage_type, "name", ""), int(numel))
+            if not (isinstance(storage_type, _Inert) and type(key) is str and type(numel) is int and numel >= 0):
+                shown = tuple(p.name if isinstance(p, _Inert) else p for p in pid)
+                raise _MalformedRecord(f"has a malformed storage record in data.pkl: {short_repr(shown, 200)}")
+            self.storages[key] = (storage_type.name, numel)
         return None
+
+
+class _MalformedRecord(ValueError):
+    """A storage record of ``data.pkl`` that is not ``("storage", type, key, location, numel)``."""
 
 
 class _Inert:
@@ -432,10 +497,14 @@ def _check_records(path: Path) -> dict[str, tuple[int, int]]:
                 records[key] = (begin, info.file_size)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError, struct.error) as exc:
-        raise _bad_bin(path, f"is a damaged zip archive ({short_repr(str(exc))})") from None
+    except _MalformedRecord as exc:
+        raise _bad_bin(path, str(exc)) from None
     except RecursionError:
         raise _bad_bin(path, "has a data.pkl that nests too deeply") from None
+    except (zipfile.BadZipFile, KeyError, pickle.UnpicklingError, EOFError, ValueError, struct.error) as exc:
+        raise _bad_bin(path, f"is a damaged zip archive ({short_repr(str(exc))})") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else the archive or its pickle makes fail, the file is bad
+        raise _bad_bin(path, f"is a damaged zip archive ({type(exc).__name__}: {short_repr(str(exc))})") from None
     return records
 
 

@@ -35,6 +35,7 @@ CONFIG = "config.json"
 
 _SAFETENSORS_PATTERNS = [CONFIG, "*.safetensors", "*.safetensors.index.json"]
 _PICKLE_PATTERNS = [CONFIG, "*.bin", "*.bin.index.json"]
+_NOT_REGULAR = "is not a regular file (a directory, FIFO, socket or device), so it is not read"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -498,28 +499,93 @@ def check_regular(path: Path, *, what: str) -> None:
     except OSError as exc:
         raise CheckpointError(f"cannot open the {what}: {exc}", file=str(path), hint="Fix the path") from None
     if not stat.S_ISREG(mode):
-        raise CheckpointError(
-            f"the {what} is not a regular file (a directory, FIFO, socket or device), so it is not read",
-            file=str(path),
-            hint="Replace it with the real file",
+        raise CheckpointError(f"the {what} {_NOT_REGULAR}", file=str(path), hint="Replace it with the real file")
+
+
+def read_regular_file(
+    path: Path,
+    *,
+    what: str,
+    limit: int,
+    limit_text: str,
+    hint: str,
+    error: type[TPLoaderError] = CheckpointError,
+) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes. The file is opened without blocking and checked
+    on the open descriptor, so a FIFO or a device put in its place after a check is refused all the same; at most
+    ``limit + 1`` bytes are read, so a file that grows (or a device that never ends) costs no more.
+
+    Args:
+        what: the file's kind as messages name it (``"plan file"``).
+        limit: the most bytes the file may have.
+        limit_text: ``limit`` in words for the message (``"1 MiB"``).
+        hint: what to do, for every refusal but a missing file.
+        error: the :class:`TPLoaderError` subclass to raise.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (callers say what is missing).
+        TPLoaderError: of type ``error``: not a regular file (a FIFO, socket, device or directory), larger than
+            ``limit``, or unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # a symlink loop, no permission
+        raise error(f"cannot open the {what}: {exc}", file=str(path), hint=hint) from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        size = info.st_size
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"the {what} {_NOT_REGULAR}", file=str(path), hint=hint)
+        if size > limit:
+            raise error(
+                f"the {what} is {size} bytes, more than the {limit} a {what} can be ({limit_text})",
+                file=str(path),
+                hint=hint,
+            )
+        try:
+            raw = handle.read(limit + 1)
+        except OSError as exc:
+            raise error(f"cannot read the {what}: {exc}", file=str(path), hint=hint) from None
+    if len(raw) > limit:  # it grew after the fstat
+        raise error(
+            f"the {what} is more than the {limit} bytes a {what} can be ({limit_text})", file=str(path), hint=hint
         )
+    return raw
 
 
-def parse_json(raw: bytes, path: Path, *, what: str, hint: str) -> object:
+def parse_json(raw: bytes | str, path: Path, *, what: str, hint: str) -> object:
     """Parses JSON exactly as safetensors and transformers accept it: UTF-8 without a byte-order mark.
+
+    Args:
+        raw: the file's bytes, or its text as :func:`decode_json` gave it (a caller that drops the bytes before
+            parsing holds one copy of a large file less).
 
     Raises:
         CheckpointError: any other encoding, invalid JSON, nesting too deep, or integers too long to
             convert, naming the file.
     """
+    text = decode_json(raw, path, what=what, hint=hint) if isinstance(raw, bytes) else raw
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        problem = f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})"
+        return json.loads(text)
     except RecursionError:
         problem = f"{what} nests too deeply"
     except ValueError as exc:  # invalid JSON, a byte-order mark, an integer beyond the digit limit
         problem = f"{what} is not valid JSON ({short_text(str(exc))})"
+    raise CheckpointError(f"cannot parse {what}: {problem}", file=str(path), hint=hint)
+
+
+def decode_json(raw: bytes, path: Path, *, what: str, hint: str) -> str:
+    """The text of a JSON file's bytes, which must be UTF-8 (see :func:`parse_json`).
+
+    Raises:
+        CheckpointError: the bytes are not UTF-8, naming the file.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problem = f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})"
     raise CheckpointError(f"cannot parse {what}: {problem}", file=str(path), hint=hint)
 
 

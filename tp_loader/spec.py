@@ -25,6 +25,7 @@ from typing import Any
 from .aliases import with_aliases
 from .convert import ConverterSpec, parse_converters
 from .errors import CheckpointError, PlanError, TPLoaderError, short_repr
+from .resolve import read_regular_file
 from .styles import STYLES
 
 
@@ -281,14 +282,40 @@ def _load_spec(path: Path, mode: str | None, read: list[Path]) -> PlanSpec:
         ) from None
 
 
-def _read_toml_file(path: Path) -> dict[str, Any]:
+#: The most bytes a plan file may have: the largest built-in plan is 10 KB. Every plan path (``plan=``, a plan's
+#: ``extends``, the path a pre-sharded directory's manifest records) is read through :func:`read_plan_text`.
+MAX_PLAN_BYTES = 1024 * 1024
+_PLAN_HINT = "Pass a built-in plan name or the path of a .toml plan file"
+
+
+def read_plan_text(path: Path) -> str:
+    """The text of a plan file: a regular file (never a FIFO or a device, which could block or never end) of
+    at most :data:`MAX_PLAN_BYTES`, in UTF-8; at most one byte past the cap is read.
+
+    Raises:
+        PlanError: the file is missing, not a regular file, larger than the cap, unreadable, or not UTF-8.
+    """
     try:
-        return tomllib.loads(path.read_text())
+        raw = read_regular_file(
+            path, what="plan file", limit=MAX_PLAN_BYTES, limit_text="1 MiB", hint=_PLAN_HINT, error=PlanError
+        )
     except FileNotFoundError:
+        raise PlanError("plan file does not exist", file=str(path), hint=_PLAN_HINT) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise PlanError(
-            "plan file does not exist", file=str(path), hint="Pass a built-in plan name or a path to a .toml plan"
+            f"cannot parse plan file: it is not UTF-8 ({exc.reason} at byte {exc.start})",
+            file=str(path),
+            hint="Save the plan as UTF-8 text",
         ) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+
+
+def _read_toml_file(path: Path) -> dict[str, Any]:
+    text = read_plan_text(path)
+    try:
+        return tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
 
 
@@ -642,12 +669,7 @@ def _plan_header(path: Path) -> tuple[list[str], list[str]]:
 
 
 def _read_plan_header(path: Path) -> tuple[list[str], list[str]]:
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PlanError(
-            f"cannot read plan file: {exc}", file=str(path), hint="Reinstall tp_loader or fix the file"
-        ) from None
+    text = read_plan_text(path)
     found = re.search(r"^\s*\[", text, flags=re.MULTILINE)
     try:
         data = tomllib.loads(text[: found.start()] if found else text)
