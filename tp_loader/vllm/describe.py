@@ -69,20 +69,61 @@ def _vocab(layer: nn.Module, param: nn.Parameter) -> tuple[tuple[Slot, ...], tup
     return (slot,), ((rows, param.shape[0]) if rows < param.shape[0] else None)
 
 
+def _experts(name: str, layer: nn.Module, param: nn.Parameter) -> Target:
+    """RoutedExperts (FusedMoE): ``w13_weight`` ``[local experts, 2 * I / tp, H]`` holds each local expert's gate
+    (``w1``) then up (``w3``) rows of this rank, ``w2_weight`` ``[local experts, H, I / tp]`` its down columns; with
+    expert parallelism (``tp_size`` 1 for experts) a rank holds only the experts its expert map gives it."""
+    config = layer.moe_config
+    leaf = name.rpartition(".")[2]
+    num_experts = config.num_logical_experts
+    problem = None
+    if leaf not in ("w13_weight", "w2_weight"):
+        problem = f"expert parameter {leaf!r} (only w13_weight and w2_weight of unquantized experts are supported)"
+    elif not config.is_act_and_mul or config.num_experts != num_experts:
+        problem = "experts without a gated activation, or with redundant (EPLB) experts"
+    elif layer.expert_map_manager.num_fused_shared_experts:
+        problem = "shared experts fused into the routed ones"
+    if problem is not None:
+        raise PlanError(
+            f"{name!r}: {problem} are not supported by tp_loader's vLLM loader",
+            key=name,
+            hint="Load this model with load_format='auto'",
+        )
+    tp_rank, tp_size = config.tp_rank, config.moe_parallel_config.tp_size
+    local = {e: layer._map_global_expert_id_to_local_expert_id(e) for e in range(num_experts)}
+    slots = []
+    for expert, index in local.items():
+        if index < 0:
+            continue
+        if leaf == "w13_weight":
+            rows = param.shape[1] // 2
+            for shard, offset in (("w1", 0), ("w3", rows)):
+                slots.append(Slot(shard, 0, offset, rows, tp_rank * rows, rows * tp_size, expert, index))
+        else:
+            cols = param.shape[2]
+            slots.append(Slot("w2", 1, 0, cols, tp_rank * cols, cols * tp_size, expert, index))
+    elsewhere = frozenset(e for e, index in local.items() if index < 0)
+    return Target(name, tuple(param.shape), param.dtype, type(layer).__name__, tuple(slots), None, elsewhere)
+
+
 def describe_parameter(name: str, layer: nn.Module, param: nn.Parameter) -> Target:
     """The layout of ``param`` (named ``name``), a parameter of ``layer``, on this rank.
 
     Raises:
         PlanError: a layer kind the loader does not know that shards the parameter.
     """
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
     from vllm.model_executor.layers.linear import (
         ColumnParallelLinear,
         MergedColumnParallelLinear,
         QKVParallelLinear,
+        ReplicatedLinear,
         RowParallelLinear,
     )
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
+    if isinstance(layer, RoutedExperts):
+        return _experts(name, layer, param)
     kind = type(layer).__name__
     shape = tuple(param.shape)
     zero_rows = None
@@ -97,7 +138,7 @@ def describe_parameter(name: str, layer: nn.Module, param: nn.Parameter) -> Targ
         slots = _split_slot(layer, param, output_dim)
     elif isinstance(layer, RowParallelLinear) and input_dim is not None:
         slots = _split_slot(layer, param, input_dim)
-    elif output_dim is None and input_dim is None:
+    elif isinstance(layer, ReplicatedLinear) or (output_dim is None and input_dim is None):
         slots = (Slot(),)  # replicated: norms, a row-parallel bias, routers, a layer with tensor parallelism off
     else:
         raise PlanError(
@@ -127,6 +168,7 @@ def map_keys(model: nn.Module, keys: list[str], params: set[str]) -> dict[str, D
     mapper = getattr(model, "hf_to_vllm_mapper", None) or WeightsMapper()
     mapper = mapper | AutoWeightsLoader.REMOVE_UNUSED_ROTARY_EMBEDS_MAPPER
     packed = packed_map(model)
+    experts = expert_mappings(model)
     out: dict[str, Destination | None] = {}
     for key in keys:
         mapped = mapper._map_name_with_shard(key)
@@ -139,5 +181,30 @@ def map_keys(model: nn.Module, keys: list[str], params: set[str]) -> dict[str, D
                 if part in name and name.replace(part, whole, 1) in params:
                     name, shard = name.replace(part, whole, 1), index
                     break
+        if name not in params and shard is None:
+            for prefix, param_prefix, mapping in experts:
+                if not name.startswith(prefix):
+                    continue
+                for param_part, weight_part, expert, expert_shard in mapping:
+                    if weight_part in name:
+                        leaf = name.replace(weight_part, param_part).removeprefix(prefix)
+                        out[key] = Destination(param_prefix + leaf, expert_shard, expert)
+                        break
+                break
+            if key in out:
+                continue
         out[key] = Destination(name, shard)
     return out
+
+
+def expert_mappings(model: nn.Module) -> list[tuple[str, str, list[tuple[str, str, int, str]]]]:
+    """Each RoutedExperts layer's own checkpoint mapping: ``(its layer name + ".", its parameters' prefix, [(param
+    part, checkpoint part, expert id, shard id)])``, as its ``load_weights`` matches keys (``experts.3.up_proj.`` →
+    ``experts.w13_``, expert 3, ``w3``)."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    return [
+        (f"{module.layer_name}.", f"{path}.", module.get_expert_mapping())
+        for path, module in model.named_modules()
+        if isinstance(module, RoutedExperts)
+    ]
