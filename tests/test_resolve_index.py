@@ -251,3 +251,122 @@ def test_sharded_bin_fallback_with_its_index_loads_exact_shards_at_world_size_2(
         )
 
     assert values(run_ranks(2, load_rank)) == [True, True]
+
+
+# --- a Mistral repository: consolidated.safetensors beside the transformers-named shards -------------------------
+
+#: transformers' Llama / Mistral names → Mistral's own (``consolidated.safetensors``), as its conversion script maps.
+MISTRAL_NAMES = {
+    "model.embed_tokens.": "tok_embeddings.",
+    "model.norm.": "norm.",
+    "lm_head.": "output.",
+    "model.layers.": "layers.",
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+STORED_TWICE = "key is stored twice, in consolidated.safetensors and model-00001-of-00002.safetensors"
+
+
+def _mistral_name(key: str) -> str:
+    for ours, theirs in MISTRAL_NAMES.items():
+        key = key.replace(ours, theirs)
+    return key
+
+
+def _mistral_repo(make_checkpoint, *, naming: str, index: bool, extra: dict | None = None) -> Path:
+    """A two-shard checkpoint with a ``consolidated.safetensors`` of other values (seed 1) beside it, under
+    Mistral's names or the shards' own, with or without the shards' index; ``extra`` goes into it too."""
+    from safetensors.torch import save_file
+
+    root = make_checkpoint(num_shards=2)
+    other = _stored(make_checkpoint(num_shards=1, seed=1))
+    copy = {(_mistral_name(k) if naming == "mistral" else k): v for k, v in other.items()}
+    save_file({**copy, **(extra or {})}, str(root / "consolidated.safetensors"))
+    if not index:
+        (root / "model.safetensors.index.json").unlink()
+    return root
+
+
+def _shards(root: Path) -> dict[str, torch.Tensor]:
+    return {k: v for name in SHARDS for k, v in load_file(str(root / name)).items()}
+
+
+@pytest.mark.parametrize("naming", ["mistral", "same"])
+@pytest.mark.parametrize("index", [True, False], ids=["index", "no-index"])
+def test_consolidated_safetensors_beside_complete_hf_shards_is_ignored(
+    make_checkpoint, naming: str, index: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the index, only the files it names are read; without it, the HF-named shards are preferred when they
+    hold every tensor of the consolidated copy (by name, or under Mistral's names by dtype and shape), as vLLM
+    filters a Mistral repository's files."""
+    from tp_loader.index import index_checkpoint
+
+    root = _mistral_repo(make_checkpoint, naming=naming, index=index)
+    checkpoint = index_checkpoint(find_weights(root))
+    assert sorted(checkpoint.file_sizes) == list(SHARDS)
+    assert {info.file for info in checkpoint.tensors.values()} == set(SHARDS)
+    shards = _shards(root)
+    caplog.clear()
+    result = tp_loader.load(root, strict=True)
+    assert set(result.state_dict) == set(shards)
+    for key, tensor in shards.items():
+        assert torch.equal(result.state_dict[key], tensor), key
+    assert list(result.report.unexpected_keys) == []
+    ignored = [r.getMessage() for r in caplog.records if "consolidated.safetensors" in r.getMessage()]
+    if index:
+        assert ignored == []
+    else:
+        how = "under its own names" if naming == "same" else "by dtype and shape, under other names"
+        assert ignored == [
+            f"{root}: consolidated.safetensors is not read: the 2 HF-named shards model-*-of-00002.safetensors "
+            f"hold every one of its 21 tensors ({how})"
+        ]
+
+
+def test_consolidated_safetensors_with_a_tensor_the_shards_lack_is_still_refused_as_a_duplicate(
+    make_checkpoint,
+) -> None:
+    root = _mistral_repo(make_checkpoint, naming="same", index=False, extra={"model.extra.weight": torch.ones(3)})
+    with pytest.raises(CheckpointError) as caught:
+        tp_loader.load(root)
+    assert (
+        caught.value.message == "key is stored twice, in consolidated.safetensors and model-00001-of-00002.safetensors"
+    )
+    assert caught.value.file == str(root / "model-00001-of-00002.safetensors")
+    assert caught.value.key == "model.embed_tokens.weight"
+    assert caught.value.hint == (
+        "consolidated.safetensors is a second copy of the weights (Mistral's own format), and the HF-named shards "
+        "do not hold every one of its tensors, so neither can be chosen: restore model.safetensors.index.json, or "
+        "move consolidated.safetensors out of the directory"
+    )
+
+
+def test_consolidated_safetensors_beside_an_incomplete_set_of_shards_is_still_refused_as_a_duplicate(
+    make_checkpoint,
+) -> None:
+    root = _mistral_repo(make_checkpoint, naming="same", index=False)
+    (root / SHARDS[1]).unlink()
+    with pytest.raises(CheckpointError) as caught:
+        tp_loader.load(root)
+    assert (
+        caught.value.message == "key is stored twice, in consolidated.safetensors and model-00001-of-00002.safetensors"
+    )
+
+
+def test_consolidated_safetensors_of_other_shapes_under_mistral_names_is_not_dropped(make_checkpoint) -> None:
+    """Not every tensor of the copy has a counterpart of its dtype and shape: nothing is ignored, and its tensors
+    are the checkpoint's unexpected keys, as before."""
+    root = _mistral_repo(make_checkpoint, naming="mistral", index=False, extra={"extra.weight": torch.ones(3)})
+    from tp_loader.index import index_checkpoint
+
+    checkpoint = index_checkpoint(find_weights(root))
+    assert "consolidated.safetensors" in checkpoint.file_sizes
+    assert checkpoint.tensors["extra.weight"].file == "consolidated.safetensors"

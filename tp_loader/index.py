@@ -6,12 +6,14 @@ validated against the file size before anything trusts them.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
 import logging
 import math
 import pickle
+import re
 import struct
 import sys
 import warnings
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, short_repr, short_text
-from .resolve import WeightFiles, check_regular, decode_json, parse_json, read_config
+from .resolve import SAFETENSORS_INDEX, WeightFiles, check_regular, decode_json, parse_json, read_config
 
 logger = logging.getLogger("tp_loader")
 
@@ -161,23 +163,87 @@ def index_checkpoint(weights: WeightFiles) -> Checkpoint:
     """
     config = read_config(weights.root)
     read_file = read_safetensors_header if weights.format == "safetensors" else read_pickle_header
+    per_file = {name: read_file(weights.root, name) for name in weights.files}
+    if weights.weight_map is None:
+        per_file = _without_covered_copies(weights.root, per_file)
     tensors: dict[str, TensorInfo] = {}
     file_sizes: dict[str, int] = {}
-    for name in weights.files:
-        infos = read_file(weights.root, name)
+    for name, infos in per_file.items():
         file_sizes[name] = (weights.root / name).stat().st_size
         for info in infos:
             if info.key in tensors:
+                first = tensors[info.key].file
+                copy = next((n for n in (first, name) if _CONSOLIDATED.fullmatch(n)), None)
                 raise CheckpointError(
-                    f"key is stored twice, in {tensors[info.key].file} and {name}",
+                    f"key is stored twice, in {first} and {name}",
                     file=str(weights.root / name),
                     key=info.key,
-                    hint="Remove the duplicate or fix the index",
+                    hint="Remove the duplicate or fix the index"
+                    if copy is None
+                    else f"{copy} is a second copy of the weights (Mistral's own format), and the HF-named shards do "
+                    f"not hold every one of its tensors, so neither can be chosen: restore {SAFETENSORS_INDEX}, or "
+                    f"move {copy} out of the directory",
                 )
             tensors[info.key] = info
     if weights.weight_map is not None:
         _check_weight_map(weights, tensors)
     return Checkpoint(weights.root, weights.format, config, tensors, file_sizes)
+
+
+#: transformers' shard names, and Mistral's own copy of the weights that its repositories keep beside them
+#: (``consolidated.safetensors``, or ``consolidated-00001-of-00002.safetensors`` and the like).
+_HF_SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
+_CONSOLIDATED = re.compile(r"consolidated([.-][\w.-]*)?\.safetensors")
+
+
+def _without_covered_copies(root: Path, per_file: dict[str, list[TensorInfo]]) -> dict[str, list[TensorInfo]]:
+    """A directory without an index that holds a complete set of HF-named shards and Mistral's consolidated
+    copy beside them: the copy is left out when the shards hold every one of its tensors (under its names, or
+    under Mistral's by dtype and shape), as vLLM reads only the shards. Otherwise every file stays, and a key in
+    two files is refused as before."""
+    shards = [name for name in per_file if _HF_SHARD.fullmatch(name)]
+    copies = [name for name in per_file if _CONSOLIDATED.fullmatch(name)]
+    numbers = {_HF_SHARD.fullmatch(name).groups() for name in shards}  # type: ignore[union-attr]
+    totals = {total for _, total in numbers}
+    if not copies or len(totals) != 1 or {int(i) for i, _ in numbers} != set(range(1, int(next(iter(totals))) + 1)):
+        return per_file
+    held = [info for name in shards for info in per_file[name]]
+    copied = [info for name in copies for info in per_file[name]]
+    how = _covered(held, copied)
+    if how is None:
+        return per_file
+    logger.info(
+        "%s: %s %s not read: the %d HF-named shards model-*-of-%s.safetensors hold every one of %s %d tensors (%s)",
+        root,
+        ", ".join(copies),
+        "is" if len(copies) == 1 else "are",
+        len(shards),
+        next(iter(totals)),
+        "its" if len(copies) == 1 else "their",
+        len(copied),
+        how,
+    )
+    return {name: infos for name, infos in per_file.items() if name not in copies}
+
+
+def _covered(held: list[TensorInfo], copied: list[TensorInfo]) -> str | None:
+    """How every tensor of ``copied`` is in ``held``: under its own name with its dtype and shape, or (for a copy
+    under other names, as Mistral's are) as one more tensor of its dtype and shape; ``None`` if one is not."""
+    by_key = {info.key: info for info in held}
+    copied_keys = {info.key for info in copied}
+    unnamed = collections.Counter((info.dtype, info.shape) for info in held if info.key not in copied_keys)
+    renamed = False
+    for info in copied:
+        same = by_key.get(info.key)
+        if same is not None:
+            if (same.dtype, same.shape) != (info.dtype, info.shape):
+                return None
+            continue
+        if unnamed[info.dtype, info.shape] == 0:
+            return None
+        unnamed[info.dtype, info.shape] -= 1
+        renamed = True
+    return "by dtype and shape, under other names" if renamed else "under its own names"
 
 
 def _check_weight_map(weights: WeightFiles, tensors: dict[str, TensorInfo]) -> None:
