@@ -121,9 +121,7 @@ def test_a_plan_file_larger_than_a_plan_can_be_is_refused_without_reading_it_all
         handle.truncate(8 * 1024**3)  # a sparse 8 GiB file: reading it whole would take the 2 GiB left to the rank
     wire = _refused_on_every_rank(root, plan=str(plan))
     assert wire["type"] == "PlanError"
-    assert wire["message"] == (
-        f"the plan file is {8 * 1024**3} bytes, more than the {MAX_PLAN_BYTES} a plan file can be (1 MiB)"
-    )
+    assert wire["message"] == (f"the plan file is {8 * 1024**3} bytes, more than the {MAX_PLAN_BYTES} allowed (1 MiB)")
     assert wire["file"] == str(plan)
 
 
@@ -151,6 +149,31 @@ def test_a_restart_whose_recorded_plan_file_became_a_fifo_or_a_device_is_refused
     assert wire["type"] == "PlanError"
     assert wire["message"] == f"the plan file {NOT_REGULAR}"
     assert wire["file"] == str(plan)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_a_config_or_index_larger_than_the_cap_is_refused_without_reading_it_all(tmp_path: Path, name: str) -> None:
+    root = write_checkpoint(tmp_path / "ckpt", CONFIG, llama_tensors(CONFIG), num_shards=2)
+    with open(root / name, "a") as handle:
+        handle.truncate(8 * 1024**3)
+    wire = _refused_on_every_rank(root)
+    assert wire["type"] == "CheckpointError"
+    what = "config.json" if name == "config.json" else "index file"
+    assert wire["message"] == f"the {what} is {8 * 1024**3} bytes, more than the {64 * 1024**2} allowed (64 MiB)"
+    assert wire["file"] == str(root / name)
+
+
+def test_an_index_of_more_json_values_than_the_cap_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    """60 MB of empty lists would parse to 20 million Python lists (1.7 GB)."""
+    root = write_checkpoint(tmp_path / "ckpt", CONFIG, llama_tensors(CONFIG), num_shards=2)
+    index = json.loads((root / "model.safetensors.index.json").read_text())
+    (root / "model.safetensors.index.json").write_text(
+        json.dumps(index)[:-1] + ', "padding": [' + "[]," * 20_000_000 + "[]]}"
+    )
+    wire = _refused_on_every_rank(root)
+    assert wire["type"] == "CheckpointError"
+    assert wire["message"].startswith("the index file holds up to 400000")
+    assert wire["message"].endswith("JSON values, more than the 4000000 allowed")
 
 
 # --- .bin pickles whose tensor records are malformed ---------------------------------------------------------

@@ -24,7 +24,15 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, short_repr, short_text
-from .resolve import SAFETENSORS_INDEX, WeightFiles, check_regular, decode_json, parse_json, read_config
+from .resolve import (
+    SAFETENSORS_INDEX,
+    WeightFiles,
+    check_regular,
+    count_json_values,
+    decode_json,
+    parse_json,
+    read_config,
+)
 
 logger = logging.getLogger("tp_loader")
 
@@ -42,7 +50,6 @@ MAX_HEADER_VALUES = 4_000_000
 MAX_HEADER_TEXT_BYTES = 2 * MAX_HEADER_BYTES
 #: The largest dimension, and the largest running product of dimensions, a header may give (safetensors' usize).
 MAX_DIM = 2**64 - 1
-_VALUE_MARKS = (b",", b":", b"[", b"{")
 _VALUES_PER_TENSOR = 11
 
 #: safetensors dtype name → torch dtype.
@@ -339,7 +346,7 @@ def _header_text(raw: bytes, path: Path) -> str:
     Raises:
         CheckpointError: a bound is passed, or the header is not UTF-8.
     """
-    values = sum(raw.count(mark) for mark in _VALUE_MARKS) + 1
+    values = count_json_values(raw)
     if values > MAX_HEADER_VALUES:
         raise _bad(
             path,

@@ -540,7 +540,7 @@ def read_regular_file(
             raise error(f"the {what} {_NOT_REGULAR}", file=str(path), hint=hint)
         if size > limit:
             raise error(
-                f"the {what} is {size} bytes, more than the {limit} a {what} can be ({limit_text})",
+                f"the {what} is {size} bytes, more than the {limit} allowed ({limit_text})",
                 file=str(path),
                 hint=hint,
             )
@@ -549,9 +549,7 @@ def read_regular_file(
         except OSError as exc:
             raise error(f"cannot read the {what}: {exc}", file=str(path), hint=hint) from None
     if len(raw) > limit:  # it grew after the fstat
-        raise error(
-            f"the {what} is more than the {limit} bytes a {what} can be ({limit_text})", file=str(path), hint=hint
-        )
+        raise error(f"the {what} is more than the {limit} bytes allowed ({limit_text})", file=str(path), hint=hint)
     return raw
 
 
@@ -589,20 +587,37 @@ def decode_json(raw: bytes, path: Path, *, what: str, hint: str) -> str:
     raise CheckpointError(f"cannot parse {what}: {problem}", file=str(path), hint=hint)
 
 
+#: The most bytes, and JSON values (counted before parsing: commas, colons, opening brackets), of a config.json
+#: or an index file. DeepSeek-V3's index (91,991 keys) is 8.9 MB and 184,000 values; a config.json is kilobytes.
+#: Within both bounds a parse peaks under 700 MiB of RSS (a million short strings, the costliest values).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+MAX_JSON_VALUES = 4_000_000
+_VALUE_MARKS = (b",", b":", b"[", b"{")
+
+
+def count_json_values(raw: bytes) -> int:
+    """An upper bound on the JSON values in ``raw``, counted without parsing it (commas, colons and opening
+    brackets in strings count too)."""
+    return sum(raw.count(mark) for mark in _VALUE_MARKS) + 1
+
+
 def read_json_file(path: Path, *, what: str, hint: str) -> object:
-    """A regular file's JSON (see :func:`check_regular`, :func:`parse_json`).
+    """A regular file's JSON (see :func:`check_regular`, :func:`parse_json`), of at most :data:`MAX_JSON_BYTES`
+    and :data:`MAX_JSON_VALUES`.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: as :func:`check_regular` and :func:`parse_json`, or a read error.
+        CheckpointError: as :func:`check_regular` and :func:`parse_json`, a bound passed, or a read error.
     """
     check_regular(path, what=what)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot read the {what}: {exc}", file=str(path), hint=hint) from None
+    raw = read_regular_file(path, what=what, limit=MAX_JSON_BYTES, limit_text="64 MiB", hint=hint)
+    values = count_json_values(raw)
+    if values > MAX_JSON_VALUES:
+        raise CheckpointError(
+            f"the {what} holds up to {values} JSON values, more than the {MAX_JSON_VALUES} allowed",
+            file=str(path),
+            hint=hint,
+        )
     return parse_json(raw, path, what=what, hint=hint)
 
 
