@@ -24,6 +24,17 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("vllm")
 
 
+_RUNS: dict[tuple[str, str], dict] = {}
+
+
+def engine_once(model: Path, load_format: str, out_dir: Path) -> dict:
+    """:func:`run_engine`, once per model and format in this module (several tests compare with one run)."""
+    key = (str(model), load_format)
+    if key not in _RUNS:
+        _RUNS[key] = run_engine(model, load_format, out_dir)
+    return _RUNS[key]
+
+
 def run_engine(model: Path, load_format: str, out_dir: Path, *, reload: tuple[Path, ...] = (), name: str = "") -> dict:
     """One engine process: its JSON (runs of tokens and logprobs, or an error) and, for tp_loader, its report."""
     tag = name or f"{model.name}-{load_format}"
@@ -75,10 +86,94 @@ def test_tp_loader_generates_what_vllm_auto_generates(arch: str, root: Path) -> 
     model = write_checkpoint(arch, root)
     assert len(list(model.glob("*.safetensors"))) > 1
     config = json.loads((model / "config.json").read_text())
-    auto = run_engine(model, "auto", root)
-    ours = run_engine(model, "tp_loader", root)
+    auto = engine_once(model, "auto", root)
+    ours = engine_once(model, "tp_loader", root)
     assert "error" not in auto, auto["log"][-3000:]
     assert "error" not in ours, ours["log"][-3000:]
     assert_same_generation(ours["runs"][0], auto["runs"][0])
     assert_reads_own_slices(ours["report"], config)
     assert "tp_loader: loaded" in ours["log"]
+
+
+def worker_errors(log: str) -> dict[str, str]:
+    """Each worker's last tp_loader error line, by worker (``Worker_TP0`` ...)."""
+    found = {}
+    for line in log.splitlines():
+        if "tp_loader.errors." in line and "Worker_TP" in line:
+            worker = line[line.index("Worker_TP") :].split()[0]
+            found[worker] = line[line.index("tp_loader.errors.") :]
+    return found
+
+
+def test_the_comparison_can_fail(root: Path) -> None:
+    """vLLM's "dummy" weights generate other tokens: the equality above is not vacuous."""
+    model = write_checkpoint("llama", root)
+    dummy = run_engine(model, "dummy", root)
+    auto = engine_once(model, "auto", root)
+    assert "error" not in dummy, dummy["log"][-3000:]
+    assert [r["tokens"] for r in dummy["runs"][0]] != [r["tokens"] for r in auto["runs"][0]]
+
+
+def test_reload_weights_in_place_equals_a_fresh_load(root: Path) -> None:
+    """llm.collective_rpc("reload_weights", kwargs={"weights_path": ...}) goes through the same loader: after a
+    reload from another checkpoint the engine generates what a fresh load of it does, and back again."""
+    first, second = write_checkpoint("llama", root), write_checkpoint("llama", root, seed=1)
+    ours = run_engine(first, "tp_loader", root, reload=(second, first), name="reload")
+    assert "error" not in ours, ours["log"][-3000:]
+    fresh_first, fresh_second = engine_once(first, "auto", root), engine_once(second, "auto", root)
+    assert_same_generation(ours["runs"][0], fresh_first["runs"][0])
+    assert_same_generation(ours["runs"][1], fresh_second["runs"][0])
+    assert ours["runs"][2] == ours["runs"][0]
+    assert ours["log"].count("tp_loader: reloaded") == 2
+    report = ours["report"]  # the last reload's
+    assert report["reload"] is True and report["model"] == str(first)
+    assert report["extra"] == {
+        "restored_layers": 8,
+        "processed_layers": 10,
+    }  # 2 layers x 4 linears emptied; + embedding, LM head
+    assert_reads_own_slices(report, json.loads((first / "config.json").read_text()))
+
+
+def test_an_architecture_without_a_mapping_is_refused_on_every_rank(root: Path) -> None:
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=1000,
+        hidden_size=128,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    model = root / "phi3"
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model)
+    result = run_engine(model, "tp_loader", root)
+    assert "error" in result
+    errors = worker_errors(result["log"])
+    assert set(errors) == {"Worker_TP0", "Worker_TP1"}
+    assert len(set(errors.values())) == 1
+    message = errors["Worker_TP0"]
+    assert message.startswith("tp_loader.errors.PlanError: vLLM model class Phi3ForCausalLM has no tp_loader mapping")
+    assert "load_format='auto'" in message
+
+
+def test_a_parameter_no_checkpoint_key_fills_is_one_error_on_every_rank(root: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = write_checkpoint("llama", root, seed=2)
+    key = "model.layers.1.mlp.down_proj.weight"
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    path = model / index["weight_map"].pop(key)
+    tensors = load_file(path)
+    del tensors[key]
+    save_file(tensors, path, metadata={"format": "pt"})
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    result = run_engine(model, "tp_loader", root)
+    assert "error" in result
+    errors = worker_errors(result["log"])
+    assert set(errors) == {"Worker_TP0", "Worker_TP1"} and len(set(errors.values())) == 1
+    assert errors["Worker_TP0"].startswith(
+        f"tp_loader.errors.StrictLoadError: 1 vLLM parameters get no checkpoint tensor: {key} [rank=0"
+    )

@@ -8,6 +8,7 @@ any rank is the same error on every rank, before any byte is read where that can
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -29,6 +30,7 @@ from ..read import ReadOptions, read_tensors
 from ..resolve import find_weights
 from .describe import describe_parameter, map_keys
 from .layout import Fill, Target, VllmPlan, plan_fills
+from .repack import process_again, restore_emptied_layers
 
 #: vLLM model classes whose layers this loader is tested on (tests/vllm_plugin): anything else is refused, by name.
 SUPPORTED = (
@@ -257,6 +259,9 @@ def load_into_vllm(
         refuse_problems(vplan, str(root), ctx.rank)
         return checkpoint, vplan, targets
 
+    restored = processed = 0
+    if reload:  # the parameters a kernel format emptied get storage again before they are planned
+        restored, _ = run_agreed(ctx, "restore", lambda: restore_emptied_layers(model, device))
     (checkpoint, vplan, targets), fingerprints = run_agreed(ctx, "plan", plan, lambda r: r[0].fingerprint())
     if len(set(fingerprints)) > 1:
         raise DistributedError(
@@ -269,6 +274,7 @@ def load_into_vllm(
     options = ReadOptions.from_settings(settings, None, device)
 
     def read() -> tuple[int, int, float]:
+        nonlocal processed
         with torch.no_grad():
             _, stats = read_tensors(
                 checkpoint.root,
@@ -282,12 +288,17 @@ def load_into_vllm(
                 if target.zero_rows is not None:  # vocabulary padding, zero as vLLM's own loader leaves it
                     first, stop = target.zero_rows
                     params[target.name].data[first:stop].zero_()
+            if reload:  # the new values into the kernels vLLM computes from
+                processed = process_again(model, {fill.target for fill in vplan.fills})
         return stats.bytes_read, stats.num_tensors, stats.seconds
 
     _, gathered = run_agreed(
         ctx, "read", read, lambda r: (*r, vplan.bytes_sharded, vplan.bytes_replicated, time.perf_counter() - start)
     )
     report = _report(model, str(root), ctx, checkpoint, vplan, gathered, reload)
+    report = dataclasses.replace(
+        report, extra={"restored_layers": restored, "processed_layers": processed} if reload else {}
+    )
     if report_path is not None:
         run_agreed(ctx, "write report", lambda: Path(report_path).write_text(report.to_json()) if ctx.leader else None)
     if ctx.leader:
