@@ -59,7 +59,7 @@ def main() -> None:
             model_loader_extra_config=extra,
             skip_tokenizer_init=True,
             enforce_eager=True,
-            dtype="float32",
+            dtype=os.environ.get("ENGINE_DTYPE", "float32"),
             max_model_len=64,
             max_num_seqs=4,
             seed=0,

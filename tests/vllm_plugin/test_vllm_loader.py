@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -159,21 +160,48 @@ def test_an_architecture_without_a_mapping_is_refused_on_every_rank(root: Path) 
     assert "load_format='auto'" in message
 
 
-def test_a_parameter_no_checkpoint_key_fills_is_one_error_on_every_rank(root: Path) -> None:
+def edit_checkpoint(model: Path, key: str, tensor: torch.Tensor | None, *, beside: str) -> None:
+    """Sets ``key`` to ``tensor`` (None: removes it) in the file that holds ``beside``, index included."""
     from safetensors.torch import load_file, save_file
 
-    model = write_checkpoint("llama", root, seed=2)
-    key = "model.layers.1.mlp.down_proj.weight"
     index = json.loads((model / "model.safetensors.index.json").read_text())
-    path = model / index["weight_map"].pop(key)
-    tensors = load_file(path)
-    del tensors[key]
-    save_file(tensors, path, metadata={"format": "pt"})
+    name = index["weight_map"][beside]
+    tensors = load_file(model / name)
+    if tensor is None:
+        del tensors[key], index["weight_map"][key]
+    else:
+        tensors[key], index["weight_map"][key] = tensor, name
+    save_file(tensors, model / name, metadata={"format": "pt"})
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+KEY = "model.layers.1.mlp.down_proj.weight"
+BROKEN = {
+    "missing": (KEY, None, f"StrictLoadError: 1 vLLM parameters get no checkpoint tensor: {KEY} [rank=0"),
+    "unexpected": (
+        "model.layers.1.mlp.extra_proj.weight",
+        torch.ones(4, 4),
+        "StrictLoadError: 1 checkpoint keys map to no parameter of the vLLM model: model.layers.1.mlp.extra_proj.weight"
+        " [",
+    ),
+    "shape": (
+        KEY,
+        torch.ones(128, 95),
+        "ShardingError: checkpoint tensor is [128, 95], but vLLM's parameter model.layers.1.mlp.down_proj.weight needs",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_error_on_every_rank(case: str, root: Path) -> None:
+    """A parameter nothing fills, a key that fills nothing, a shape that does not fit: the same error on both
+    ranks, naming key and parameter, and no fallback to vLLM's loader."""
+    model = write_checkpoint("llama", root, seed=2)
+    model = model.rename(model.with_name(f"llama-{case}"))
+    key, tensor, expected = BROKEN[case]
+    edit_checkpoint(model, key, tensor, beside=KEY)
     result = run_engine(model, "tp_loader", root)
-    assert "error" in result
+    assert "error" in result and "runs" not in result
     errors = worker_errors(result["log"])
     assert set(errors) == {"Worker_TP0", "Worker_TP1"} and len(set(errors.values())) == 1
-    assert errors["Worker_TP0"].startswith(
-        f"tp_loader.errors.StrictLoadError: 1 vLLM parameters get no checkpoint tensor: {key} [rank=0"
-    )
+    assert errors["Worker_TP0"].startswith(f"tp_loader.errors.{expected}"), errors["Worker_TP0"]

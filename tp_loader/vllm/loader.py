@@ -168,11 +168,28 @@ def describe_model(model: nn.Module) -> tuple[dict[str, Target], dict[str, str]]
 
 
 def refuse_architecture(model: nn.Module) -> None:
+    """Only the unquantized layers of :data:`SUPPORTED` classes are mapped: a quantized model's parameters (fp8
+    weights and their block scales, packed int4) are laid out by its quant method, which this loader does not read
+    yet, so they are refused rather than guessed."""
     name = type(model).__name__
     if name not in SUPPORTED:
         raise PlanError(
             f"vLLM model class {name} has no tp_loader mapping (supported: {', '.join(SUPPORTED)})",
             hint="Load this model with load_format='auto'",
+        )
+    quantized = sorted(
+        {
+            f"{type(module.quant_method).__name__} ({layer or 'the model'})"
+            for layer, module in model.named_modules()
+            if getattr(module, "quant_method", None) is not None
+            and not type(module.quant_method).__name__.startswith("Unquantized")
+        }
+    )
+    if quantized:
+        raise PlanError(
+            f"vLLM model {name} is quantized ({_shown(tuple(quantized))}): load_format='tp_loader' maps unquantized "
+            "layers only",
+            hint="Load this checkpoint with load_format='auto'",
         )
 
 
