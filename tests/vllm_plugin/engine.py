@@ -2,7 +2,8 @@
 
 Run as a script (vLLM spawns its workers, so engine start-up must sit under ``__main__``)::
 
-    python tests/vllm_plugin/engine.py MODEL_DIR OUT_JSON --load-format tp_loader [--report PATH] [--reload DIR ...]
+    python tests/vllm_plugin/engine.py MODEL_DIR OUT_JSON --load-format tp_loader [--report PATH] [--ep] [--digests]
+        [--reload DIR ...]
 """
 
 from __future__ import annotations
@@ -37,6 +38,20 @@ def generate(llm) -> list[dict]:
     return result
 
 
+def parameter_digests(worker) -> dict[str, str]:
+    """Runs in each worker (``llm.collective_rpc``): a SHA-256 of every parameter's bytes on that rank, by name."""
+    import hashlib
+
+    import torch
+
+    model = worker.model_runner.get_model()
+    digests = {}
+    for name, param in model.named_parameters():
+        data = param.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        digests[name] = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+    return digests
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
@@ -44,6 +59,8 @@ def main() -> None:
     parser.add_argument("--load-format", default="tp_loader")
     parser.add_argument("--report")
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--ep", action="store_true", help="expert parallelism (vLLM's enable_expert_parallel)")
+    parser.add_argument("--digests", action="store_true", help="each rank's parameter digests instead of generating")
     parser.add_argument("--reload", nargs="*", default=[], help="checkpoints to reload in place, in turn")
     args = parser.parse_args()
     engine_env()
@@ -63,12 +80,19 @@ def main() -> None:
             max_model_len=64,
             max_num_seqs=4,
             seed=0,
+            enable_expert_parallel=args.ep,
         )
     except Exception as exc:  # noqa: BLE001 - the test reads the message
         with open(args.out, "w") as f:
             json.dump({"error": f"{type(exc).__name__}: {exc}"}, f)
         raise SystemExit(3) from None
     started = time.perf_counter() - start
+    if args.digests:  # vLLM 0.32's CPU build crashes in the forward with expert parallelism: compare the weights
+        out = {"start_seconds": started, "digests": llm.collective_rpc(parameter_digests)}
+        with open(args.out, "w") as f:
+            json.dump(out, f)
+        sys.stdout.flush()
+        os._exit(0)
     out = {"start_seconds": started, "runs": [generate(llm)]}
     for path in args.reload:
         llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
