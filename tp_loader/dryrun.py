@@ -120,10 +120,19 @@ def plan_every_rank(
 
 
 def _rank_plan(load_plan: LoadPlan, dtype: torch.dtype | None, max_inflight_bytes: int) -> RankPlan:
-    shard_bytes = sum(
-        math.prod(item.local_shape) * target_dtype(item.info.dtype, dtype).itemsize for item in load_plan.tensors
-    )
-    read_bytes = load_plan.read_bytes
+    # Summed per distinct (slice, shape, dtype) rather than per tensor: a rank's 90k tensors in DeepSeek-V3 share a
+    # few hundred slices (the planner memoizes them by rule and shape), and the ids are stable while the plan lives.
+    sizes: dict[tuple[int, tuple[int, ...], torch.dtype], tuple[int, int]] = {}
+    shard_bytes = read_bytes = 0
+    for item in load_plan.tensors:
+        info = item.info
+        memo = (id(item.slice), info.shape, info.dtype)
+        if (found := sizes.get(memo)) is None:
+            numel = math.prod(item.slice.local_shape(info.shape))
+            found = sizes[memo] = (numel * target_dtype(info.dtype, dtype).itemsize, numel * info.dtype.itemsize)
+        shard_bytes += found[0]
+        plain = item.quant is None and item.scale is None and not info.segments  # reads exactly its slice
+        read_bytes += found[1] if plain else item.read_bytes
     return RankPlan(
         load_plan.rank,
         read_bytes,
