@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from checkpoints import ARCHITECTURES, write_checkpoint  # noqa: E402
+from checkpoints import ARCHITECTURES, COMMON, write_checkpoint  # noqa: E402
 
 ENGINE = Path(__file__).with_name("engine.py")
 TP = 2
@@ -138,16 +138,7 @@ def test_reload_weights_in_place_equals_a_fresh_load(root: Path) -> None:
 def test_an_architecture_without_a_mapping_is_refused_on_every_rank(root: Path) -> None:
     import transformers
 
-    config = transformers.Phi3Config(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
+    config = transformers.Phi3Config(**{**COMMON, "vocab_size": 1000, "num_key_value_heads": 2, "pad_token_id": 0})
     model = root / "phi3"
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model)
     result = run_engine(model, "tp_loader", root)
