@@ -5,6 +5,8 @@ in-place reload of a second checkpoint into a model already loaded.
     python -m benchmarks.ready                          # TP 1 and 2: 5 warm runs each, 3 cold at TP 2 (0.53 GB)
     python -m benchmarks.ready --model 1b               # the same on TinyLlama-1.1B's shape (4.4 GB)
     python -m benchmarks.ready --reps 1 --cold-reps 0   # a quick look
+    python -m benchmarks.ready --reps 1 --cold-reps 0 --systems load_into "load() alone" --profile /tmp/ready-prof
+        # and one more warm run of each system and degree under cProfile per rank, not counted in the figures
 
 Each measurement forks fresh gloo ranks. Not timed: imports (in the parent before the fork; ``torch._dynamo`` in
 the rank), the process group and the 1-D mesh; for a reload, the first load (with every page of it read, as a
@@ -21,9 +23,12 @@ if any tensor's storage moved.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import importlib.resources
+import io
 import json
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -57,27 +62,39 @@ CONFIGS = {
 }
 PROMPT = torch.tensor([[1, 306, 4966, 393, 278, 1900, 29871, 8310, 17, 3]])
 ATOL = 1e-4
-GOALS = [("load_into", "load() alone", "≤ 1.1×", lambda x: x <= 1.1)]  # numerator, denominator, goal
+GOALS = [("load_into", "load() alone", "≤ 1.2×", lambda x: x <= 1.2)]  # numerator, denominator, goal (issue 24.5)
 GOALS += [("transformers", "load_into", "≥ 3×", lambda x: x >= 3)]
 
 
 #: Seconds of each step of the last ``_load_into`` in this process (the rows show where the time goes).
 PHASES: dict[str, float] = {}
+#: Those steps, in order: the config read, the model built on meta, ``parallelize``, the ``load_into`` call, and the
+#: rotary embedding's buffer computed again.
+STEPS = ("config_s", "model_s", "parallelize_s", "load_into_s", "buffers_s")
 
 
 def _load_into(root: Path, mesh: DeviceMesh, **options: object) -> tuple[torch.nn.Module, dict]:
-    start = time.perf_counter()
+    times = [time.perf_counter()]
     config = transformers.AutoConfig.from_pretrained(root)
+    times.append(time.perf_counter())
     with torch.device("meta"), no_init_weights():  # as from_pretrained: no random init of weights to be loaded
         model = transformers.AutoModelForCausalLM.from_config(config)
-    built = time.perf_counter()
+    times.append(time.perf_counter())
     tp_loader.parallelize(model, mesh=mesh)
-    parallelized = time.perf_counter()
+    times.append(time.perf_counter())
     tp_loader.load_into(model, root, mesh=mesh, progress=False, **options)
-    loaded = time.perf_counter()
+    times.append(time.perf_counter())
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    PHASES.update(model_s=built - start, parallelize_s=parallelized - built, load_into_s=loaded - parallelized)
-    return model.eval(), model.state_dict()
+    times.append(time.perf_counter())
+    PHASES.update(zip(STEPS, (b - a for a, b in zip(times, times[1:]))))
+    return model.eval(), _tensors(model)
+
+
+def _tensors(model: torch.nn.Module) -> dict:
+    """The model's tensors for the page walk: ``state_dict(keep_vars=True)``. A plain ``state_dict()`` detaches
+    each tensor, and a DTensor's first ``detach`` of each layout runs DTensor's sharding propagation: 10 ms on
+    the 0.53 GB model at TP 1 (six layouts) that no forward or serving step needs, as ``load()`` alone pays none."""
+    return model.state_dict(keep_vars=True)
 
 
 def _load_assign(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
@@ -98,14 +115,14 @@ def _load_assign(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     state = {k: v if isinstance(current[k], DTensor) else v.to_local() for k, v in result.state_dict.items()}
     model.load_state_dict(state, strict=True, assign=True)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
-    return model.eval(), model.state_dict()
+    return model.eval(), _tensors(model)
 
 
 def _transformers(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     """``tp_plan="auto"``, in its non-deprecated spelling; tp_size comes from WORLD_SIZE (1: a plain load)."""
     tp = transformers.DistributedConfig(tp_plan="auto")
     model = transformers.AutoModelForCausalLM.from_pretrained(root, distributed_config=tp, dtype=torch.float32)
-    return model.eval(), model.state_dict()
+    return model.eval(), _tensors(model)
 
 
 def second(root: Path) -> Path:
@@ -120,16 +137,17 @@ _LOADED: list[torch.nn.Module] = []
 def _first_load(root: Path, mesh: DeviceMesh, zero_copy: bool) -> None:
     """The model a server has been serving: loaded, and every page of it read (in memory, as weights in use are)."""
     model, state = _load_into(root, mesh, zero_copy=zero_copy)
-    touch(state)
+    with torch.no_grad():  # the walk reads parameters that require grad: no autograd graph
+        touch(state)
     _LOADED[:] = [model]
 
 
 def _reload(root: Path, mesh: DeviceMesh) -> tuple[torch.nn.Module, dict]:
     """``load_into`` of the second checkpoint into the loaded model: every tensor's storage must stay where it is."""
     model = _LOADED.pop()
-    pointers = {name: local(t).data_ptr() for name, t in model.state_dict().items()}
+    pointers = {name: local(t).data_ptr() for name, t in _tensors(model).items()}
     tp_loader.load_into(model, second(root), mesh=mesh, progress=False)
-    state = model.state_dict()
+    state = _tensors(model)
     moved = [name for name, pointer in pointers.items() if local(state[name]).data_ptr() != pointer]
     assert not moved, f"the reload moved {moved[:3]}"
     return model.eval(), state
@@ -175,9 +193,11 @@ def _measure(rank: int, world_size: int, system: str, root: Path, references: di
     start, cpu_start = time.perf_counter(), time.process_time()
     model, state = SYSTEMS[system](root, mesh)
     built = time.perf_counter() - start
-    touch(state)
+    with torch.no_grad():  # the walk reads parameters that require grad: no autograd graph
+        touch(state)
     out = {"seconds": time.perf_counter() - start, "cpu_s": time.process_time() - cpu_start, "built_s": built}
-    out |= PHASES if system == "load_into" else {}
+    if system == "load_into":  # its steps, and its time without transformers' part (config, model on meta)
+        out |= PHASES | {"tp_loader_s": out["seconds"] - PHASES["config_s"] - PHASES["model_s"]}
     out["rss_start"], out["peak_rss"] = rss_start, status_bytes("VmHWM")
     out["storage_read"] = io_counters()["read_bytes"] - read_start
     out["imported_on_clock"] = sorted(set(sys.modules) - modules)
@@ -189,6 +209,30 @@ def _measure(rank: int, world_size: int, system: str, root: Path, references: di
         if not error <= ATOL:
             raise AssertionError(f"{system} at TP{world_size}: rank {rank} differs by {error} (> {ATOL})")
     return out
+
+
+def _profile(rank: int, world_size: int, system: str, root: Path, out: Path) -> None:
+    """One warm run of ``system`` as ``_measure`` runs it (no check) under cProfile: ``out`` gets this rank's
+    ``.prof`` and its 40 costliest calls by cumulative and by own time as text."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    importlib.import_module("torch._dynamo")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    mesh = init_device_mesh("cpu", (world_size,))
+    if system in BEFORE:
+        BEFORE[system](root, mesh)
+    dist.barrier()
+    profile = cProfile.Profile()
+    profile.enable()
+    _, state = SYSTEMS[system](root, mesh)
+    with torch.no_grad():
+        touch(state)
+    profile.disable()
+    name = out / f"{system.replace(' ', '_').replace('()', '').replace(',', '')}-tp{world_size}-rank{rank}"
+    profile.dump_stats(name.with_suffix(".prof"))
+    text = io.StringIO()
+    for order in ("cumulative", "tottime"):
+        pstats.Stats(profile, stream=text).sort_stats(order).print_stats(40)
+    name.with_suffix(".txt").write_text(text.getvalue())
 
 
 def _prepare(rank: int, world_size: int, root: Path, config: dict, seed: int) -> None:
@@ -213,7 +257,7 @@ def _summary(runs: list[dict]) -> dict:
     out["cpu_median_s"] = statistics.median(max(r["cpu_s"]) for r in runs)
     out |= {"rss_start_mb": most("rss_start"), "storage_read_mb": most("storage_read")}
     out["max_abs_error"] = max((e for r in runs for e in r.get("max_abs_error", [])), default=None)
-    for phase in ("model_s", "parallelize_s", "load_into_s"):  # load_into's steps: the slowest rank's, median
+    for phase in (*STEPS, "tp_loader_s"):  # load_into's steps: the slowest rank's, median
         if phase in runs[0]:
             out[phase] = statistics.median(max(r[phase]) for r in runs)
     return out | {"runs": runs}
@@ -221,8 +265,9 @@ def _summary(runs: list[dict]) -> dict:
 
 def _goals(rows: list[dict]) -> list[dict]:
     """The two ratios of warm medians at each degree, each against its goal; and, for the first, the same
-    ratio without the model's construction (config, ``from_config`` on meta, ``parallelize``), which
-    ``load()`` alone does not do: how the ``load_into`` call itself compares with ``load()``."""
+    ratio without transformers' part (the config read and ``from_config`` on meta, which ``load()`` alone does
+    not do: what tp_loader's ``parallelize``, ``load_into`` and the page walk take), and without the model's
+    construction at all (also ``parallelize``): how the ``load_into`` call itself compares with ``load()``."""
     warm_rows = {(r["tp"], r["system"]): r for r in rows if r["cache"] == "warm"}
     median = {key: r["median_s"] for key, r in warm_rows.items()}
     out = []
@@ -232,6 +277,10 @@ def _goals(rows: list[dict]) -> list[dict]:
                 x = median[tp, top] / median[tp, bottom]
                 out.append({"tp": tp, "name": f"{top} / {bottom}", "ratio": x, "goal": goal, "pass": ok(x)})
         into, alone = warm_rows.get((tp, "load_into")), warm_rows.get((tp, "load() alone"))
+        if into and alone and "tp_loader_s" in into:
+            x = into["tp_loader_s"] / alone["median_s"]
+            name = "load_into without the config and from_config (parallelize, load_into, buffers, walk) / load() alone"
+            out.append({"tp": tp, "name": name, "ratio": x, "goal": "≤ 1.2×", "pass": x <= 1.2})
         if into and alone and "load_into_s" in into:
             walk = into["median_s"] - into["built_median_s"]  # the page walk after the model is ready
             x = (into["load_into_s"] + walk) / alone["median_s"]
@@ -265,10 +314,10 @@ def markdown(result: dict) -> str:
     steps = [r for r in result["rows"] if "load_into_s" in r]
     if steps:
         lines += ["", "Where `load_into`'s time goes (slowest rank, medians):", ""]
-        lines += ["| TP | cache | config + model on meta s | parallelize s | load_into s |", "|---|---|---:|---:|---:|"]
+        lines += ["| TP | cache | config s | model on meta s | parallelize s | load_into s | rotary buffer s |"]
+        lines += ["|---|---|---:|---:|---:|---:|---:|"]
         lines += [
-            f"| {r['tp']} | {r['cache']} | {r['model_s']:.3f} | {r['parallelize_s']:.3f} | {r['load_into_s']:.3f} |"
-            for r in steps
+            f"| {r['tp']} | {r['cache']} | " + " | ".join(f"{r[step]:.3f}" for step in STEPS) + " |" for r in steps
         ]
     lines += ["", "Goals (ratios of warm medians):", ""]
     lines += [
@@ -287,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--model", choices=list(CONFIGS), default="small", help="which checkpoint (see CONFIGS)")
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--profile", type=Path, help="after the runs, one more of each under cProfile: files here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the parent never starts OpenMP's pool: forked ranks could deadlock on it
     # Off the clock: the imports of tp_loader's lazily imported names and of a first load (its plan files).
@@ -316,6 +366,14 @@ def main(argv: list[str] | None = None) -> int:
             run["seconds"], run["built_s"] = max(run["seconds"]), max(run["built_s"])
             found.append(run)
             print(f"{cache} TP{tp} rep {rep + 1} {system:>34}: {run['seconds']:.2f} s", flush=True)
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+        for tp in args.tp:
+            for system in args.systems:
+                for path in roots:
+                    warm(path)
+                values(run_ranks(tp, _profile, system, root, args.profile, timeout=900))
+        print(f"profiles in {args.profile}", flush=True)
     rows = [{"tp": tp, "cache": cache, "system": s, **_summary(r)} for (tp, cache, s), r in runs.items()]
     files = sorted(root.glob("*.safetensors"))
     result = {"machine": machine(), "versions": versions(), "model": args.model, "config": CONFIGS[args.model]}
