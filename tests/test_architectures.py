@@ -140,7 +140,7 @@ def _check_shards(rank: int, world_size: int, roots: dict[str, Path]) -> dict[st
             want = _expected(key, tensor, config, world_size, rank, mode)
             assert torch.equal(result.state_dict[key].to_local(), want), (name, mode, key)
             expected_bytes += want.numel() * want.element_size()
-        assert result.report.ranks[rank].bytes_read == expected_bytes, (name, mode)
+        assert result.report.ranks[rank].bytes_planned == expected_bytes, (name, mode)
         checked[f"{name}-{mode}"] = len(stored)
     return checked
 

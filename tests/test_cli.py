@@ -90,7 +90,10 @@ def test_python_dash_m_in_one_process_prints_the_table(make_checkpoint) -> None:
     assert (
         lines[1] == "  plan llama (keys prefixed 'model.', heads: causal_lm), world size 1, dtype as stored, device cpu"
     )
-    headline = r"  21 tensors, 199\.31 KiB: read in \d+\.\d\d s, \d+\.\d\d s in all \(slowest rank\)"
+    headline = (
+        r"  21 tensors, 199\.31 KiB planned: 199\.31 KiB mapped \(read when first touched\) in \d+\.\d\d s; "
+        r"\d+\.\d\d s in all \(slowest rank\)"
+    )
     assert re.fullmatch(headline, lines[2])
 
 

@@ -165,7 +165,7 @@ def _check_fp8(rank: int, world_size: int, root: Path) -> tuple[float, int, int]
         .abs()
         .max()
     )
-    return error, result.report.ranks[rank].bytes_read, expected_bytes
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes
 
 
 def _chunk(size: int, world_size: int, rank: int) -> tuple[int, int]:
@@ -224,7 +224,7 @@ def _check_dequantized(rank: int, world_size: int, root: Path) -> tuple[float, i
         .abs()
         .max()
     )
-    return error, result.report.ranks[rank].bytes_read, expected_bytes, dict(result.report.notes)
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes, dict(result.report.notes)
 
 
 def test_wider_dtype_dequantizes_every_slice_on_load_even_where_shards_cut_blocks(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def _check_fused_shards(rank: int, world_size: int, root: Path, config: dict) ->
             want = expected_shard(key, tensor, config, world_size, rank)
         assert torch.equal(result.state_dict[key].to_local(), want), key
         expected_bytes += want.numel() * want.element_size()
-    return result.report.ranks[rank].bytes_read, expected_bytes
+    return result.report.ranks[rank].bytes_planned, expected_bytes
 
 
 @pytest.mark.parametrize(
@@ -187,7 +187,7 @@ def _load_split_from_fused(
         .abs()
         .max()
     )
-    return error, result.report.ranks[rank].bytes_read, expected_bytes, result.report.conversions
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes, result.report.conversions
 
 
 @pytest.mark.parametrize(
@@ -299,7 +299,7 @@ def _load_fused_from_split(rank: int, world_size: int, root: Path, plan: Path, c
         .abs()
         .max()
     )
-    return error, result.report.ranks[rank].bytes_read, expected_bytes
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes
 
 
 @pytest.mark.parametrize(

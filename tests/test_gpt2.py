@@ -101,7 +101,7 @@ def _check_gpt2(rank: int, world_size: int, root: Path, prefix: str) -> tuple[fl
         gpt2_hidden(x, local, all_reduce) @ local["lm_head.weight"].T, CONFIG["vocab_size"], world_size
     )
     error = float((logits - gpt2_forward(full, input_ids)).abs().max())
-    return error, result.report.ranks[rank].bytes_read, expected_bytes, result.report.clean
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes, result.report.clean
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -109,7 +109,7 @@ def test_gpt_oss_shards_are_its_query_heads_sinks_and_whole_gate_up_pairs_of_eve
         assert (report.plan, report.prefix, report.groups) == ("gpt_oss", "model.", ("causal_lm",))
         assert same_keys
         assert differ == [], f"rank {rank}: shards differ from their tensor-parallel slices"
-        assert report.ranks[rank].bytes_read == slice_bytes
+        assert report.ranks[rank].bytes_planned == slice_bytes
         assert pairs, f"rank {rank}: a gate/up pair was split"
 
 

@@ -93,7 +93,7 @@ def _check_moe(rank: int, world_size: int, root: Path, config: dict, mode: str |
         .abs()
         .max()
     )
-    return error, result.report.ranks[rank].bytes_read, expected_bytes
+    return error, result.report.ranks[rank].bytes_planned, expected_bytes
 
 
 CASES = [

@@ -50,7 +50,9 @@ def _replicated_shards(rank: int, world_size: int, root: Path, share: str, dims:
             assert torch.equal(loaded.full_tensor(), tensor), f"rank {rank}: full {key} differs"
     report = result.report
     return {
+        "bytes_planned": [r.bytes_planned for r in report.ranks],
         "bytes_read": [r.bytes_read for r in report.ranks],
+        "bytes_mapped": [r.bytes_mapped for r in report.ranks],
         "received": [r.bytes_received for r in report.ranks],
         "nodes": [r.node for r in report.ranks],
         "replicas": [r.replica for r in report.ranks],
@@ -67,9 +69,10 @@ def test_a_2d_mesh_gives_every_replica_the_plans_shards_replicated_on_the_other_
     root = make_checkpoint(CONFIG)
     outcomes = values(run_ranks(4, _replicated_shards, root, "none", dims))
     first = outcomes[0]
-    assert all(o["bytes_read"] == first["bytes_read"] for o in outcomes)
-    # share="none": every rank reads its whole shard from storage, and nothing moves between ranks
-    assert first["bytes_read"] == [o["shard_bytes"] for o in outcomes]
+    assert all(o["bytes_planned"] == first["bytes_planned"] for o in outcomes)
+    # share="none": every rank maps its whole shard (zero-copy) from storage, and nothing moves between ranks
+    assert first["bytes_planned"] == first["bytes_mapped"] == [o["shard_bytes"] for o in outcomes]
+    assert first["bytes_read"] == [0, 0, 0, 0]
     assert first["received"] == [0, 0, 0, 0]
     assert first["nodes"] == ["node0", "node0", "node1", "node1"]
     assert first["replicas"] == ([0, 0, 1, 1] if dims == ("dp", "tp") else [0, 1, 0, 1])
@@ -87,6 +90,8 @@ def test_share_job_splits_the_reading_between_nodes_and_gives_bitwise_the_shards
     # receives exactly what it holds but did not read
     assert sum(report["bytes_read"]) == sum(shard_bytes[0:2])
     assert [s - r for s, r in zip(shard_bytes, report["bytes_read"])] == report["received"]
+    # the exchange copies what it reads; each rank's slices are its plan's, however they arrived
+    assert report["bytes_planned"] == shard_bytes and report["bytes_mapped"] == [0, 0, 0, 0]
     per_node = report["per_node"]
     assert sorted(per_node) == ["node0", "node1"]
     # about half each: the greedy split is off by at most the largest tensor's shard

@@ -36,7 +36,7 @@ def test_plain_process_loads_every_tensor_as_a_plain_tensor_equal_to_the_checkpo
     for key, tensor in stored.items():
         assert type(result.state_dict[key]) is torch.Tensor
         assert torch.equal(result.state_dict[key], tensor), key
-    assert result.report.ranks[0].bytes_read == sum(t.numel() * t.element_size() for t in stored.values())
+    assert result.report.ranks[0].bytes_planned == sum(t.numel() * t.element_size() for t in stored.values())
 
 
 def test_header_index_gives_exact_byte_ranges_without_reading_data(make_checkpoint) -> None:
@@ -110,8 +110,8 @@ def _same_shards_and_bytes(rank: int, world_size: int, bin_root: Path, safetenso
     assert by_bin.state_dict.keys() == by_safetensors.state_dict.keys()
     for key, shard in by_safetensors.state_dict.items():
         assert torch.equal(by_bin.state_dict[key].to_local(), shard.to_local()), key
-    bytes_read = by_bin.report.ranks[rank].bytes_read
-    assert bytes_read == by_safetensors.report.ranks[rank].bytes_read
+    bytes_read = by_bin.report.ranks[rank].bytes_planned
+    assert bytes_read == by_safetensors.report.ranks[rank].bytes_planned
     return bytes_read
 
 

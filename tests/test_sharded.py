@@ -92,7 +92,10 @@ def _restart_equals_load(rank: int, world_size: int, sources: dict[str, Path], o
         # what each rank read is its own file's tensor bytes, nothing more
         path = out / name / sharded.rank_file(rank, world_size)
         header = int.from_bytes(path.read_bytes()[:8], "little")
-        assert restarted.report.ranks[rank].bytes_read == path.stat().st_size - 8 - header
+        data_bytes = path.stat().st_size - 8 - header
+        mapped, read = restarted.report.ranks[rank], copied.report.ranks[rank]
+        assert (mapped.bytes_planned, mapped.bytes_read, mapped.bytes_mapped) == (data_bytes, 0, data_bytes)
+        assert (read.bytes_planned, read.bytes_read, read.bytes_mapped) == (data_bytes, data_bytes, 0)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])

@@ -293,7 +293,7 @@ def test_minilm_shards_are_exact_and_hidden_states_match_transformers_bert_model
         assert report.groups == ("pooler", "position_ids")
         assert same_keys
         assert differ == [], f"rank {rank}: shards differ from their torch.chunk slices"
-        assert report.ranks[rank].bytes_read == slice_bytes
+        assert report.ranks[rank].bytes_planned == slice_bytes
         assert (torch.from_numpy(hidden) - expected).abs().max() <= 1e-5
 
 

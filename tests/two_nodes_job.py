@@ -54,7 +54,7 @@ try:
         for k in none.state_dict
     )
     record["report"] = job.report.to_dict()
-    record["none_bytes"] = [r.bytes_read for r in none.report.ranks]
+    record["none_bytes"] = [r.bytes_planned for r in none.report.ranks]
     code = 0
 except tp_loader.TPLoaderError as exc:
     record["error"] = type(exc).__name__

@@ -35,9 +35,9 @@ from .dist import Context, host_name, make_context, open_control_group, run_agre
 from .errors import DistributedError, ReadError, TPLoaderError
 from .index import Checkpoint, index_checkpoint
 from .place import place
-from .plan import LoadPlan, TensorPlan, plan_rank
+from .plan import LoadPlan, TensorPlan, TieDecision, plan_rank
 from .read import ReadOptions, ReadStats, read_tensors
-from .report import LoadReport, build_report, rank_reports
+from .report import LoadReport, StageSeconds, build_report, rank_reports
 from .resolve import call_within, find_weights, resolve_source
 from .share import share_with_replicas
 from .tie import apply_ties, identical_everywhere, local_tie_equality
@@ -327,6 +327,7 @@ def _load(
             rank=differing[0],
             hint="Make every rank see the same files (a shared filesystem or identical copies)",
         )
+    planned = time.perf_counter()
     if ctx.leader:
         _warn_key_problems(load_plan)
 
@@ -337,7 +338,7 @@ def _load(
     def read(items: tuple[TensorPlan, ...], how: ReadOptions) -> tuple[dict[str, torch.Tensor], ReadStats]:
         return read_tensors(checkpoint.root, checkpoint.format, items, how, checkpoint.file_sizes, destinations)
 
-    def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats, list[bool], int]:
+    def read_and_place() -> tuple[dict[str, torch.Tensor], ReadStats, list[bool], int, StageSeconds]:
         received = 0
         with _intra_op_threads(settings.num_threads):
             if options.share == "job" and ctx.num_replicas > 1:
@@ -345,22 +346,34 @@ def _load(
                 local, stats, received = share_with_replicas(
                     ctx, load_plan.tensors, options.nodes, lambda i: read(i, owned), read_options.dtype
                 )
+                # the exchange counts what this rank read itself; its slices are the plan's, however they arrived
+                stats = dataclasses.replace(stats, bytes_planned=load_plan.read_bytes)
             else:
                 local, stats = read(load_plan.tensors, read_options)
+        placing = time.perf_counter()
         state_dict = place(local, load_plan.tensors, ctx.mesh, ctx.tp_axis)
+        tying = time.perf_counter()
         apply_ties(state_dict, load_plan.ties)  # a tie stored on both sides once every rank's equality is known
-        return state_dict, stats, local_tie_equality(local, load_plan.ties), received
+        tie_equal = local_tie_equality(local, load_plan.ties)
+        stats = _with_touched_views(stats, local, load_plan.ties, destinations)
+        stages = StageSeconds(plan=planned - start, place=tying - placing, tie=time.perf_counter() - tying)
+        return state_dict, stats, tie_equal, received, stages
 
     # one round agrees on the read's outcome and gathers the report's figures (place and ties talk to no rank)
     (state_dict, *_), gathered = run_agreed(
-        ctx, "read", read_and_place, lambda result: (result[1], result[2], time.perf_counter() - start, result[3])
+        ctx, "read", read_and_place, lambda result: (*result[1:4], time.perf_counter() - start, result[4])
     )
     tie_equal = [eq for _, eq, *_ in gathered]
     both = tuple(t for t in load_plan.ties if t.stored == "both")
     apply_ties(state_dict, both, identical_everywhere(tie_equal))
     if options.save_sharded is not None:  # every rank's shards to a pre-sharded directory
         sharded_save.save_on_ranks(ctx, options, checkpoint, load_plan, state_dict, wanted, settings, tie_equal, start)
-    ranks = rank_reports([(s, sec, got) for s, _, sec, got in gathered], options.nodes, ctx.replica_of())
+    ranks = rank_reports(
+        [(s, sec, got) for s, _, got, sec, _ in gathered],
+        options.nodes,
+        ctx.replica_of(),
+        [stages for *_, stages in gathered],
+    )
     report = build_report(
         load_plan,
         dtype=dtype_name(wanted),
@@ -369,13 +382,7 @@ def _load(
         tie_equal=[eq for _, eq, *_ in gathered],
     )
     if ctx.leader:
-        logger.info(
-            "loaded %d tensors from %s: read in %.2f s, %.2f s in all (slowest rank)",
-            report.num_tensors,
-            report.model,
-            report.read_seconds,
-            report.seconds,
-        )
+        logger.info("loaded from %s: %s", report.model, report.summary())
         for tie in report.ties:
             if tie.identical is False:
                 logger.warning(
@@ -385,6 +392,25 @@ def _load(
                     tie.target,
                 )
     return LoadResult(state_dict, report, ctx.mesh)
+
+
+def _with_touched_views(
+    stats: ReadStats,
+    local: dict[str, torch.Tensor],
+    ties: tuple[TieDecision, ...],
+    destinations: dict[str, torch.Tensor] | None,
+) -> ReadStats:
+    """``stats`` with the zero-copy views that comparing a tie's two stored sides read moved from mapped to read:
+    those pages came from storage during the load."""
+    if not stats.bytes_mapped:
+        return stats
+    sides = {key for t in ties if t.stored == "both" for key in (t.source, t.target)}
+    touched = sum(
+        local[key].nbytes
+        for key in sides
+        if not (destinations and key in destinations) and local[key].untyped_storage().is_shared()
+    )
+    return dataclasses.replace(stats, bytes_read=stats.bytes_read + touched, bytes_mapped=stats.bytes_mapped - touched)
 
 
 def _write_report(ctx: Context, report: LoadReport, path: Path) -> None:

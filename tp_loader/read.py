@@ -85,13 +85,30 @@ class ReadOptions:
 
 @dataclass(frozen=True)
 class ReadStats:
-    """What one rank read: bytes of its slices, tensors, seconds, and how many of the tensors are
-    zero-copy views of a file mapping."""
+    """What one rank's read stage did with its slices.
+
+    Attributes:
+        bytes_read: bytes of slices read during the load: copied out of the files (``preadv``, or a copy out
+            of a mapping, as a dtype conversion or the ``safetensors`` reader makes). Never a zero-copy view's.
+        num_tensors: tensors it returned.
+        seconds: the read stage's wall time.
+        zero_copy_tensors: how many of the tensors are views of a file mapping.
+        bytes_mapped: bytes of slices left as views of a file mapping, read from storage only when first
+            touched (after the load, or by a later stage: see the report's ``bytes_read``).
+        bytes_planned: bytes of the slices of every item asked for (``TensorPlan.read_bytes``), however they
+            arrive; default: ``bytes_read + bytes_mapped``.
+    """
 
     bytes_read: int
     num_tensors: int
     seconds: float
     zero_copy_tensors: int = 0
+    bytes_mapped: int = 0
+    bytes_planned: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bytes_planned is None:
+            object.__setattr__(self, "bytes_planned", self.bytes_read + self.bytes_mapped)
 
 
 class ByteBudget:
@@ -222,6 +239,11 @@ class PreadSource(_Source):
 
     owned = True
     EXACT_RUN_BYTES = 64 * 1024
+    #: whole rows read at a time for a slice of short runs: small enough that the block is still in the CPU's
+    #: cache when its columns are copied out (docs/performance.md: 32 MiB blocks cost TP 2's column shards 35%)
+    BLOCK_BYTES = 1024 * 1024
+    #: fault a fresh destination's pages in with one system call before reading into it
+    PREFAULT = True
     #: bytes per system call: a slow read still shows progress every chunk
     CHUNK_BYTES = 16 * 1024 * 1024
     #: bytes converted to another dtype at a time: read and widened while still in the CPU cache
@@ -272,6 +294,8 @@ class PreadSource(_Source):
         into it in the stored dtype, else through a staging buffer of ``CONVERT_BYTES``, converted block by
         block while the block is still in the CPU's cache (a column shard of short rows: see
         :meth:`_read_row_blocks`)."""
+        if self.PREFAULT:
+            prefault_for_writing(out)  # one call instead of a page fault per 4 KiB page inside the reads
         ranges = slice_ranges(item)
         if item.slice.dim and len(ranges) > 1 and item.nbytes < self.EXACT_RUN_BYTES * len(ranges):
             self._read_row_blocks(item, out)
@@ -300,7 +324,7 @@ class PreadSource(_Source):
         outer = math.prod(info.shape[:dim])
         inner = math.prod(info.shape[dim + 1 :])
         row_elems = info.shape[dim] * inner
-        rows_per_block = max(1, STAGING_BUFFER_BYTES // max(1, row_elems * info.dtype.itemsize))
+        rows_per_block = max(1, self.BLOCK_BYTES // max(1, row_elems * info.dtype.itemsize))
         staging = self._staging(min(outer, rows_per_block) * row_elems, info.dtype)
         dest = out.view(outer, -1, inner)
         for first in range(0, outer, rows_per_block):
@@ -465,7 +489,7 @@ def prefault_for_writing(tensor: torch.Tensor) -> None:
     """
     if tensor.numel() == 0:
         return
-    with _PREFAULT:
+    with _PREFAULT:  # the set-up only: reader threads fault their destinations in at the same time
         if not _MADVISE:
             try:
                 madvise = ctypes.CDLL(None, use_errno=True).madvise
@@ -474,12 +498,12 @@ def prefault_for_writing(tensor: torch.Tensor) -> None:
                 madvise = None
             _MADVISE.append(madvise)
         madvise = _MADVISE[0]
-        if madvise is None:
-            return
-        start = tensor.data_ptr() // _PAGE * _PAGE
-        length = -(-(tensor.data_ptr() + tensor.nbytes - start) // _PAGE) * _PAGE
-        if madvise(start, length, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
-            _MADVISE[0] = None  # a kernel without the advice: the writes fault the pages in themselves
+    if madvise is None:
+        return
+    start = tensor.data_ptr() // _PAGE * _PAGE
+    length = -(-(tensor.data_ptr() + tensor.nbytes - start) // _PAGE) * _PAGE
+    if madvise(start, length, MADV_POPULATE_WRITE) != 0 and ctypes.get_errno() == errno.EINVAL:
+        _MADVISE[0] = None  # a kernel without the advice: the writes fault the pages in themselves
 
 
 def _prefault_all(tensors: list[torch.Tensor]) -> list:
@@ -530,7 +554,8 @@ def read_tensors(
     for CUDA devices).
 
     Returns:
-        Checkpoint key → local tensor, and what was read.
+        Checkpoint key → local tensor, and what was read: the bytes of the slices copied (``bytes_read``) and
+        of those left as zero-copy views (``bytes_mapped``: no page of them is read here).
 
     Raises:
         ReadError: a file or slice could not be read (names the file and key).
@@ -560,9 +585,10 @@ def read_tensors(
     )
     budget = ByteBudget(options.max_inflight_bytes)
     out: dict[str, torch.Tensor] = {}
-    zero_copied: list[str] = []  # list.append is atomic under the GIL
+    mapped: list[int] = []  # bytes of each zero-copy view; list.append is atomic under the GIL
+    planned = sum(item.read_bytes for item in ordered)
     bar = tqdm(
-        total=sum(item.read_bytes for item in ordered),
+        total=planned,
         unit="B",
         unit_scale=True,
         desc="tp_loader",
@@ -599,7 +625,7 @@ def read_tensors(
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure is reported with its file and key
                 raise failed(item, exc) from None
-            zero_copied.append(item.key)
+            mapped.append(item.read_bytes)
         return out
 
     def read_one(item: TensorPlan) -> list[tuple[str, torch.Tensor, int]]:
@@ -682,7 +708,15 @@ def read_tensors(
             ring.drain()
         if not stalled:
             source.close()
-    return out, ReadStats(read, len(out), time.perf_counter() - start, len(zero_copied))
+    bytes_mapped = sum(mapped)
+    return out, ReadStats(
+        bytes_read=read - bytes_mapped,
+        num_tensors=len(out),
+        seconds=time.perf_counter() - start,
+        zero_copy_tensors=len(mapped),
+        bytes_mapped=bytes_mapped,
+        bytes_planned=planned,
+    )
 
 
 class _Stalled(Exception):
