@@ -242,8 +242,11 @@ class PreadSource(_Source):
     #: whole rows read at a time for a slice of short runs: small enough that the block is still in the CPU's
     #: cache when its columns are copied out (docs/performance.md: 32 MiB blocks cost TP 2's column shards 35%)
     BLOCK_BYTES = 1024 * 1024
-    #: fault a fresh destination's pages in with one system call before reading into it
-    PREFAULT = True
+    #: fault each destination's pages in with one system call before reading into it, when one thread reads
+    #: (``read_tensors`` sets it): 0.15 s instead of 0.19 s for TP 2's 366 MB of row shards. With two threads it
+    #: cost more than it saved (0.31 s against 0.26 s at TP 1): a fault-in holds the address space's lock, and the
+    #: other thread's allocations wait for it
+    prefault = False
     #: bytes per system call: a slow read still shows progress every chunk
     CHUNK_BYTES = 16 * 1024 * 1024
     #: bytes converted to another dtype at a time: read and widened while still in the CPU cache
@@ -294,7 +297,7 @@ class PreadSource(_Source):
         into it in the stored dtype, else through a staging buffer of ``CONVERT_BYTES``, converted block by
         block while the block is still in the CPU's cache (a column shard of short rows: see
         :meth:`_read_row_blocks`)."""
-        if self.PREFAULT:
+        if self.prefault:
             prefault_for_writing(out)  # one call instead of a page fault per 4 KiB page inside the reads
         ranges = slice_ranges(item)
         if item.slice.dim and len(ranges) > 1 and item.nbytes < self.EXACT_RUN_BYTES * len(ranges):
@@ -563,6 +566,8 @@ def read_tensors(
     start = time.perf_counter()
     if fmt == "safetensors":
         source: _Source = READERS[options.reader](root, file_sizes or {})
+        if isinstance(source, PreadSource):
+            source.prefault = options.num_threads == 1
         if options.fadvise:
             _advise(root, items)
     else:
