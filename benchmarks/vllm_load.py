@@ -196,6 +196,67 @@ def logging_config(path: Path) -> Path:
     return path
 
 
+def profile_tp_loader(directory: Path) -> None:
+    """In each worker (``--profile``): ``tp_loader.vllm.loader.load_into_vllm`` under cProfile (the calling thread),
+    and the read stage's steps timed in its reader threads (``preadv`` calls, the page prefault, the column copies
+    of row blocks), summed per step with call counts and bytes; written to ``directory/profile-<pid>.{pstats,json}``.
+    Installed when vLLM's spawned worker imports this module as ``__mp_main__``; tp_loader's code is not changed."""
+    import cProfile
+    import functools
+    import threading
+
+    from tp_loader import read
+    from tp_loader.vllm import loader
+
+    steps: dict[str, list[float]] = {}
+    lock = threading.Lock()
+
+    def timed(name: str, fn, nbytes=None):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent = time.perf_counter() - start
+                size = nbytes(*args) if nbytes is not None else 0
+                with lock:
+                    entry = steps.setdefault(name, [0.0, 0, 0])
+                    entry[0] += spent
+                    entry[1] += 1
+                    entry[2] += size
+
+        return wrapper
+
+    source = read.PreadSource
+    source._pread = timed("preadv", source._pread, lambda self, item, buffer, offset: len(buffer))
+    source._read_row_blocks = timed("row blocks (preadv + column copies)", source._read_row_blocks)
+    source.read_into = timed("read_into (all)", source.read_into, lambda self, item, out: item.nbytes)
+    read.prefault_for_writing = timed("prefault (MADV_POPULATE_WRITE)", read.prefault_for_writing)
+    original = loader.load_into_vllm
+
+    @functools.wraps(original)
+    def profiled(*args, **kwargs):
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        try:
+            return profiler.runcall(original, *args, **kwargs)
+        finally:
+            total = time.perf_counter() - start
+            profiler.dump_stats(directory / f"profile-{os.getpid()}.pstats")
+            summary = {
+                "load_into_vllm": total,
+                "steps": {k: dict(zip(("seconds", "calls", "bytes"), v)) for k, v in steps.items()},
+            }
+            (directory / f"profile-{os.getpid()}.json").write_text(json.dumps(summary, indent=1))
+
+    loader.load_into_vllm = profiled
+
+
+if __name__ == "__mp_main__" and os.environ.get("VLLM_LOAD_PROFILE"):
+    profile_tp_loader(Path(os.environ["VLLM_LOAD_PROFILE"]))
+
+
 # --- the driver ------------------------------------------------------------------------------------------------------
 
 LINE = re.compile(r"^\((?P<proc>[^ ]+) pid=(?P<pid>\d+)\) (?P<level>\w+) (?P<t>\d+\.\d+) \[[^\]]*\] (?P<msg>.*)$")
