@@ -4,13 +4,14 @@ real headers, data left as holes), in fresh processes.
     python -m benchmarks.scale                                 # every model, TP 8, writes docs/benchmarks/scale.*
     python -m benchmarks.scale --models deepseek_v3 --tp 8 --reps 3
 
-Per model: ``python -m tp_loader DIR --dry-run TP`` (wall time and peak RSS of that process), then
-``torchrun --nproc-per-node TP -m benchmarks.scale rank DIR OUT`` where every rank calls ``tp_loader.load(DIR)``
-and records the report's figures and its own peak RSS (``VmHWM``). Zero-copy is the CPU default, so the holes are
-mapped, never read: what is measured is every cost that scales with the tensor count (headers, planning, views,
-DTensors, the report), which a real load of the same checkpoint pays on top of its reads. The per-tensor cost is
-the slowest rank's time over the tensors it holds. On a 2-core machine TP 8 runs 8 processes on 2 cores: each
-rank's figure holds about 4x its own CPU time.
+Per model: ``python -m tp_loader DIR --dry-run TP`` (wall time and peak RSS of that process), then ``torchrun
+--nproc-per-node TP -m benchmarks.scale rank DIR OUT`` where every rank calls ``tp_loader.load(DIR)`` and records the
+report's figures and its own peak RSS (``VmHWM``); the clock starts after tp_loader's loader is imported and the process
+group is up (a barrier), as a server that loads has both already. Zero-copy is the CPU default, so the holes are mapped,
+never read: what is measured is every cost that scales with the tensor count (headers, planning, views, DTensors, the
+report), which a real load of the same checkpoint pays on top of its reads. The per-tensor cost is the slowest rank's
+time over the tensors it holds. On a 2-core machine TP 8 runs 8 processes on 2 cores: each rank's figure holds about 4x
+its own CPU time.
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def _peak_rss_bytes() -> int:
 
 def rank_main(root: str, out: str) -> None:
     """One rank of a load: the report's figures and this rank's peak RSS, as JSON in ``out``.RANK."""
+    import torch.distributed as dist
+
     import tp_loader
 
+    load = tp_loader.load  # imports the loader (and torch.distributed.tensor: 4 s with 8 ranks on 2 cores) here
+    # the process group first, off the clock: with 8 ranks on 2 cores the last rank finishes importing torch
+    # seconds after the first, and a clock started before the rendezvous would time that wait
+    dist.init_process_group("gloo")
+    dist.barrier()
     start = time.perf_counter()
-    result = tp_loader.load(root, progress=False)
+    result = load(root, progress=False)
     seconds = time.perf_counter() - start
     report = result.report
     rank = int(os.environ["RANK"])
@@ -50,14 +58,15 @@ def rank_main(root: str, out: str) -> None:
         "seconds": seconds,
         "report_seconds": report.seconds,
         "read_seconds": report.read_seconds,
+        "stages": {k: getattr(mine, k) for k in ("plan_seconds", "read_seconds", "place_seconds", "tie_seconds")},
         "num_tensors": mine.num_tensors,
+        "bytes_planned": mine.bytes_planned,
         "bytes_read": mine.bytes_read,
+        "bytes_mapped": mine.bytes_mapped,
         "skipped": [[s.name, len(s.keys), s.nbytes] for s in report.skipped],
         "peak_rss": _peak_rss_bytes(),
     }
     Path(f"{out}.{rank}").write_text(json.dumps(data))
-    import torch.distributed as dist
-
     dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0)
@@ -123,7 +132,8 @@ def measure(name: str, data: Path, tp: int, reps: int, timeout: float, log) -> d
         "tensors_stored": totals["tensors"],
         "bytes_stored": totals["bytes"],
         "tensors_per_rank": tensors,
-        "bytes_per_rank": loads[0]["ranks"][0]["bytes_read"],
+        "bytes_per_rank": loads[0]["ranks"][0]["bytes_planned"],
+        "bytes_mapped_per_rank": loads[0]["ranks"][0]["bytes_mapped"],
         "skipped": loads[0]["ranks"][0]["skipped"],
         "dry_run_s": statistics.median(s for s, _ in dry),
         "dry_run_rss": max(m for _, m in dry),
@@ -132,6 +142,11 @@ def measure(name: str, data: Path, tp: int, reps: int, timeout: float, log) -> d
         "torchrun_wall_s": statistics.median(load["wall"] for load in loads),
         "peak_rss_per_rank": max(r["peak_rss"] for load in loads for r in load["ranks"]),
         "us_per_tensor": statistics.median(slowest) / tensors * 1e6,
+        # the slowest rank's seconds per stage of the report, in the median load
+        "stages_slowest_rank": max(
+            sorted(loads, key=lambda load: max(r["seconds"] for r in load["ranks"]))[len(loads) // 2]["ranks"],
+            key=lambda r: r["seconds"],
+        )["stages"],
     }
     log(
         f"  dry run {row['dry_run_s']:.2f} s, load at TP {tp}: slowest rank {row['load_slowest_rank_s']:.2f} s "
