@@ -76,7 +76,7 @@ def plan_load(
         keep=kept,
     )
     ranks = tuple(_rank_plan(p, conversion_dtype(wanted), settings.max_inflight_bytes) for p in plans)
-    local_shapes = [[item.local_shape for item in p.tensors] for p in plans]
+    local_shapes = [_local_shapes(p) for p in plans]
     account = key_account(plans[0], dtype=dtype_name(wanted))
     account["placements"] = placements(plans[0], local_shapes)
     return PlanSummary(**account, ranks=ranks)
@@ -117,6 +117,18 @@ def plan_every_rank(
         keep=keep,
     )
     return checkpoint, plans
+
+
+def _local_shapes(load_plan: LoadPlan) -> list[tuple[int, ...]]:
+    """Each tensor's local shape, computed once per distinct slice and stored shape (see :func:`_rank_plan`)."""
+    shapes: dict[tuple[int, tuple[int, ...]], tuple[int, ...]] = {}
+    out = []
+    for item in load_plan.tensors:
+        memo = (id(item.slice), item.info.shape)
+        if (shape := shapes.get(memo)) is None:
+            shape = shapes[memo] = item.local_shape
+        out.append(shape)
+    return out
 
 
 def _rank_plan(load_plan: LoadPlan, dtype: torch.dtype | None, max_inflight_bytes: int) -> RankPlan:

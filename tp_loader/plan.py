@@ -419,8 +419,9 @@ def plan_layout(
     head_groups = _check_heads(heads, set(layout.expected_rules), world_size, model)
 
     tensors: list[TensorPlan] = []
-    pieces: dict[tuple[Rule, tuple[int, ...]], Slice] = {}
-    styles: dict[Rule, tuple[Heads | None, tuple[Part, ...], StyleFn]] = {}
+    # keyed by the rule's id, not the rule: a frozen dataclass hashes every field on each lookup, once a key
+    pieces: dict[tuple[int, tuple[int, ...]], Slice] = {}
+    styles: dict[int, tuple[Heads | None, tuple[Part, ...], StyleFn]] = {}
     quant_notes: dict[str, str] = {}
     cuts: list[tuple[QuantWeight, PieceFor, str]] = []  # stored-form slices must not cut words or groups
     unexpected: list[str] = []
@@ -454,17 +455,17 @@ def plan_layout(
                 hint="Widen a rule's pattern to cover every layer",
             )
         else:
-            if rule not in styles:  # once per rule: its head group, fused parts and style function
+            if id(rule) not in styles:  # once per rule: its head group, fused parts and style function
                 parts = tuple(
                     Part(evaluate_size(size, values, where=f"part size of {key}"), heads[h] if h else None)
                     for size, h in rule.parts
                 )
                 styled = partial(stacked, STYLES[rule.style]) if rule.stacked else STYLES[rule.style]
-                styles[rule] = (heads[rule.heads] if rule.heads else None, parts, styled)
-            group, parts, style = styles[rule]
+                styles[id(rule)] = (heads[rule.heads] if rule.heads else None, parts, styled)
+            group, parts, style = styles[id(rule)]
             shape = weight.shape if weight else info.shape
             try:
-                memo = (rule, shape)  # a rule's slice depends on the stored shape alone (experts share theirs)
+                memo = (id(rule), shape)  # a rule's slice depends on the stored shape alone (experts share theirs)
                 piece = pieces.get(memo)
                 if piece is None:
                     piece = pieces[memo] = style(shape, group, world_size, rank, parts, transposed=rule.transposed)
@@ -857,7 +858,7 @@ def _place_scales(
     the weight as the blocks covering its slice."""
     weights = {weight: scale for scale, weight in scales.items()}
     out: list[TensorPlan] = []
-    pieces: dict[tuple[Slice, tuple[int, ...], tuple[int, ...]], Slice] = {}
+    pieces: dict[tuple[int, tuple[int, ...], tuple[int, ...]], Slice] = {}  # by the slice's id, as in plan_layout
     blocks: dict[tuple[int, ...], tuple[int, ...]] = {}  # a weight shape → its shape in blocks
     for item in tensors:
         scale_key = weights.get(item.key)
@@ -896,7 +897,7 @@ def _place_scales(
             stored_as = str(item.info.dtype).removeprefix("torch.")
             notes[item.key] = f"dequantized on load from {stored_as} with {scale_key} ({block[0]}x{block[1]} blocks)"
             continue
-        memo = (item.slice, item.info.shape, scale.shape)
+        memo = (id(item.slice), item.info.shape, scale.shape)
         piece = pieces.get(memo)
         if piece is None:
             try:
