@@ -254,7 +254,7 @@ CASES: list[tuple[Callable[[Path, Path], None], dict, str, str, str | None, str 
         _plan_unknown_style,
         {"plan": "TMP/plan.toml"},
         "PlanError",
-        "^rule 'lm_head.weight' names unknown style 'sideways'",
+        r"^line 4: rule 'lm_head.weight' names unknown style 'sideways'",
         "TMP/plan.toml",
         None,
     ),

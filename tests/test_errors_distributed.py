@@ -69,7 +69,7 @@ def test_unknown_plan_style_fails_on_every_rank_listing_the_known_styles(make_ch
     assert kind == "PlanError"
     assert wire["file"] == str(plan)
     assert wire["message"] == (
-        "rule 'model.norm.weight' names unknown style 'diagonal'; "
+        "line 4: rule 'model.norm.weight' names unknown style 'diagonal'; "
         "known styles: colwise, experts, packed, replicate, rowwise, vocab"
     )
 

@@ -26,6 +26,7 @@ from .aliases import with_aliases
 from .convert import ConverterSpec, parse_converters
 from .errors import CheckpointError, PlanError, TPLoaderError, short_repr
 from .resolve import read_regular_file
+from .schema import check_plan_fields
 from .styles import STYLES
 
 
@@ -312,11 +313,14 @@ def read_plan_text(path: Path) -> str:
 
 
 def _read_toml_file(path: Path) -> dict[str, Any]:
+    """One plan file, parsed, with every field checked against the plan format (:mod:`tp_loader.schema`)."""
     text = read_plan_text(path)
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise PlanError(f"cannot parse plan file: {exc}", file=str(path), hint="Fix the TOML syntax") from None
+    check_plan_fields(data, path, text)
+    return data
 
 
 def _read_toml(path: Path, seen: tuple[Path, ...], read: list[Path]) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""The fields a plan file may have, as data, and the check that refuses any other.
+
+Takes one plan file's parsed TOML and its text (before ``extends`` merges it over its parent); gives nothing, or a
+PlanError naming the file, the line, the field and the closest valid name. A misspelt optional field would
+otherwise be ignored: ``haeds = "kv"`` on a rule shards a GQA projection without its head groups, and
+``transposed = "false"`` (a string) would read as true. Field values are left to the plan's builder, except the
+booleans (a string or a number there is refused) and a rule's style (checked against the known styles here too,
+so that its line is named).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+from .styles import STYLES
+
+#: Every top-level field (docs/plan-format.md); ``[defaults]`` holds config names, so its keys are free.
+TOP = frozenset(
+    {
+        "name",
+        "description",
+        "extends",
+        "model_types",
+        "architectures",
+        "layers",
+        "experts",
+        "prefix",
+        "defaults",
+        "heads",
+        "groups",
+        "rules",
+        "tensors",
+        "ties",
+        "converters",
+        "modes",
+        "drop_rules",
+        "drop_tensors",
+        "skip",
+        "attributes",
+        "renames",
+        "targets",
+        "expert_modules",
+    }
+)
+#: The fields of each entry of an array of tables (``[[rules]]``), and of ``parts`` inside a rule.
+ENTRIES = {
+    "rules": frozenset({"pattern", "style", "heads", "parts", "transposed", "stacked", "gathered_norm"}),
+    "rules.parts": frozenset({"size", "heads"}),
+    "tensors": frozenset({"key", "shape", "when", "group", "layers"}),
+    "ties": frozenset({"source", "target", "when"}),
+    "converters": frozenset(
+        {"op", "source", "sources", "target", "targets", "pattern", "replacement", "sizes", "heads", "direction"}
+    ),
+    "skip": frozenset({"name", "pattern", "reason", "from_layer", "when"}),
+    "attributes": frozenset({"module", "name", "value"}),
+    "renames": frozenset({"checkpoint", "module"}),
+    "targets": frozenset({"key", "parts"}),
+    "expert_modules": frozenset({"module", "routing", "index_arg", "weights_arg", "input_arg", "num_experts"}),
+}
+#: The fields of each named table (``[heads.NAME]``).
+NAMED = {
+    "heads": frozenset({"num_heads", "head_dim", "replicate_when_fewer"}),
+    "groups": frozenset({"architectures"}),
+}
+#: A mode is merged over its plan: it may hold any top-level field but these.
+MODE = (TOP - {"extends", "modes", "name", "model_types", "architectures"}) | {"description"}
+#: Fields that must be TOML booleans.
+BOOLEANS = frozenset({"transposed", "stacked", "gathered_norm", "replicate_when_fewer"})
+
+
+def check_plan_fields(data: dict[str, Any], path: Path, text: str) -> None:
+    """Refuses any field of ``data`` (one plan file, parsed) that the plan format does not have.
+
+    Raises:
+        PlanError: an unknown field, a boolean field that is not a boolean, or an unknown style, with the line of
+            the file it is on and the closest valid name.
+    """
+    _check_table(data, TOP, "the top level", path, text)
+    for name, mode in _named(data, "modes", path, text):
+        _check_table(mode, MODE, f"[modes.{name}]", path, text)
+        _check_parts(mode, f"[modes.{name}]", path, text)
+    _check_parts(data, "", path, text)
+
+
+def _check_parts(data: dict[str, Any], within: str, path: Path, text: str) -> None:
+    for table, fields in NAMED.items():
+        for name, entry in _named(data, table, path, text):
+            _check_table(entry, fields, f"[{table}.{name}]", path, text)
+    for table, fields in ENTRIES.items():
+        if "." in table:
+            continue
+        entries = data.get(table, [])
+        if not isinstance(entries, list):
+            message = f"{within or 'the top level'}: '{table}' must be an array of tables [[{table}]]"
+            raise _error(message, path, text, table, hint="See docs/plan-format.md")
+        for i, entry in enumerate(entries):
+            where = f"{within} [[{table}]] entry {i + 1}".strip()
+            if not isinstance(entry, dict):
+                raise _error(f"{where} is not a table", path, text, table, hint="See docs/plan-format.md")
+            _check_table(entry, fields, where, path, text)
+            if table == "rules":
+                _check_rule(entry, where, path, text)
+
+
+def _check_rule(rule: dict[str, Any], where: str, path: Path, text: str) -> None:
+    style = rule.get("style")
+    if isinstance(style, str) and style not in STYLES:
+        known = ", ".join(sorted(STYLES))
+        message = f"rule {rule.get('pattern')!r} names unknown style {style!r}; known styles: {known}"
+        raise _error(message, path, text, "style", at=_line_of(text, style), hint=_closest(style, STYLES))
+    parts = rule.get("parts", [])
+    for j, part in enumerate(parts if isinstance(parts, list) else []):
+        if isinstance(part, dict):
+            _check_table(part, ENTRIES["rules.parts"], f"{where}, part {j + 1}", path, text)
+
+
+def _named(data: dict[str, Any], table: str, path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    tables = data.get(table, {})
+    if not isinstance(tables, dict) or not all(isinstance(v, dict) for v in tables.values()):
+        raise _error(f"'{table}' must be tables [{table}.NAME]", path, text, table, hint="See docs/plan-format.md")
+    return list(tables.items())
+
+
+def _check_table(table: dict[str, Any], fields: frozenset[str], where: str, path: Path, text: str) -> None:
+    for field, value in table.items():
+        if field not in fields:
+            raise _error(f"{where}: unknown field {field!r}", path, text, field, hint=_closest(field, fields))
+        if field in BOOLEANS and not isinstance(value, bool):
+            message = f"{where}: {field!r} must be true or false, got {value!r}"
+            raise _error(message, path, text, field, hint="Write it as a TOML boolean, unquoted: true or false")
+
+
+def _closest(wrong: str, valid: Collection[str]) -> str:
+    """The hint for a name that is not one of ``valid``: the closest of them, if one is close, and all of them."""
+    closest = difflib.get_close_matches(wrong, sorted(valid), n=1, cutoff=0.6)
+    suggestion = f"Did you mean {closest[0]!r}? " if closest else ""
+    return f"{suggestion}Valid here: {', '.join(sorted(valid))} (docs/plan-format.md)"
+
+
+def _error(message: str, path: Path, text: str, field: str, *, hint: str, at: int | None = None) -> PlanError:
+    """A PlanError on line ``at`` (default: the first line of ``text`` that sets or opens ``field``)."""
+    line = at if at is not None else _line_of(text, field)
+    # no key: the field is named in the message, and an error's key is a checkpoint key everywhere else
+    return PlanError(f"line {line}: {message}" if line else message, file=str(path), hint=hint)
+
+
+def _line_of(text: str, word: str) -> int | None:
+    """The 1-based number of the first line that sets ``word`` (``word =``, quoted or not, also inside an inline
+    table) or opens a table of that name, or that holds it as a quoted value (a misspelt style)."""
+    name = re.escape(word)
+    patterns = (
+        rf"(?:^|[{{,\s])[\"']?{name}[\"']?\s*=",
+        rf"^\s*\[\[?\s*(?:[\w\"'.-]+\.)?{name}\s*\]\]?",
+        rf"=\s*[\"']{name}[\"']",
+    )
+    for pattern in patterns:
+        for number, line in enumerate(text.splitlines(), 1):
+            if re.search(pattern, line):
+                return number
+    return None
