@@ -338,3 +338,41 @@ def test_prefaulting_a_private_mapping_makes_its_pages_the_process_own_without_c
     read.prefault_for_writing(rows[:0])  # nothing to fault: no call, no error
     rows.zero_()
     assert path.read_bytes() == data.numpy().tobytes()  # a private mapping: the writes never reach the file
+
+
+def test_a_zero_copy_view_is_exactly_the_slicing_it_replaced_and_an_inconsistent_span_is_a_read_error(
+    make_checkpoint,
+) -> None:
+    """Each view (one ``as_strided`` of the file's elements) has the shape, strides, offset and bytes that slicing
+    the tensor's bytes gives, for every rank's slice at TP 1, 2 and 4; a view whose byte span disagrees with its
+    shape, or whose range leaves the tensor, is refused instead of reading a neighbour's bytes."""
+    import dataclasses
+
+    from tp_loader.read import MappedSource, _take
+
+    root = make_checkpoint(llama_config(num_hidden_layers=1), num_shards=2, dtype=torch.bfloat16)
+    for world_size in (1, 2, 4):
+        checkpoint, plans = _plans(root, world_size)
+        source = MappedSource(checkpoint.root, checkpoint.file_sizes)
+        for plan in plans:
+            for item in plan.tensors:
+                if not source.can_view(item) or item.info.nbytes == 0:
+                    continue
+                info = item.info
+                whole = torch.from_file(
+                    str(root / info.file), size=(root / info.file).stat().st_size, dtype=torch.uint8
+                )
+                expected = _take(item, whole[info.begin : info.end].view(info.dtype).view(info.shape), row_offset=0)
+                view = source.view(item)
+                assert (view.shape, view.stride(), view.dtype) == (expected.shape, expected.stride(), expected.dtype)
+                assert view.storage_offset() == expected.storage_offset()
+                assert torch.equal(view, expected), item.key
+        sharded = next(item for item in plans[-1].tensors if item.slice.dim is not None and source.can_view(item))
+        short = dataclasses.replace(sharded, info=dataclasses.replace(sharded.info, end=sharded.info.end - 4))
+        with pytest.raises(tp_loader.ReadError, match="out of bounds"):
+            source.view(short)
+        (first, stop), dim = sharded.slice.ranges[0], sharded.slice.dim
+        beyond = dataclasses.replace(sharded.slice, ranges=((first, stop + sharded.info.shape[dim]),))
+        with pytest.raises(tp_loader.ReadError, match="out of bounds"):
+            source.view(dataclasses.replace(sharded, slice=beyond))
+        source.close()

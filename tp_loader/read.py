@@ -381,10 +381,21 @@ class MappedSource(PreadSource):
         shape = list(info.shape)
         strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
         offset = info.begin // itemsize  # can_view: aligned
-        if item.slice.dim is not None:
-            ((first, stop),) = item.slice.ranges
-            offset += first * strides[item.slice.dim]
-            shape[item.slice.dim] = stop - first
+        dim = item.slice.dim
+        first, stop = (0, 0) if dim is None else item.slice.ranges[0]
+        # as_strided checks bounds against the whole file only: the tensor's own span and the slice's range are
+        # checked here, as the slicing this replaced did (the header parser and the planner already keep both)
+        if info.end - info.begin != info.nbytes or (dim is not None and not 0 <= first <= stop <= shape[dim]):
+            raise ReadError(
+                f"the view of bytes [{info.begin}, {info.end}) as {list(info.shape)} or of its range "
+                f"[{first}, {stop}) on dim {dim} is out of bounds",
+                file=str(self._root / info.file),
+                key=item.key,
+                hint="This is a tp_loader defect: report it with the checkpoint's header",
+            )
+        if dim is not None:
+            offset += first * strides[dim]
+            shape[dim] = stop - first
         return typed.as_strided(shape, strides, offset)
 
     def _typed_file(self, file: str, dtype: torch.dtype) -> torch.Tensor:
