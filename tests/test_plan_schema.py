@@ -122,3 +122,10 @@ def test_every_built_in_plan_and_each_of_its_modes_passes_the_check(name: str) -
     spec = load_spec(builtin_plan_paths()[name])
     for mode in spec.modes:
         load_spec(builtin_plan_paths()[name], mode=mode)
+
+
+def test_the_line_named_is_the_offending_entrys_not_the_first_that_has_the_field(tmp_path) -> None:
+    rule = '[[rules]]\npattern = "{}"\nstyle = "colwise"\ntransposed = {}\n'
+    text = 'extends = "llama"\n' + rule.format("a", "false") + rule.format("b", "true") + rule.format("c", '"no"')
+    error = _refusal(tmp_path, text)
+    assert error.message == "line 13: [[rules]] entry 3: 'transposed' must be true or false, got 'no'"

@@ -83,11 +83,11 @@ def check_plan_fields(data: dict[str, Any], path: Path, text: str) -> None:
     _check_table(data, TOP, "the top level", path, text)
     for name, mode in _named(data, "modes", path, text):
         _check_table(mode, MODE, f"[modes.{name}]", path, text)
-        _check_parts(mode, f"[modes.{name}]", path, text)
+        _check_parts(mode, f"[modes.{name}]", path, text, prefix=f"modes.{name}.")
     _check_parts(data, "", path, text)
 
 
-def _check_parts(data: dict[str, Any], within: str, path: Path, text: str) -> None:
+def _check_parts(data: dict[str, Any], within: str, path: Path, text: str, prefix: str = "") -> None:
     for table, fields in NAMED.items():
         for name, entry in _named(data, table, path, text):
             _check_table(entry, fields, f"[{table}.{name}]", path, text)
@@ -100,23 +100,25 @@ def _check_parts(data: dict[str, Any], within: str, path: Path, text: str) -> No
             raise _error(message, path, text, table, hint="See docs/plan-format.md")
         for i, entry in enumerate(entries):
             where = f"{within} [[{table}]] entry {i + 1}".strip()
+            after = _header_line(text, prefix + table, i)
             if not isinstance(entry, dict):
                 raise _error(f"{where} is not a table", path, text, table, hint="See docs/plan-format.md")
-            _check_table(entry, fields, where, path, text)
+            _check_table(entry, fields, where, path, text, after)
             if table == "rules":
-                _check_rule(entry, where, path, text)
+                _check_rule(entry, where, path, text, after)
 
 
-def _check_rule(rule: dict[str, Any], where: str, path: Path, text: str) -> None:
+def _check_rule(rule: dict[str, Any], where: str, path: Path, text: str, after: int) -> None:
     style = rule.get("style")
     if isinstance(style, str) and style not in STYLES:
         known = ", ".join(sorted(STYLES))
         message = f"rule {rule.get('pattern')!r} names unknown style {style!r}; known styles: {known}"
-        raise _error(message, path, text, "style", at=_line_of(text, style), hint=_closest(style, STYLES))
+        at = _line_of(text, style, after)
+        raise _error(message, path, text, "style", at=at, hint=_closest(style, STYLES))
     parts = rule.get("parts", [])
     for j, part in enumerate(parts if isinstance(parts, list) else []):
         if isinstance(part, dict):
-            _check_table(part, ENTRIES["rules.parts"], f"{where}, part {j + 1}", path, text)
+            _check_table(part, ENTRIES["rules.parts"], f"{where}, part {j + 1}", path, text, after)
 
 
 def _named(data: dict[str, Any], table: str, path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -126,13 +128,17 @@ def _named(data: dict[str, Any], table: str, path: Path, text: str) -> list[tupl
     return list(tables.items())
 
 
-def _check_table(table: dict[str, Any], fields: frozenset[str], where: str, path: Path, text: str) -> None:
+def _check_table(
+    table: dict[str, Any], fields: frozenset[str], where: str, path: Path, text: str, after: int = 0
+) -> None:
     for field, value in table.items():
+        at = _line_of(text, field, after)
         if field not in fields:
-            raise _error(f"{where}: unknown field {field!r}", path, text, field, hint=_closest(field, fields))
+            raise _error(f"{where}: unknown field {field!r}", path, text, field, at=at, hint=_closest(field, fields))
         if field in BOOLEANS and not isinstance(value, bool):
             message = f"{where}: {field!r} must be true or false, got {value!r}"
-            raise _error(message, path, text, field, hint="Write it as a TOML boolean, unquoted: true or false")
+            hint = "Write it as a TOML boolean, unquoted: true or false"
+            raise _error(message, path, text, field, at=at, hint=hint)
 
 
 def _closest(wrong: str, valid: Collection[str]) -> str:
@@ -149,17 +155,28 @@ def _error(message: str, path: Path, text: str, field: str, *, hint: str, at: in
     return PlanError(f"line {line}: {message}" if line else message, file=str(path), hint=hint)
 
 
-def _line_of(text: str, word: str) -> int | None:
-    """The 1-based number of the first line that sets ``word`` (``word =``, quoted or not, also inside an inline
-    table) or opens a table of that name, or that holds it as a quoted value (a misspelt style)."""
+def _header_line(text: str, table: str, index: int) -> int:
+    """The line of the ``index``-th ``[[table]]`` header (``table`` dotted for a mode's: ``modes.NAME.rules``), or 0
+    when the entries are written inline: where the search for that entry's fields starts."""
+    header = re.compile(rf"^\s*\[\[\s*{re.escape(table)}\s*\]\]")
+    found = [number for number, line in enumerate(text.splitlines(), 1) if header.search(line)]
+    return found[index] if index < len(found) else 0
+
+
+def _line_of(text: str, word: str, after: int = 0) -> int | None:
+    """The 1-based number of the first line from line ``after`` on that sets ``word`` (``word =``, quoted or not,
+    also inside an inline table) or opens a table of that name, or that holds it as a quoted value (a misspelt
+    style); from the top when nothing after ``after`` does."""
     name = re.escape(word)
     patterns = (
         rf"(?:^|[{{,\s])[\"']?{name}[\"']?\s*=",
         rf"^\s*\[\[?\s*(?:[\w\"'.-]+\.)?{name}\s*\]\]?",
         rf"=\s*[\"']{name}[\"']",
     )
-    for pattern in patterns:
-        for number, line in enumerate(text.splitlines(), 1):
-            if re.search(pattern, line):
-                return number
+    lines = list(enumerate(text.splitlines(), 1))
+    for start in (after, 0) if after else (0,):
+        for pattern in patterns:
+            for number, line in lines:
+                if number >= start and re.search(pattern, line):
+                    return number
     return None
