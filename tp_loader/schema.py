@@ -100,25 +100,24 @@ def _check_parts(data: dict[str, Any], within: str, path: Path, text: str, prefi
             raise _error(message, path, text, table, hint="See docs/plan-format.md")
         for i, entry in enumerate(entries):
             where = f"{within} [[{table}]] entry {i + 1}".strip()
-            after = _header_line(text, prefix + table, i)
             if not isinstance(entry, dict):
                 raise _error(f"{where} is not a table", path, text, table, hint="See docs/plan-format.md")
-            _check_table(entry, fields, where, path, text, after)
+            header = (prefix + table, i)
+            _check_table(entry, fields, where, path, text, header)
             if table == "rules":
-                _check_rule(entry, where, path, text, after)
+                _check_rule(entry, where, path, text, header)
 
 
-def _check_rule(rule: dict[str, Any], where: str, path: Path, text: str, after: int) -> None:
+def _check_rule(rule: dict[str, Any], where: str, path: Path, text: str, header: tuple[str, int]) -> None:
     style = rule.get("style")
     if isinstance(style, str) and style not in STYLES:
         known = ", ".join(sorted(STYLES))
         message = f"rule {rule.get('pattern')!r} names unknown style {style!r}; known styles: {known}"
-        at = _line_of(text, style, after)
-        raise _error(message, path, text, "style", at=at, hint=_closest(style, STYLES))
+        raise _error(message, path, text, style, hint=_closest(style, STYLES), header=header)
     parts = rule.get("parts", [])
     for j, part in enumerate(parts if isinstance(parts, list) else []):
         if isinstance(part, dict):
-            _check_table(part, ENTRIES["rules.parts"], f"{where}, part {j + 1}", path, text, after)
+            _check_table(part, ENTRIES["rules.parts"], f"{where}, part {j + 1}", path, text, header)
 
 
 def _named(data: dict[str, Any], table: str, path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
@@ -129,16 +128,21 @@ def _named(data: dict[str, Any], table: str, path: Path, text: str) -> list[tupl
 
 
 def _check_table(
-    table: dict[str, Any], fields: frozenset[str], where: str, path: Path, text: str, after: int = 0
+    table: dict[str, Any],
+    fields: frozenset[str],
+    where: str,
+    path: Path,
+    text: str,
+    header: tuple[str, int] | None = None,
 ) -> None:
     for field, value in table.items():
-        at = _line_of(text, field, after)
         if field not in fields:
-            raise _error(f"{where}: unknown field {field!r}", path, text, field, at=at, hint=_closest(field, fields))
+            hint = _closest(field, fields)
+            raise _error(f"{where}: unknown field {field!r}", path, text, field, hint=hint, header=header)
         if field in BOOLEANS and not isinstance(value, bool):
             message = f"{where}: {field!r} must be true or false, got {value!r}"
             hint = "Write it as a TOML boolean, unquoted: true or false"
-            raise _error(message, path, text, field, at=at, hint=hint)
+            raise _error(message, path, text, field, hint=hint, header=header)
 
 
 def _closest(wrong: str, valid: Collection[str]) -> str:
@@ -148,9 +152,13 @@ def _closest(wrong: str, valid: Collection[str]) -> str:
     return f"{suggestion}Valid here: {', '.join(sorted(valid))} (docs/plan-format.md)"
 
 
-def _error(message: str, path: Path, text: str, field: str, *, hint: str, at: int | None = None) -> PlanError:
-    """A PlanError on line ``at`` (default: the first line of ``text`` that sets or opens ``field``)."""
-    line = at if at is not None else _line_of(text, field)
+def _error(
+    message: str, path: Path, text: str, word: str, *, hint: str, header: tuple[str, int] | None = None
+) -> PlanError:
+    """A PlanError on the line of ``text`` that sets, opens or holds ``word``, searched from the ``header`` (a table
+    and the index of its entry) on. Lines are looked for only here, once a plan is refused: a valid plan pays for
+    none."""
+    line = _line_of(text, word, _header_line(text, *header) if header else 0)
     # no key: the field is named in the message, and an error's key is a checkpoint key everywhere else
     return PlanError(f"line {line}: {message}" if line else message, file=str(path), hint=hint)
 
