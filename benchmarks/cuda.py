@@ -78,29 +78,15 @@ def _pinned_buffers(raw: RawRead, pin: bool) -> dict[str, torch.Tensor]:
     return {item.key: torch.empty(item.local_shape, dtype=item.info.dtype, pin_memory=pin) for item in raw.items}
 
 
-def _preadv_into(root: Path, raw: RawRead, out: dict[str, torch.Tensor]) -> None:
-    """``os.preadv`` of each slice's byte ranges into its tensor of ``out`` (one thread, as ``RawRead``)."""
-    from tp_loader.byteranges import slice_ranges
-
-    fds: dict[str, int] = {}
-    try:
-        for item in raw.items:
-            fd = fds.get(item.info.file) or fds.setdefault(item.info.file, os.open(root / item.info.file, os.O_RDONLY))
-            view, position = memoryview(out[item.key].reshape(-1).view(torch.uint8).numpy()), 0
-            for r in slice_ranges(item):
-                position += os.preadv(fd, [view[position : position + r.length]], r.offset)
-    finally:
-        for fd in fds.values():
-            os.close(fd)
-
-
 def _pinned_and_h2d(
     root: Path, raw: RawRead, host: dict[str, torch.Tensor], device: str
 ) -> tuple[float, float, dict[str, torch.Tensor]]:
     """The raw read of the rank's bytes into ``host`` (pinned on CUDA), then an asynchronous copy of each tensor to
     ``device`` and a synchronize. On the CPU, ``copy=True``: ``.to("cpu")`` of a CPU tensor would return it."""
+    from benchmarks.systems import preadv_slices
+
     start = time.perf_counter()
-    _preadv_into(root, raw, host)
+    preadv_slices(root, raw.items, {}, lambda item: host[item.key])
     read = time.perf_counter() - start
     _synchronize(device)
     start = time.perf_counter()

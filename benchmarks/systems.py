@@ -10,6 +10,7 @@ import ctypes
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,28 @@ def _writable(out: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_char * nbytes).from_address(out.data_ptr())).cast("B")
 
 
+def preadv_slices(
+    root: Path,
+    items: list[TensorPlan],
+    out: dict[str, torch.Tensor],
+    destination: Callable[[TensorPlan], torch.Tensor],
+) -> None:
+    """``os.preadv`` of each item's byte ranges, on this thread, into ``destination(item)`` (a contiguous CPU tensor
+    of its local shape: a fresh one, or one allocated before the clock), kept in ``out`` under its key."""
+    fds: dict[str, int] = {}
+    try:
+        for item in items:
+            fd = fds.get(item.info.file) or fds.setdefault(item.info.file, os.open(root / item.info.file, os.O_RDONLY))
+            tensor = destination(item)
+            view, position = _writable(tensor), 0
+            for r in slice_ranges(item):
+                position += os.preadv(fd, [view[position : position + r.length]], r.offset)
+            out[item.key] = tensor
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 class RawRead(System):
     """A raw-read strategy: exactly this rank's byte ranges into fresh tensors, planning done before the
     clock starts. This one: ``os.preadv`` on one thread."""
@@ -117,20 +140,7 @@ class RawRead(System):
         self.items: list[TensorPlan] = list(rank_plan(root).tensors)
 
     def _read(self, root: Path, items: list[TensorPlan], out: dict[str, torch.Tensor]) -> None:
-        fds: dict[str, int] = {}
-        try:
-            for item in items:
-                fd = fds.get(item.info.file) or fds.setdefault(
-                    item.info.file, os.open(root / item.info.file, os.O_RDONLY)
-                )
-                tensor = torch.empty(item.local_shape, dtype=item.info.dtype)
-                view, position = _writable(tensor), 0
-                for r in slice_ranges(item):
-                    position += os.preadv(fd, [view[position : position + r.length]], r.offset)
-                out[item.key] = tensor
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+        preadv_slices(root, items, out, lambda item: torch.empty(item.local_shape, dtype=item.info.dtype))
 
     def load(self, root: Path) -> None:
         self.out: dict[str, torch.Tensor] = {}  # kept, like every system's state dict
